@@ -1,0 +1,36 @@
+# xenblk — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: setup native demo test lint test-py test-c fuzz bench xen-test xen-bench clean
+
+setup:
+	@scripts/setup.sh
+
+native: setup
+
+demo: setup
+	$(PY) -m xenblk.demo
+
+lint: setup
+	.venv/bin/ruff check xenblk tests bench native
+	.venv/bin/ruff format --check xenblk tests bench native
+	.venv/bin/mypy xenblk
+
+test-c: setup
+	$(MAKE) -C native/tests run
+
+test-py: setup
+	$(PY) -m pytest -q tests
+
+test: lint test-c test-py
+
+fuzz: setup
+	$(MAKE) -C native/tests fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-300}
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf build xenblk/_*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,17 @@
+"""cffi build script for xenblk._dataplane: blkif rings, platform (real/sim), io_uring, statistics."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _build import make_ffi  # noqa: E402
+
+ffibuilder = make_ffi(
+    "xenblk._dataplane",
+    areas=["common", "platform", "dataplane"],
+    libraries=["uring"],
+    header='#include "xb_dataplane.h"\n#include "dataplane_api.h"\n',
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

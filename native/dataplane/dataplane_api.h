@@ -1,0 +1,4 @@
+#ifndef XB_DATAPLANE_API_H
+#define XB_DATAPLANE_API_H
+#include "common_api.h"
+#endif

@@ -1,0 +1,102 @@
+/*
+ * The data plane as the control plane sees it (module `xenblk._dataplane`).
+ *
+ * A device owns 1..N queues; each queue is one shared ring + one event channel
+ * served by its own thread, which never touches Python. The control plane
+ * creates the device after the frontend is Initialised, starts each queue, reads
+ * statistics at any time without stopping anything, and stops the device
+ * (drain in-flight, answer, unmap, unbind) when the frontend closes.
+ */
+#ifndef XB_DATAPLANE_H
+#define XB_DATAPLANE_H
+
+#include <stdint.h>
+#include "xb_blkif.h"
+#include "xb_platform.h"
+#include "xb_storage.h"
+
+#define XB_MAX_QUEUES 16
+
+/* Ops as counted in statistics. */
+enum xb_stat_op { XB_STAT_READ = 0, XB_STAT_WRITE, XB_STAT_FLUSH, XB_STAT_DISCARD, XB_STAT_BARRIER, XB_STAT_OPS };
+
+/* Why a request was refused before touching storage (validation) or failed. */
+enum xb_refusal {
+    XB_REFUSE_BAD_OP = 0,        /* opcode not in the whitelist */
+    XB_REFUSE_NSEG,              /* 0 or too many segments */
+    XB_REFUSE_SECT,              /* first_sect > last_sect or last_sect > 7 */
+    XB_REFUSE_RANGE,             /* beyond the end of the disk / wraps */
+    XB_REFUSE_ALIGN,             /* not aligned to the logical sector size */
+    XB_REFUSE_READONLY,          /* write/flush/discard on a read-only device */
+    XB_REFUSE_SECURE,            /* secure discard not advertised */
+    XB_REFUSE_INDIRECT,          /* bad indirect op / indirect page count */
+    XB_REFUSE_GRANT,             /* grant map/copy failed */
+    XB_REFUSE_UNSUPPORTED,       /* valid but not supported by this image (EOPNOTSUPP) */
+    XB_REFUSE_REASONS
+};
+
+enum xb_error_reason { XB_ERR_IO = 0, XB_ERR_NOSPC, XB_ERR_GRANT, XB_ERR_OTHER, XB_ERR_REASONS };
+
+/* Latency histogram: upper bounds in ns, 1-2-5 steps from 10 us to 10 s, then +Inf. */
+#define XB_LAT_BUCKETS 20
+#define XB_SEG_BUCKETS 10    /* segments per request: <=1,2,4,8,11,16,32,64,128,256 */
+#define XB_RING_BUCKETS 8    /* ring occupancy at wake-up, fraction of ring: <=1/64 .. 1 */
+
+struct xb_op_stats {
+    uint64_t requests;
+    uint64_t bytes;
+    uint64_t errors;
+    uint64_t lat_buckets[XB_LAT_BUCKETS];     /* request received -> response pushed (non-cumulative) */
+    uint64_t lat_sum_ns;
+    uint64_t storage_buckets[XB_LAT_BUCKETS]; /* time inside storage only */
+    uint64_t storage_sum_ns;
+};
+
+struct xb_queue_stats {
+    struct xb_op_stats op[XB_STAT_OPS];
+    uint64_t refusals[XB_REFUSE_REASONS];
+    uint64_t errors[XB_ERR_REASONS];
+    uint64_t seg_buckets[XB_SEG_BUCKETS];
+    uint64_t ring_buckets[XB_RING_BUCKETS];
+    uint64_t grant_copy_failures;
+    uint64_t grant_map_failures;
+    uint64_t notifications_in;
+    uint64_t notifications_out;
+    uint64_t in_flight; /* gauge */
+    uint64_t ring_protocol_errors; /* e.g. producer overflow: the queue stopped */
+};
+
+struct xb_device_config {
+    uint16_t domid;          /* frontend domain */
+    uint16_t handle;         /* vdev number, for logs */
+    enum xb_abi abi;
+    unsigned ring_pages;     /* 1..16, a power of two */
+    unsigned nr_queues;      /* 1..XB_MAX_QUEUES */
+    int readonly;            /* mode r, or the image is read-only */
+    int feature_persistent;  /* negotiated persistent grants */
+    unsigned max_indirect_segments; /* advertised; 0 = indirect not offered */
+    int secure_discard;      /* advertised discard-secure */
+    unsigned max_work_per_wake; /* requests consumed per wake-up before yielding; 0 = default */
+};
+
+struct xb_device;
+
+struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, const struct xb_device_config *cfg,
+                                char *err);
+/* Map the ring (refs[0..ring_pages)) and start the queue thread. */
+int xb_device_start_queue(struct xb_device *d, unsigned q, const xb_grant_ref_t *refs, unsigned nrefs,
+                          struct xb_evtchn *ch, char *err);
+/* Stop every queue: stop taking requests, wait for in-flight I/O, answer it, unmap, close channels. */
+int xb_device_stop(struct xb_device *d);
+void xb_device_free(struct xb_device *d);
+/* Snapshot the counters of queue q (no lock held by the queue thread is needed). */
+int xb_device_get_stats(struct xb_device *d, unsigned q, struct xb_queue_stats *out);
+/* Non-zero if queue q stopped on its own (protocol error from the guest); message in err. */
+int xb_device_queue_failed(struct xb_device *d, unsigned q, char *err);
+/* The image grew: new requests are checked against the new size. */
+void xb_device_set_size(struct xb_device *d, uint64_t bytes);
+
+/* Bucket upper bounds (ns) for export; XB_LAT_BUCKETS-1 finite ones, the last is +Inf. */
+extern const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1];
+
+#endif

@@ -1,0 +1,8 @@
+"""Shared pytest setup: every module in tests/fixtures/ is a fixture plugin
+(one per area, so areas do not edit one file)."""
+
+from pathlib import Path
+
+pytest_plugins = sorted(
+    f"tests.fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__"
+)

@@ -1,0 +1,3 @@
+from xenblk.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `xenblk` subcommand; each defines register(subparsers)."""

@@ -1,0 +1,203 @@
+"""The TOML configuration (/etc/xenblk/xenblk.toml by default).
+
+Every key has a default, documented in docs/config.md and `xenblk config --defaults`;
+an unknown key or a bad value is a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xenblk.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/xenblk/xenblk.toml")
+
+
+@dataclass
+class DaemonConfig:
+    backend_types: list[str] = field(default_factory=lambda: ["vbd3"])
+    """XenStore backend types to serve: /local/domain/<self>/backend/<type>/."""
+    domid: int = 0
+    """Domain xenblk runs in (the backend domain)."""
+    run_dir: str = "/run/xenblk"
+    """Control socket and runtime state."""
+    state_dir: str = "/var/lib/xenblk"
+    """Ring-state journal for restart without guest impact."""
+
+
+@dataclass
+class LogConfig:
+    format: str = "auto"
+    """auto (JSON under systemd, else console) | console | json."""
+    level: str = "info"
+    """debug | info | warning | error."""
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9469"
+    """HOST:PORT of the Prometheus endpoint; loopback unless you open it."""
+
+
+@dataclass
+class DataplaneConfig:
+    max_ring_page_order: int = 4
+    """Advertised max-ring-page-order (0..4: 1..16 pages)."""
+    max_queues: int = 4
+    """Advertised multi-queue-max-queues (1..16)."""
+    max_indirect_segments: int = 256
+    """Advertised feature-max-indirect-segments (0 disables indirect, else 12..256)."""
+    feature_persistent: bool = True
+    max_work_per_wake: int = 64
+    """Requests a queue thread takes per wake-up before letting others run."""
+
+
+@dataclass
+class StorageConfig:
+    allowed_dirs: list[str] = field(default_factory=lambda: ["/var/lib/xen/images", "/var/lib/xenblk/images", "/dev"])
+    """Images (and their backing files) must lie under one of these."""
+    cache: str = "writeback"
+    """raw files: writeback (page cache, flush = fdatasync) | none (O_DIRECT)."""
+
+
+@dataclass
+class XenstoreConfig:
+    path: str = ""
+    """Socket path; empty: $XENSTORED_PATH, $XENSTORED_RUNDIR/socket, /var/run/xenstored/socket, /dev/xen/xenbus."""
+    timeout: float = 30.0
+    """Seconds to wait for a reply before the request fails."""
+
+
+@dataclass
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    xenstore: XenstoreConfig = field(default_factory=XenstoreConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log.format": ("auto", "console", "json"),
+    "log.level": ("debug", "info", "warning", "error"),
+    "storage.cache": ("writeback", "none"),
+}
+_RANGES: dict[str, tuple[float, float]] = {
+    "daemon.domid": (0, 0x7FEF),
+    "dataplane.max_ring_page_order": (0, 4),
+    "dataplane.max_queues": (1, 16),
+    "dataplane.max_indirect_segments": (0, 256),
+    "dataplane.max_work_per_wake": (1, 4096),
+    "xenstore.timeout": (0.1, 3600),
+}
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key!r}: expected a list of strings, got {value!r}")
+    elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r}: expected {want.__name__}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    if key in _RANGES:
+        lo, hi = _RANGES[key]
+        if not lo <= value <= hi:
+            raise ConfigError(f"config key {key!r}: {value!r} is out of range {lo:g}..{hi:g}")
+    if key == "dataplane.max_indirect_segments" and 0 < value <= 11:
+        raise ConfigError(f"config key {key!r}: {value} must be 0 (off) or 12..256")
+    if key == "metrics.listen":
+        _parse_listen(key, value)
+    return value
+
+
+def _parse_listen(key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config key {key!r}: {value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    return _parse_listen("metrics.listen", value)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        if not hasattr(cfg, section):
+            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{section}] must be a table")
+        sub = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(sub)}
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if key not in names:
+                raise ConfigError(f"unknown config key {full!r} (known in [{section}]: {', '.join(sorted(names))})")
+            setattr(sub, key, _check_value(full, value, getattr(sub, key)))
+    return cfg
+
+
+def load(path: Path | None = None) -> Config:
+    """Load the config; a missing default file means all defaults, a missing explicit file is an error."""
+    explicit = path is not None
+    p = path if path is not None else DEFAULT_PATH
+    if not p.exists():
+        if explicit:
+            raise ConfigError(f"config file {p} does not exist")
+        return Config()
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p}: {e.strerror}") from None
+    return from_dict(data)
+
+
+def defaults_toml() -> str:
+    """The default configuration as commented TOML (what `xenblk config --defaults` prints)."""
+    import inspect
+
+    lines = ["# xenblk configuration: every key with its default."]
+    cfg = Config()
+    for sf in dataclasses.fields(cfg):
+        sub = getattr(cfg, sf.name)
+        lines.append(f"\n[{sf.name}]")
+        src = inspect.getsource(type(sub))
+        for f in dataclasses.fields(sub):
+            doc = _field_doc(src, f.name)
+            if doc:
+                lines.append(f"# {doc}")
+            lines.append(f"{f.name} = {_toml_value(getattr(sub, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _field_doc(src: str, name: str) -> str:
+    lines = src.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:") and i + 1 < len(lines):
+            nxt = lines[i + 1].strip()
+            if nxt.startswith('"""'):
+                return nxt.strip('"')
+    return ""
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
