@@ -1,0 +1,212 @@
+"""Prometheus exporter: per-disk counters and latency histograms read from the C
+data plane (a snapshot per scrape, never stopping a queue), plus daemon-level
+counters. Served by prometheus-client on a loopback address by default."""
+
+from __future__ import annotations
+
+import platform as _platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from xenblk import __version__
+
+OPS = ("read", "write", "flush", "discard", "barrier")
+REFUSALS = (
+    "bad_op",
+    "nseg",
+    "sect",
+    "range",
+    "align",
+    "readonly",
+    "secure",
+    "indirect",
+    "grant",
+    "unsupported",
+)
+ERRORS = ("io", "nospc", "grant", "other")
+# Upper bounds of the C histograms (xb_dataplane.h): 1-2-5 steps from 10 us to 10 s, then +Inf.
+LAT_BOUNDS_S = (
+    0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005,
+    0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+SEG_BOUNDS = (1, 2, 4, 8, 11, 16, 32, 64, 128, 256)
+
+
+class QueueStatsLike(Protocol):
+    """What the exporter reads of xenblk.dataplane.QueueStats (one queue's snapshot)."""
+
+    op: Sequence[Any]  # per XB_STAT_* op: requests, bytes, errors, lat_buckets, lat_sum_ns, storage_*
+    refusals: Sequence[int]
+    errors: Sequence[int]
+    seg_buckets: Sequence[int]
+    ring_buckets: Sequence[int]
+    grant_copy_failures: int
+    grant_map_failures: int
+    in_flight: int
+
+
+@dataclass
+class DiskView:
+    """One disk as the exporter sees it at scrape time."""
+
+    domid: int
+    vdev: str
+    state: int
+    queues: list[QueueStatsLike] = field(default_factory=list)
+    reconnects: int = 0
+    resizes: int = 0
+    sectors: int = 0
+
+
+@dataclass
+class DaemonCounters:
+    watch_events: int = 0
+    xenstore_reconnects: int = 0
+    devices_closed_on_error: int = 0
+
+
+def _cumulative(buckets: Sequence[int], bounds: Sequence[float], scale: float = 1.0) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    acc = 0
+    for i, b in enumerate(bounds):
+        acc += buckets[i] if i < len(buckets) else 0
+        out.append((_fmt(b * scale), float(acc)))
+    acc += sum(buckets[len(bounds) :])
+    out.append(("+Inf", float(acc)))
+    return out
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v)) if v != int(v) else f"{v:.1f}"
+
+
+class XenblkCollector(Collector):
+    def __init__(self, disks: Callable[[], Iterable[DiskView]], daemon: DaemonCounters) -> None:
+        self._disks = disks
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["domid", "vdev"]
+        req = CounterMetricFamily("xenblk_requests", "Requests completed, by operation", labels=[*labels, "op"])
+        byt = CounterMetricFamily("xenblk_bytes", "Bytes transferred, by operation", labels=[*labels, "op"])
+        err = CounterMetricFamily(
+            "xenblk_request_errors", "Requests answered with an error, by op", labels=[*labels, "op"]
+        )
+        lat = HistogramMetricFamily(
+            "xenblk_request_duration_seconds",
+            "Request received from the ring to response pushed, by operation",
+            labels=[*labels, "op"],
+        )
+        sto = HistogramMetricFamily(
+            "xenblk_storage_duration_seconds", "Time spent in storage only, by operation", labels=[*labels, "op"]
+        )
+        segs = HistogramMetricFamily("xenblk_request_segments", "Segments per request", labels=labels)
+        occ = HistogramMetricFamily(
+            "xenblk_ring_occupancy_ratio", "Share of the ring holding requests at wake-up", labels=[*labels, "queue"]
+        )
+        infl = GaugeMetricFamily(
+            "xenblk_inflight_requests", "Requests taken from the ring, not yet answered", labels=[*labels, "queue"]
+        )
+        refs = CounterMetricFamily(
+            "xenblk_refused_requests", "Requests refused by validation, by reason", labels=[*labels, "reason"]
+        )
+        errs = CounterMetricFamily("xenblk_errors", "Request failures, by reason", labels=[*labels, "reason"])
+        gcf = CounterMetricFamily("xenblk_grant_copy_failures", "Grant copy operations that failed", labels=labels)
+        gmf = CounterMetricFamily("xenblk_grant_map_failures", "Grant map operations that failed", labels=labels)
+        state = GaugeMetricFamily("xenblk_device_state", "XenbusState of the backend (4 = Connected)", labels=labels)
+        qn = GaugeMetricFamily("xenblk_device_queues", "Queues (rings) in use", labels=labels)
+        size = GaugeMetricFamily("xenblk_device_size_bytes", "Disk size advertised to the guest", labels=labels)
+        rec = CounterMetricFamily("xenblk_device_reconnects", "Frontend reconnections", labels=labels)
+        rsz = CounterMetricFamily("xenblk_device_resizes", "Online resizes published", labels=labels)
+        for d in self._disks():
+            lv = [str(d.domid), d.vdev]
+            state.add_metric(lv, d.state)
+            qn.add_metric(lv, len(d.queues))
+            size.add_metric(lv, d.sectors * 512)
+            rec.add_metric(lv, d.reconnects)
+            rsz.add_metric(lv, d.resizes)
+            if not d.queues:
+                continue
+            for i, opname in enumerate(OPS):
+                ops = [q.op[i] for q in d.queues]
+                n = sum(o.requests for o in ops)
+                req.add_metric([*lv, opname], n)
+                byt.add_metric([*lv, opname], sum(o.bytes for o in ops))
+                err.add_metric([*lv, opname], sum(o.errors for o in ops))
+                lat.add_metric(
+                    [*lv, opname],
+                    _cumulative(_sum_lists(o.lat_buckets for o in ops), LAT_BOUNDS_S),
+                    sum_value=sum(o.lat_sum_ns for o in ops) / 1e9,
+                )
+                sto.add_metric(
+                    [*lv, opname],
+                    _cumulative(_sum_lists(o.storage_buckets for o in ops), LAT_BOUNDS_S),
+                    sum_value=sum(o.storage_sum_ns for o in ops) / 1e9,
+                )
+            seg = _sum_lists(q.seg_buckets for q in d.queues)
+            segs.add_metric(lv, _cumulative(seg, SEG_BOUNDS[: len(seg) - 1]), sum_value=0.0)
+            for qi, q in enumerate(d.queues):
+                nb = len(q.ring_buckets)
+                bounds = [1.0 / 2 ** (nb - 1 - k) for k in range(nb - 1)]
+                occ.add_metric([*lv, str(qi)], _cumulative(list(q.ring_buckets), bounds), sum_value=0.0)
+                infl.add_metric([*lv, str(qi)], q.in_flight)
+            for i, reason in enumerate(REFUSALS):
+                refs.add_metric([*lv, reason], sum(q.refusals[i] for q in d.queues))
+            for i, reason in enumerate(ERRORS):
+                errs.add_metric([*lv, reason], sum(q.errors[i] for q in d.queues))
+            gcf.add_metric(lv, sum(q.grant_copy_failures for q in d.queues))
+            gmf.add_metric(lv, sum(q.grant_map_failures for q in d.queues))
+        yield from (req, byt, err, lat, sto, segs, occ, infl, refs, errs, gcf, gmf, state, qn, size, rec, rsz)
+        yield CounterMetricFamily(
+            "xenblk_xenstore_watch_events", "XenStore watch events received", value=self._daemon.watch_events
+        )
+        yield CounterMetricFamily(
+            "xenblk_xenstore_reconnects", "Reconnections to xenstored", value=self._daemon.xenstore_reconnects
+        )
+        yield CounterMetricFamily(
+            "xenblk_devices_closed_on_error",
+            "Devices closed because of bad frontend input",
+            value=self._daemon.devices_closed_on_error,
+        )
+        info = InfoMetricFamily("xenblk_build", "xenblk build information")
+        info.add_metric([], {"version": __version__, "python": _platform.python_version()})
+        yield info
+
+
+def _sum_lists(lists: Iterable[Sequence[int]]) -> list[int]:
+    out: list[int] = []
+    for seq in lists:
+        if len(out) < len(seq):
+            out += [0] * (len(seq) - len(out))
+        for i, v in enumerate(seq):
+            out[i] += v
+    return out
+
+
+class MetricsServer:
+    """The HTTP endpoint. Scrapes run on prometheus-client's own thread and only
+    read C counters, so they never block the event loop or a queue."""
+
+    def __init__(self, disks: Callable[[], Iterable[DiskView]], daemon: DaemonCounters) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(XenblkCollector(disks, daemon))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.address = (host, self._server.server_address[1])
+        return self.address
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
