@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"xenblk {__version__}")
     p.add_argument("--config", type=Path, default=None, help=f"TOML config file (default {config.DEFAULT_PATH})")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None, help="override log.format")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="override log.level")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="override log.level"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     import xenblk.commands as commands
 

@@ -135,7 +135,9 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     for section, values in data.items():
         if not hasattr(cfg, section):
-            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+            raise ConfigError(
+                f"unknown config section [{section}] (known: {', '.join(f.name for f in dataclasses.fields(cfg))})"
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"config section [{section}] must be a table")
         sub = getattr(cfg, section)
