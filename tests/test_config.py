@@ -80,3 +80,8 @@ def test_cli_version_and_help() -> None:
     assert r.returncode == 0 and r.stdout.startswith("xenblk ")
     r = subprocess.run([sys.executable, "-m", "xenblk", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "config" in r.stdout
+
+
+def test_docs_config_md_matches_the_defaults() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert config.defaults_toml() in doc, "docs/config.md is stale: regenerate it from `xenblk config --defaults`"
