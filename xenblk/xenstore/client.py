@@ -118,22 +118,29 @@ class XenStore(NodeOps):
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
             try:
-                conn = self._install(await connect(self._path))
-            except XenStoreError as e:
-                log.debug("xenstore.reconnect_failed", error=str(e))
-                continue
-            try:
-                async with asyncio.timeout(self.timeout):
-                    for w in list(self._watches.values()):
-                        await self._expect(conn, wire.Op.WATCH, 0, wire.strings(w.path, w.token), w.path)
-            except (XenStoreError, TimeoutError) as e:
-                log.warning("xenstore.rewatch_failed", error=str(e))
-                await conn.close()
-                continue
-            self.reconnects += 1
-            log.info("xenstore.reconnected", watches=len(self._watches))
-            self._ready.set()
-            return
+                if await self._reconnect_once():
+                    return
+            except Exception:  # keep trying: giving up would leave the client dead for good
+                log.exception("xenstore.reconnect_error")
+
+    async def _reconnect_once(self) -> bool:
+        try:
+            conn = self._install(await connect(self._path))
+        except XenStoreError as e:
+            log.debug("xenstore.reconnect_failed", error=str(e))
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                for w in list(self._watches.values()):
+                    await self._expect(conn, wire.Op.WATCH, 0, wire.strings(w.path, w.token), w.path)
+        except (XenStoreError, TimeoutError) as e:
+            log.warning("xenstore.rewatch_failed", error=str(e))
+            await conn.close()
+            return False
+        self.reconnects += 1
+        log.info("xenstore.reconnected", watches=len(self._watches))
+        self._ready.set()
+        return True
 
     async def _live(self) -> Connection:
         while True:

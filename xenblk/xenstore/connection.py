@@ -102,6 +102,9 @@ class Connection:
             error = XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}")
         except asyncio.CancelledError:
             error = XenStoreUnavailable("xenstore connection closed")
+        except Exception as e:  # a bug must not leave requests waiting for replies that will never come
+            log.exception("xenstore.reader_failed")
+            error = XenStoreUnavailable(f"xenstore connection failed: {e!r}")
         self.kill(error)
 
     def _dispatch(self, header: wire.Header, payload: bytes) -> None:
