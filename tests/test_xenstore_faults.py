@@ -17,6 +17,7 @@ from xenblk.xenstore import (
     PermissionDenied,
     ProtocolError,
     TooBig,
+    Transaction,
     TryAgain,
     XenStore,
     XenStoreError,
@@ -245,3 +246,52 @@ async def test_random_garbage_from_the_daemon_only_raises_xenstore_errors(fake_x
             with contextlib.suppress(XenStoreError):
                 await rng.choice(ops)()
         assert server.connections >= 1
+
+
+async def test_watch_refused_after_reconnect_raises_in_its_iterator(fake_xenstored: Factory) -> None:
+    async def handler(conn: FakeConnection) -> None:
+        h, payload = await conn.recv()
+        assert h.type == wire.Op.WATCH
+        if conn.index == 0:
+            await conn.reply(h, b"OK\0")
+            await conn.send(wire.Op.WATCH_EVENT, 0, payload)  # the initial fire: "path\0token\0"
+            return  # then hang up
+        await conn.send(wire.Op.ERROR, h.req_id, b"ENOSPC\0")
+        await answer_reads(conn)
+
+    server = await fake_xenstored(handler)
+    async with XenStore.open(str(server.path), timeout=10) as xs, xs.watch("/w") as w:
+        first = await anext(aiter(w))
+        assert first.path == "/w"
+        with pytest.raises(XenStoreError) as e:
+            async with asyncio.timeout(10):
+                await anext(aiter(w))
+        assert e.value.errno == errno.ENOSPC
+        assert await xs.read("/still") == "value-of:/still"
+
+
+async def test_transaction_start_lost_with_the_connection_is_retried(fake_xenstored: Factory) -> None:
+    async def handler(conn: FakeConnection) -> None:
+        h, _ = await conn.recv()
+        if conn.index == 0:
+            return  # hang up on the TRANSACTION_START
+        await conn.reply(h, b"9\0")
+        while True:
+            h, _payload = await conn.recv()
+            if h.type == wire.Op.READ:
+                assert h.tx_id == 9
+                await conn.reply(h, b"in-tx")
+            else:
+                await conn.reply(h, b"OK\0")
+
+    attempts = 0
+
+    async def body(t: Transaction) -> str:
+        nonlocal attempts
+        attempts += 1
+        return await t.read("/x")
+
+    server = await fake_xenstored(handler)
+    async with XenStore.open(str(server.path), timeout=10) as xs:
+        assert await xs.transact(body) == "in-tx"
+    assert attempts == 1

@@ -129,14 +129,23 @@ class XenStore(NodeOps):
         except XenStoreError as e:
             log.debug("xenstore.reconnect_failed", error=str(e))
             return False
+        watches = list(self._watches.values())
         try:
             async with asyncio.timeout(self.timeout):
-                for w in list(self._watches.values()):
-                    await self._expect(conn, wire.Op.WATCH, 0, wire.strings(w.path, w.token), w.path)
-        except (XenStoreError, TimeoutError) as e:
-            log.warning("xenstore.rewatch_failed", error=str(e))
-            await conn.close()
-            return False
+                results = await asyncio.gather(
+                    *(self._expect(conn, wire.Op.WATCH, 0, wire.strings(w.path, w.token), w.path) for w in watches),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            results = [XenStoreUnavailable("no reply to watch registration")]
+        for w, result in zip(watches, results, strict=False):
+            if isinstance(result, XenStoreUnavailable | ProtocolError) or not conn.alive:
+                log.warning("xenstore.rewatch_failed", error=str(result))
+                await conn.close()
+                return False
+            if isinstance(result, BaseException):
+                # xenstored refuses this one watch (e.g. a quota): tell its owner rather than retry forever.
+                w._fail(result)
         self.reconnects += 1
         log.info("xenstore.reconnected", watches=len(self._watches))
         self._ready.set()
@@ -295,6 +304,7 @@ class Watch:
         self._events: deque[WatchEvent] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._active = False
+        self._error: BaseException | None = None
 
     async def __aenter__(self) -> Watch:
         # Registered before the request so the initial event, which may arrive with the reply, is kept.
@@ -321,6 +331,11 @@ class Watch:
         self._xs._watches.pop(self.token, None)
         self._wake()
 
+    def _fail(self, error: BaseException) -> None:
+        """Registration was refused after a reconnect: iteration raises `error` once queued events are read."""
+        self._error = error
+        self._stop()
+
     def _push(self, event: WatchEvent) -> None:
         if len(self._events) >= WATCH_QUEUE_MAX:
             # A flood (e.g. a guest rewriting its keys in a loop) must not grow memory without bound:
@@ -339,6 +354,8 @@ class Watch:
 
     async def __anext__(self) -> WatchEvent:
         while not self._events:
+            if self._error is not None:
+                raise self._error
             if not self._active:
                 raise StopAsyncIteration
             if self._xs._closed:

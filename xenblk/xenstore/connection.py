@@ -34,8 +34,8 @@ class Connection:
         self.generation = generation
         self._on_event = on_event
         self._on_lost = on_lost
-        # req_id -> (future, tx_id); tx_id tells how to fail it when the connection dies.
-        self._pending: dict[int, tuple[asyncio.Future[Reply], int]] = {}
+        # req_id -> (future, transactional): a transactional request fails as TryAgain when the connection dies.
+        self._pending: dict[int, tuple[asyncio.Future[Reply], bool]] = {}
         self._ids = itertools.cycle(range(1, 1 << 32))
         self.error: XenStoreError | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name="xenstore-reader")
@@ -52,11 +52,13 @@ class Connection:
 
     async def call(self, op: wire.Op, tx_id: int, payload: bytes) -> Reply:
         """Send one request and wait for its reply (header, payload); XS_ERROR replies are returned, not raised."""
+        # Losing the connection loses its transactions too, including one being started.
+        transactional = tx_id != 0 or op == wire.Op.TRANSACTION_START
         if self.error is not None:
-            raise self._failure(tx_id)
+            raise self._failure(transactional)
         req_id = self._next_id()
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = (fut, tx_id)
+        self._pending[req_id] = (fut, transactional)
         try:
             self._send(op, req_id, tx_id, payload)
             await self.transport.drain()
@@ -65,7 +67,7 @@ class Connection:
             self.kill(XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}"))
             if fut.done():
                 fut.exception()  # raised below instead; mark it seen so asyncio does not warn
-            raise self._failure(tx_id) from e
+            raise self._failure(transactional) from e
         finally:
             self._pending.pop(req_id, None)
 
@@ -80,12 +82,12 @@ class Connection:
     def _send(self, op: wire.Op, req_id: int, tx_id: int, payload: bytes) -> None:
         self.transport.write(wire.encode(op, req_id, tx_id, payload))
 
-    def _failure(self, tx_id: int) -> XenStoreError:
+    def _failure(self, transactional: bool) -> XenStoreError:
         """What a request sees when the connection is gone: transactions died with it, so they are retried."""
         err = self.error
         assert err is not None
-        if tx_id and not isinstance(err, ProtocolError):
-            return TryAgain(f"transaction {tx_id} lost with the connection: {err}")
+        if transactional and not isinstance(err, ProtocolError):
+            return TryAgain(f"transaction lost with the connection: {err}")
         # A fresh instance per waiter, so tracebacks do not pile up on one shared object.
         return type(err)(str(err), errno=err.errno, path=err.path)
 
@@ -123,9 +125,9 @@ class Connection:
         if self.error is not None:
             return
         self.error = error
-        for fut, tx_id in self._pending.values():
+        for fut, transactional in self._pending.values():
             if not fut.done():
-                fut.set_exception(self._failure(tx_id))
+                fut.set_exception(self._failure(transactional))
         self._pending.clear()
         self.transport.close()
         if self._reader is not asyncio.current_task():
