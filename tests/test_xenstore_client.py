@@ -369,3 +369,27 @@ async def test_runs_on_uvloop() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_two_tasks_can_consume_one_watch(xs: XenStore) -> None:
+    async with xs.watch("/shared") as w:
+        await next_event(w)
+        consumers = [asyncio.ensure_future(next_event(w)) for _ in range(2)]
+        await asyncio.sleep(0)
+        await xs.write("/shared/a", "1")
+        await xs.write("/shared/b", "2")
+        got = await asyncio.gather(*consumers)
+    assert sorted(e.path for e in got) == ["/shared/a", "/shared/b"]
+
+
+async def test_closing_the_client_ends_a_waiting_watch(xenstored: Xenstored) -> None:
+    xs = await XenStore.open(str(xenstored.socket_path))
+    w = xs.watch("/c")
+    await w.__aenter__()
+    await next_event(w)
+    waiting = asyncio.ensure_future(next_event(w))
+    await asyncio.sleep(0)
+    await xs.close()
+    with pytest.raises(XenStoreUnavailable, match="closed"):
+        await waiting
+    await w.__aexit__(None, None, None)

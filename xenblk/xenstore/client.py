@@ -302,7 +302,7 @@ class Watch:
         self.path = path
         self.token = token
         self._events: deque[WatchEvent] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()  # an Event, not a future: several tasks may iterate one watch
         self._active = False
         self._error: BaseException | None = None
 
@@ -346,8 +346,7 @@ class Watch:
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._changed.set()
 
     def __aiter__(self) -> Watch:
         return self
@@ -360,9 +359,6 @@ class Watch:
                 raise StopAsyncIteration
             if self._xs._closed:
                 raise XenStoreUnavailable("xenstore client is closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            self._changed.clear()
+            await self._changed.wait()
         return self._events.popleft()
