@@ -68,7 +68,8 @@ def test_watch_events() -> None:
     assert wire.watch_event(b"/a/b\0tok\0") == ("/a/b", "tok")
     assert wire.watch_event(b"/a/b\0tok\0\0") == ("/a/b", "tok")
     assert wire.watch_event(b"/a\0\0") == ("/a", "")
-    for bad in (b"", b"/a\0", b"/a", b"\0tok\0", b"/a\0t\0extra\0"):
+    assert wire.watch_event(b"/a\0t\0extra\0") == ("/a", "t")
+    for bad in (b"", b"/a\0", b"/a", b"\0tok\0"):
         with pytest.raises(ProtocolError):
             wire.watch_event(bad)
 
@@ -83,3 +84,26 @@ def test_perms() -> None:
             Perm.parse(bad)
     with pytest.raises(InvalidArgument):
         Perm("q", 1)
+
+
+async def test_device_write_refusal_is_per_request() -> None:
+    """Linux's xenbus device fails write() for one bad message; that must not read as a dead connection."""
+    import errno
+    import socket
+
+    from xenblk.xenstore.transport import FdTransport, RequestRejected
+
+    # Stand-in for the device (no Xen here): a datagram socket refuses one oversize write with EMSGSIZE.
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    transport = FdTransport("/dev/xen/xenbus", ours.detach(), device=True)
+    try:
+        assert transport.max_payload == wire.PAYLOAD_MAX - wire.HEADER.size
+        with pytest.raises(RequestRejected) as e:
+            transport.write(b"x" * 8192)
+        assert e.value.errno == errno.EMSGSIZE
+        transport.write(wire.encode(wire.Op.READ, 1, 0, b"/a\0"))  # still usable
+        assert peer.recv(100) == wire.encode(wire.Op.READ, 1, 0, b"/a\0")
+    finally:
+        transport.close()
+        peer.close()

@@ -165,7 +165,7 @@ class XenStore(NodeOps):
     # -- requests
 
     async def _expect(self, conn: Connection, op: wire.Op, tx_id: int, payload: bytes, path: str | None) -> bytes:
-        header, body = await conn.call(op, tx_id, payload)
+        header, body = await conn.call(op, tx_id, payload, path)
         if header.type == wire.Op.ERROR:
             raise error_from_reply(wire.error_name(body), op.name.lower(), path)
         if header.type != op:

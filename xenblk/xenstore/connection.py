@@ -14,8 +14,15 @@ from collections.abc import Callable
 import structlog
 
 from xenblk.xenstore import wire
-from xenblk.xenstore.errors import ProtocolError, TryAgain, XenStoreError, XenStoreUnavailable
-from xenblk.xenstore.transport import Transport
+from xenblk.xenstore.errors import (
+    ProtocolError,
+    TooBig,
+    TryAgain,
+    XenStoreError,
+    XenStoreUnavailable,
+    error_from_errno,
+)
+from xenblk.xenstore.transport import RequestRejected, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +57,14 @@ class Connection:
             if req_id not in self._pending:
                 return req_id
 
-    async def call(self, op: wire.Op, tx_id: int, payload: bytes) -> Reply:
+    async def call(self, op: wire.Op, tx_id: int, payload: bytes, path: str | None = None) -> Reply:
         """Send one request and wait for its reply (header, payload); XS_ERROR replies are returned, not raised."""
+        if len(payload) > self.transport.max_payload:
+            raise TooBig(
+                f"xenstore {op.name.lower()}: request payload of {len(payload)} bytes exceeds "
+                f"{self.transport.max_payload} on {self.transport.path}",
+                path=path,
+            )
         # Losing the connection loses its transactions too, including one being started.
         transactional = tx_id != 0 or op == wire.Op.TRANSACTION_START
         if self.error is not None:
@@ -63,6 +76,8 @@ class Connection:
             self._send(op, req_id, tx_id, payload)
             await self.transport.drain()
             return await fut
+        except RequestRejected as e:
+            raise error_from_errno(e.errno, op.name.lower(), path) from e
         except OSError as e:
             self.kill(XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}"))
             if fut.done():

@@ -92,7 +92,11 @@ KNOWN_ERRNO_NAMES = frozenset(
 
 def error_from_reply(name: str, op: str, path: str | None) -> XenStoreError:
     """Build the exception for an XS_ERROR reply carrying errno name `name` (already validated)."""
-    number = getattr(_errno, name, _errno.EIO)
+    return error_from_errno(getattr(_errno, name, _errno.EIO), op, path)
+
+
+def error_from_errno(number: int, op: str, path: str | None) -> XenStoreError:
     cls = _BY_ERRNO.get(number, XenStoreError)
     where = f" {path}" if path is not None else ""
+    name = _errno.errorcode.get(number, "EIO")
     return cls(f"xenstore {op}{where}: {name} ({os.strerror(number)})", errno=number, path=path)

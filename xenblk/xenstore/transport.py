@@ -7,18 +7,33 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import os
 import stat
 
+from xenblk.xenstore import wire
 from xenblk.xenstore.errors import XenStoreUnavailable
 
 DEFAULT_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 _READ_CHUNK = 65536
+# Write errors from the xenbus device that mean the device (not one message) is gone.
+_DEVICE_DEAD = frozenset({errno.EBADF, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EPIPE})
+
+
+class RequestRejected(Exception):
+    """The xenbus device refused one message (write() failed with `errno`) and dropped it; the connection lives."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(os.strerror(number))
+        self.errno = number
 
 
 class Transport(abc.ABC):
     """A connected byte stream. read_exactly raises ConnectionError when the peer goes away."""
+
+    # Largest request payload the path to xenstored accepts.
+    max_payload = wire.PAYLOAD_MAX
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -69,11 +84,16 @@ class FdTransport(Transport):
     """A non-blocking file descriptor driven by loop.add_reader: the xenbus device (or any stream fd).
 
     The xenbus device hands back whole queued replies; a read may still return part of one, so input is
-    buffered and parsed like a stream.
+    buffered and parsed like a stream. Linux's device differs from the socket in two ways (device=True):
+    it buffers header and payload together in 4096 bytes, and it answers some bad requests (a watch it
+    cannot register, an unknown transaction) by failing write() instead of with an XS_ERROR reply.
     """
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, *, device: bool = False) -> None:
         super().__init__(path)
+        self._device = device
+        if device:
+            self.max_payload = wire.PAYLOAD_MAX - wire.HEADER.size
         self._fd = fd
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
@@ -87,7 +107,7 @@ class FdTransport(Transport):
     @classmethod
     async def open(cls, path: str) -> FdTransport:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        return cls(path, fd)
+        return cls(path, fd, device=True)
 
     def _wake(self, fut: asyncio.Future[None] | None) -> None:
         if fut is not None and not fut.done():
@@ -138,6 +158,8 @@ class FdTransport(Transport):
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
+                if self._device and e.errno not in _DEVICE_DEAD:
+                    raise RequestRejected(e.errno or errno.EIO) from e
                 self._fail(ConnectionResetError(f"writing {self.path}: {e.strerror}"))
                 raise self._error from e  # type: ignore[misc]
             data = data[sent:]

@@ -122,7 +122,7 @@ def error_name(payload: bytes) -> str:
 def watch_event(payload: bytes) -> tuple[str, str]:
     """(path, token) of an XS_WATCH_EVENT."""
     parts = split_strings(payload, "watch event")
-    # Some daemons append an empty string; only the first two fields carry meaning.
-    if len(parts) < 2 or not parts[0] or any(parts[2:]):
+    # Only the first two fields carry meaning; Linux's xenbus device may append more.
+    if len(parts) < 2 or not parts[0]:
         raise ProtocolError("xenstore: malformed watch event")
     return parts[0], parts[1]
