@@ -393,3 +393,21 @@ async def test_closing_the_client_ends_a_waiting_watch(xenstored: Xenstored) -> 
     with pytest.raises(XenStoreUnavailable, match="closed"):
         await waiting
     await w.__aexit__(None, None, None)
+
+
+async def test_restart_under_load_fails_or_answers_every_request(xs: XenStore, xenstored: Xenstored) -> None:
+    async def reader(i: int) -> str | None:
+        try:
+            return await xs.read("/local/domain/0/name")
+        except XenStoreUnavailable:
+            return None
+
+    async def load() -> list[str | None]:
+        return await asyncio.gather(*(reader(i) for i in range(500)))
+
+    task = asyncio.ensure_future(load())
+    await asyncio.sleep(0)  # the requests are written; most replies are still to come
+    xenstored.restart()
+    results = await task
+    assert set(results) <= {"Domain-0", None}
+    assert await xs.read("/local/domain/0/name") == "Domain-0"
