@@ -107,3 +107,9 @@ def test_shim_build_failure_is_reported(tmp_path: Path) -> None:
     with pytest.raises(XenstoredError, match="building the xenstored shim failed"):
         shim_library(src, tmp_path / "build")
     assert list((tmp_path / "build").iterdir()) == []
+
+
+def test_unremovable_socket_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "xsd" / "socket").mkdir(parents=True)
+    with pytest.raises(XenstoredError, match="cannot remove stale"):
+        Xenstored(tmp_path / "xsd").start()

@@ -164,7 +164,10 @@ class Xenstored:
         try:
             request(self.socket_path, wire.Op.READ, b"/\0", timeout=0.5)
         except OSError:
-            self.socket_path.unlink()  # left behind by a killed daemon
+            try:
+                self.socket_path.unlink()  # left behind by a killed daemon
+            except OSError as e:
+                raise XenstoredError(f"cannot remove stale {self.socket_path}: {e.strerror}") from e
             return
         except ProtocolError:
             pass
