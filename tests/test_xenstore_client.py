@@ -411,3 +411,28 @@ async def test_restart_under_load_fails_or_answers_every_request(xs: XenStore, x
     results = await task
     assert set(results) <= {"Domain-0", None}
     assert await xs.read("/local/domain/0/name") == "Domain-0"
+
+
+async def test_watch_entered_during_an_outage_works_once_back(xs: XenStore, xenstored: Xenstored) -> None:
+    xenstored.stop(kill=True)
+    w = xs.watch("/late")
+    entering = asyncio.ensure_future(w.__aenter__())
+    await asyncio.sleep(0.2)
+    xenstored.start()
+    async with asyncio.timeout(10):
+        await entering
+    try:
+        assert (await next_event(w)).path == "/late"
+        cli(xenstored, "xenstore-write", "/late/x", "1")
+        assert (await events_until(w, "/late/x"))[-1].path == "/late/x"
+    finally:
+        await w.__aexit__(None, None, None)
+
+
+async def test_outage_longer_than_the_timeout_says_so(xenstored: Xenstored) -> None:
+    async with XenStore.open(str(xenstored.socket_path), timeout=0.3) as xs:
+        xenstored.stop(kill=True)
+        with pytest.raises(XenStoreUnavailable, match=r"unreachable|lost the connection"):
+            await xs.read("/x")
+        with pytest.raises(XenStoreUnavailable, match="unreachable"):
+            await xs.read("/x")

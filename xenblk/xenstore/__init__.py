@@ -13,6 +13,7 @@ Extras beyond DESIGN.md, for metrics and health: `xs.connected`, `xs.reconnects`
 from xenblk.xenstore.client import Transaction, Watch, WatchEvent, XenStore
 from xenblk.xenstore.errors import (
     AlreadyExists,
+    ConnectionLost,
     InvalidArgument,
     NoEntry,
     PermissionDenied,
@@ -28,6 +29,7 @@ from xenblk.xenstore.wire import PAYLOAD_MAX
 __all__ = [
     "PAYLOAD_MAX",
     "AlreadyExists",
+    "ConnectionLost",
     "InvalidArgument",
     "NoEntry",
     "Perm",

@@ -24,6 +24,7 @@ from xenblk.xenstore import wire
 from xenblk.xenstore.connection import Connection
 from xenblk.xenstore.errors import (
     AlreadyExists,
+    ConnectionLost,
     InvalidArgument,
     ProtocolError,
     TryAgain,
@@ -185,8 +186,9 @@ class XenStore(NodeOps):
                 return await self._expect(conn, op, tx_id, payload, path), conn.generation
         except TimeoutError:
             where = f" {path}" if path else ""
+            why = "no reply from xenstored" if self.connected else "xenstored unreachable (still reconnecting)"
             raise XenStoreUnavailable(
-                f"xenstore {op.name.lower()}{where}: no reply from xenstored within {self.timeout:g}s", path=path
+                f"xenstore {op.name.lower()}{where}: {why} within {self.timeout:g}s", path=path
             ) from None
 
     async def _call(self, op: wire.Op, payload: bytes, path: str | None) -> bytes:
@@ -312,8 +314,8 @@ class Watch:
         self._active = True
         try:
             await self._xs._call(wire.Op.WATCH, wire.strings(self.path, self.token), self.path)
-        except AlreadyExists:
-            pass  # a reconnect in between registered it already
+        except (AlreadyExists, ConnectionLost):
+            pass  # the reconnect registers it (or already did), and xenstored then fires it once
         except BaseException:
             self._stop()
             raise

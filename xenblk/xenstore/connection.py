@@ -15,6 +15,7 @@ import structlog
 
 from xenblk.xenstore import wire
 from xenblk.xenstore.errors import (
+    ConnectionLost,
     ProtocolError,
     TooBig,
     TryAgain,
@@ -79,7 +80,7 @@ class Connection:
         except RequestRejected as e:
             raise error_from_errno(e.errno, op.name.lower(), path) from e
         except OSError as e:
-            self.kill(XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}"))
+            self.kill(ConnectionLost(f"lost the connection to xenstored at {self.transport.path}: {e}"))
             if fut.done():
                 fut.exception()  # raised below instead; mark it seen so asyncio does not warn
             raise self._failure(transactional) from e
@@ -92,7 +93,7 @@ class Connection:
             try:
                 self._send(op, self._next_id(), tx_id, payload)
             except OSError as e:
-                self.kill(XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}"))
+                self.kill(ConnectionLost(f"lost the connection to xenstored at {self.transport.path}: {e}"))
 
     def _send(self, op: wire.Op, req_id: int, tx_id: int, payload: bytes) -> None:
         self.transport.write(wire.encode(op, req_id, tx_id, payload))
@@ -116,12 +117,12 @@ class Connection:
         except XenStoreError as e:
             error = e
         except (OSError, EOFError) as e:
-            error = XenStoreUnavailable(f"lost the connection to xenstored at {self.transport.path}: {e}")
+            error = ConnectionLost(f"lost the connection to xenstored at {self.transport.path}: {e}")
         except asyncio.CancelledError:
             error = XenStoreUnavailable("xenstore connection closed")
         except Exception as e:  # a bug must not leave requests waiting for replies that will never come
             log.exception("xenstore.reader_failed")
-            error = XenStoreUnavailable(f"xenstore connection failed: {e!r}")
+            error = ConnectionLost(f"xenstore connection failed: {e!r}")
         self.kill(error)
 
     def _dispatch(self, header: wire.Header, payload: bytes) -> None:

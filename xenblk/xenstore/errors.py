@@ -57,6 +57,10 @@ class XenStoreUnavailable(XenStoreError):
     default_errno = _errno.ENOTCONN
 
 
+class ConnectionLost(XenStoreUnavailable):
+    """The connection dropped with the request in flight (xenstored restarted or died); the client reconnects."""
+
+
 _BY_ERRNO: dict[int, type[XenStoreError]] = {
     _errno.ENOENT: NoEntry,
     _errno.EACCES: PermissionDenied,
