@@ -1,0 +1,121 @@
+"""python -m bench [io|scale|profile|all] [--quick] [--cases PATTERNS] [--runtime S]"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import cases as casemod
+from bench import report
+from bench.procs import BenchError
+
+MIB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("what", nargs="?", default="all", choices=["all", "io", "scale", "profile", "list"],
+                   help="all (default: io cases then scale), io, scale, profile (where a 4 KiB request's time goes), "
+                   "list (print the case names)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="short run: fewer cases, 2 s each, 10 s idle window")
+    p.add_argument("--cases", default=None, help="comma-separated globs or substrings of case names (see `list`)")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per case and side (default 8, --quick 2)")
+    p.add_argument("--size-mib", type=int, default=None, help="image size in MiB (default 1024, --quick 256)")
+    p.add_argument("--idle-seconds", type=float, default=None, help="idle CPU window (default 60, --quick 10)")
+    p.add_argument("--scale-steps", default="1,64,256", help="disk counts to connect (8 per guest)")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                   help="where images and the simulated host live; must not be tmpfs (O_DIRECT)")  # fmt: skip
+    p.add_argument("--results-dir", type=Path, default=report.RESULTS, help="where <timestamp>.json and latest.json go")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, images) afterwards")
+    a = p.parse_args(argv)
+    a.runtime = a.runtime if a.runtime is not None else (2.0 if a.quick else 8.0)
+    a.size_mib = a.size_mib if a.size_mib is not None else (256 if a.quick else 1024)
+    a.idle_seconds = a.idle_seconds if a.idle_seconds is not None else (10.0 if a.quick else 60.0)
+    return a
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.what == "list":
+        for c in casemod.select(a.cases, a.quick):
+            print(c.name)
+        return 0
+    signal.signal(signal.SIGTERM, _on_term)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="xenblk-bench.", dir=a.workdir))
+    t0 = time.monotonic()
+    try:
+        if a.what == "profile":
+            from bench.profile import run_profile
+
+            run_profile(work, a.runtime, a.size_mib * MIB, log)
+            return 0
+        return run_bench(a, work)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if a.keep:
+            log(f"\nbench: kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f"bench: {time.monotonic() - t0:.0f}s in all")
+
+
+def run_bench(a: argparse.Namespace, work: Path) -> int:
+    records: list[dict[str, Any]] = []
+    scale: dict[str, Any] | None = None
+    selected = casemod.select(a.cases, a.quick)
+    if a.what in ("all", "io"):
+        if not selected:
+            raise BenchError(f"no case matches {a.cases!r} (python -m bench list)")
+        from bench.iobench import IoBench
+
+        log(f"bench: {len(selected)} cases, {a.runtime:g}s each side, {a.size_mib} MiB images in {work}")
+        records = IoBench(work / "io", a.runtime, a.size_mib * MIB, log).run(selected)
+    if a.what == "scale" or (a.what == "all" and not a.cases):
+        from bench.scale import run_scale
+
+        steps = [int(s) for s in a.scale_steps.split(",") if s.strip()]
+        scale = run_scale(work / "scale", steps, a.idle_seconds, log)
+    tgts = report.targets(records, scale)
+    doc = {
+        "meta": report.meta({k: str(v) for k, v in vars(a).items()}),
+        "cases": records,
+        "scale": scale,
+        "targets": [t.__dict__ for t in tgts],
+    }
+    path = report.write(doc, a.results_dir)
+    if records:
+        log("\n" + report.table(records))
+    if scale:
+        from bench.scale import scale_table
+
+        log("\n" + scale_table(scale))
+    log("\nTargets (printed, not asserted):")
+    for t in tgts:
+        log("  " + t.line())
+    log(f"\nbench: results in {path} and {a.results_dir / 'latest.json'}")
+    failed = [r["case"] for r in records if r.get("error")]
+    if failed:
+        log(f"bench: {len(failed)} case(s) failed: {', '.join(failed)}")
+    return 1 if failed or (scale or {}).get("error") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The I/O cases: for each, xenblk through the ring (simulated guest -> daemon -> image),
+then fio with io_uring straight on the same image."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import fio, images
+from bench.cases import Case, ImageKind
+from bench.procs import BenchError
+from bench.results import Measure
+from bench.xenblk_side import SimEnv
+
+Log = Callable[[str], None]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def make_record(case: Case, xb: Measure | None, ref: Measure | None, error: str | None = None) -> dict[str, Any]:
+    w = case.work
+    return {
+        "case": case.name,
+        "image": case.image.name,
+        "workload": w.name,
+        "rw": w.rw,
+        "bs": w.bs,
+        "iodepth": w.iodepth,
+        "fio_ref": case.image.fio_ref,
+        "xenblk_iops": round(xb.iops, 1) if xb else None,
+        "fio_iops": round(ref.iops, 1) if ref else None,
+        "ratio": _ratio(xb.iops if xb else None, ref.iops if ref else None),
+        "xenblk_lat_us": xb.as_dict()["lat_us"] if xb else None,
+        "fio_lat_us": ref.as_dict()["lat_us"] if ref else None,
+        "xenblk": xb.as_dict() if xb else None,
+        "fio": ref.as_dict() if ref else None,
+        "error": error,
+    }
+
+
+class IoBench:
+    def __init__(self, work: Path, runtime: float, size: int, log: Log) -> None:
+        self.work = work
+        self.images = work / "images"
+        self.runtime = runtime
+        self.size = size
+        self.log = log
+        self._raw: Path | None = None
+        self._qcow2: Path | None = None
+        self._fio_cache: dict[tuple[str, str], Measure] = {}  # (cache mode, workload) -> fio on the raw image
+        self._domids = itertools.count(1)
+
+    # -- images --------------------------------------------------------------------------------------------------------
+    def raw(self) -> Path:
+        if self._raw is None:
+            self.images.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
+            self._raw = images.filled_raw(self.images / "disk.raw", self.size)
+            self.log(f"  image: {self._raw} ({self.size >> 20} MiB, filled) in {time.monotonic() - t0:.1f}s")
+        return self._raw
+
+    def qcow2(self) -> Path:
+        if self._qcow2 is None:
+            t0 = time.monotonic()
+            self._qcow2 = images.allocated_qcow2(self.raw(), self.images / "alloc.qcow2")
+            self.log(f"  image: {self._qcow2} (qcow2, fully allocated) in {time.monotonic() - t0:.1f}s")
+        return self._qcow2
+
+    def image_for(self, case: Case) -> Path:
+        kind = case.image
+        if kind.fmt == "raw":
+            return self.raw()
+        if kind.fresh:
+            return images.empty_qcow2(self.images / f"first-{case.work.name}.qcow2", self.size)
+        return self.qcow2()
+
+    # -- running -------------------------------------------------------------------------------------------------------
+    def run(self, cases: list[Case]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        kinds: list[ImageKind] = []
+        for c in cases:
+            if c.image not in kinds:
+                kinds.append(c.image)
+        for kind in kinds:
+            mine = [c for c in cases if c.image == kind]
+            self.log(f"\n[{kind.name}] {kind.about}")
+            records += self._run_kind(kind, mine)
+        return records
+
+    def _run_kind(self, kind: ImageKind, cases: list[Case]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        # Images first: their creation must not overlap the measurements.
+        for c in cases:
+            if not c.image.fresh:
+                self.image_for(c)
+        with SimEnv(self.work / f"sim-{kind.name}", self.images) as env:
+            env.start_daemon(cache=kind.cache)
+            for case in cases:
+                out.append(self._run_case(env, case))
+        return out
+
+    def _run_case(self, env: SimEnv, case: Case) -> dict[str, Any]:
+        kind, w = case.image, case.work
+        xb: Measure | None = None
+        ref: Measure | None = None
+        errors: list[str] = []
+        try:
+            image = self.image_for(case)
+            if kind.cache == "writeback":
+                images.warm(image)
+            if env.daemon is None or not env.daemon.proc.alive():
+                self.log("  (restarting the daemon)")
+                env.start_daemon(cache=kind.cache)
+            domid = next(self._domids)
+            env.attach(domid, image, kind.fmt)
+            try:
+                xb = env.run_guest(domid, w.rw, w.bs, w.iodepth, self.runtime, size=self.size)
+            finally:
+                try:
+                    env.detach(domid)
+                except BenchError as e:
+                    self.log(f"  (detach failed: {str(e).splitlines()[0]})")
+        except BenchError as e:
+            errors.append(f"xenblk: {e}")
+        if fio.available():
+            try:
+                ref = self._fio(case)
+            except BenchError as e:
+                errors.append(f"fio: {e}")
+        else:
+            errors.append("fio: not installed")
+        rec = make_record(case, xb, ref, "; ".join(errors) or None)
+        self.log("  " + _line(rec))
+        return rec
+
+    def _fio(self, case: Case) -> Measure:
+        kind, w = case.image, case.work
+        key = ("none" if kind.fio_direct else "writeback", w.name)
+        if kind.fio_ref == "raw twin" and key in self._fio_cache:
+            return self._fio_cache[key]
+        raw = self.raw()
+        if not kind.fio_direct:
+            images.warm(raw)
+        m = fio.run_fio(raw, w.rw, w.bs, w.iodepth, self.runtime, kind.fio_direct, self.size)
+        self._fio_cache[key] = m
+        return m
+
+
+def _line(rec: dict[str, Any]) -> str:
+    def f(v: float | None, fmt: str = ".0f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    xl, fl = rec["xenblk_lat_us"] or {}, rec["fio_lat_us"] or {}
+    s = (
+        f"{rec['case']:<32} xenblk {f(rec['xenblk_iops']):>8} IOPS p50 {f(xl.get('p50'))}us"
+        f" | fio {f(rec['fio_iops']):>8} IOPS p50 {f(fl.get('p50'))}us | ratio {f(rec['ratio'], '.2f')}"
+    )
+    if rec["error"]:
+        s += f"\n    ERROR {rec['error'][:600]}"
+    return s
