@@ -51,7 +51,7 @@ def make_ffi(module: str, areas: list[str], libraries: list[str], header: str) -
         header,
         sources=sources,
         include_dirs=[_rel(NATIVE / "include")] + [_rel(NATIVE / a) for a in areas],
-        libraries=libraries + ["pthread"],
+        libraries=[*libraries, "pthread"],
         extra_compile_args=extra,
         extra_link_args=link,
     )

@@ -8,8 +8,8 @@ file it is made from changed.
 from __future__ import annotations
 
 import hashlib
-import os
 import importlib.util
+import os
 import shutil
 import sys
 import sysconfig
