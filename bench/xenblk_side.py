@@ -4,6 +4,8 @@ for the run, `xenblk attach`, and the simulated guest as the load generator."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import socket
 import sys
 import urllib.request
@@ -15,7 +17,12 @@ from typing import Any
 from bench.procs import BenchError, Proc, cpu_seconds, run, wait_until
 from bench.results import Measure, per_gib
 
-XENBLK = [sys.executable, "-m", "xenblk"]
+# The xenblk command line; XENBLK_BENCH_CLI (an argv prefix) swaps in a stand-in to test the harness itself.
+XENBLK = (
+    shlex.split(os.environ["XENBLK_BENCH_CLI"])
+    if os.environ.get("XENBLK_BENCH_CLI")
+    else [sys.executable, "-m", "xenblk"]
+)
 
 
 def free_port() -> int:
