@@ -1,0 +1,25 @@
+/* Internal helpers shared by the storage drivers (not part of the Python API). */
+#ifndef XB_STORAGE_INT_H
+#define XB_STORAGE_INT_H
+#include <stdarg.h>
+#include <stdio.h>
+#include "storage_api.h"
+
+#define XB_MAX_BACKING_DEPTH 16
+
+/* Formats an error into err (XB_ERRLEN bytes) if err is not NULL. */
+void xb_seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Full-length pread/pwrite: loop over short transfers; a read past EOF zero-fills. */
+ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off);
+ssize_t xb_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
+size_t xb_iov_len(const struct iovec *iov, int iovcnt);
+/* Copy between an iovec and a flat buffer, starting `skip` bytes into the iovec. */
+void xb_iov_to_buf(const struct iovec *iov, int iovcnt, size_t skip, void *buf, size_t len);
+void xb_buf_to_iov(const struct iovec *iov, int iovcnt, size_t skip, const void *buf, size_t len);
+
+struct xb_image *xb_raw_open(const char *path, int block, unsigned flags, char *err);
+struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err);
+int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err);
+int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d);
+#endif
