@@ -1,6 +1,323 @@
-#include "storage_int.h"
+/* qcow2 header parsing and validation, open/close, describe.
+ * Everything read here is hostile: each field is bounded before use. */
 #include <errno.h>
-struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err) { (void)flags; (void)depth; xb_seterr(err, "%s: qcow2 not yet supported", path); return NULL; }
-int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err) { (void)img; (void)out; (void)err; return -ENOSYS; }
-int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d) { (void)img; (void)d; return 0; }
-struct xb_image *xb_image_backing(struct xb_image *img) { (void)img; return NULL; }
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "qcow2.h"
+
+extern const struct xb_image_ops xb_qcow2_ops;
+
+#define QC_MAGIC 0x514649fbu
+#define QC_EXT_BACKING_FORMAT 0xe2792acau
+#define QC_MAX_L1_BYTES (32u << 20)
+#define QC_MAX_RT_BYTES (8u << 20)
+#define QC_MAX_SIZE (1ULL << 55)
+
+static void qc_free(struct qcow2 *q)
+{
+    if (q->backing)
+        q->backing->ops->close(q->backing);
+    qc_cache_free(&q->l2c);
+    qc_cache_free(&q->rbc);
+    free(q->l1);
+    free(q->rt);
+    free(q->pending);
+    if (q->fd >= 0)
+        close(q->fd);
+    pthread_mutex_destroy(&q->lock);
+    free(q);
+}
+
+void xb_qcow2_close_impl(struct xb_image *img)
+{
+    struct qcow2 *q = QC(img);
+    pthread_mutex_lock(&q->lock);
+    /* the second flush makes the frees deferred by the first durable */
+    if (!q->ro && qc_flush_locked(q) == 0)
+        qc_flush_locked(q);
+    pthread_mutex_unlock(&q->lock);
+    qc_free(q);
+}
+
+struct xb_image *xb_image_backing(struct xb_image *img)
+{
+    return img->format == XB_FMT_QCOW2 ? QC(img)->backing : NULL;
+}
+
+static int read_table(struct qcow2 *q, uint64_t off, uint64_t n, uint64_t **out)
+{
+    *out = calloc(n ? n : 1, 8);
+    if (!*out)
+        return -ENOMEM;
+    if (!n)
+        return 0;
+    ssize_t r = xb_pread_full(q->fd, *out, n * 8, off);
+    if (r < 0)
+        return (int)r;
+    for (uint64_t i = 0; i < n; i++)
+        (*out)[i] = __builtin_bswap64((*out)[i]);
+    return 0;
+}
+
+static const char *incompat_name(int bit)
+{
+    switch (bit) {
+    case 0:
+        return "dirty";
+    case 1:
+        return "corrupt";
+    case 2:
+        return "external data file";
+    case 3:
+        return "compression type";
+    case 4:
+        return "extended L2 entries";
+    default:
+        return "unknown";
+    }
+}
+
+static int open_backing(struct qcow2 *q, unsigned flags, int depth, char *err)
+{
+    char full[4096 + 1024 + 2];
+    if (q->backing_file[0] == '/') {
+        snprintf(full, sizeof(full), "%s", q->backing_file);
+    } else {
+        char dir[4096];
+        snprintf(dir, sizeof(dir), "%s", q->path);
+        snprintf(full, sizeof(full), "%s/%s", dirname(dir), q->backing_file);
+    }
+    char sub[XB_ERRLEN];
+    sub[0] = 0;
+    unsigned bflags = XB_OPEN_RDONLY | (flags & XB_OPEN_DIRECT ? 0 : XB_OPEN_BUFFERED);
+    if (!strcmp(q->backing_fmt, "qcow2")) {
+        q->backing = xb_qcow2_open(full, bflags, depth + 1, sub);
+    } else if (!q->backing_fmt[0] || !strcmp(q->backing_fmt, "raw") || !strcmp(q->backing_fmt, "file")) {
+        q->backing = xb_raw_open(full, 0, bflags & ~XB_OPEN_DIRECT, sub);
+        if (!q->backing && errno != ENOENT) /* a device as backing */
+            q->backing = xb_raw_open(full, 1, XB_OPEN_RDONLY | XB_OPEN_BUFFERED, NULL);
+    } else {
+        xb_seterr(err, "%s: backing format '%s' is not supported", q->path, q->backing_fmt);
+        return -ENOTSUP;
+    }
+    if (!q->backing) {
+        xb_seterr(err, "%s: backing file: %s", q->path, sub);
+        return -EIO;
+    }
+    return 0;
+}
+
+static int parse_extensions(struct qcow2 *q, const uint8_t *h, uint64_t end, char *err)
+{
+    uint64_t o = q->version >= 3 ? q->header_len : 72;
+    while (o + 8 <= end) {
+        uint32_t type = qc_be32(h + o), len = qc_be32(h + o + 4);
+        if (type == 0)
+            break;
+        if (len > end - o - 8) {
+            xb_seterr(err, "%s: header extension 0x%x runs past the header cluster", q->path, type);
+            return -EINVAL;
+        }
+        if (type == QC_EXT_BACKING_FORMAT) {
+            if (len >= sizeof(q->backing_fmt)) {
+                xb_seterr(err, "%s: backing format name too long", q->path);
+                return -EINVAL;
+            }
+            memcpy(q->backing_fmt, h + o + 8, len);
+            q->backing_fmt[len] = 0;
+        }
+        o += 8 + (((uint64_t)len + 7) & ~7ULL);
+    }
+    return 0;
+}
+
+#define FAIL(...)                                                                                                      \
+    do {                                                                                                               \
+        xb_seterr(err, __VA_ARGS__);                                                                                   \
+        goto fail;                                                                                                     \
+    } while (0)
+
+struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err)
+{
+    if (depth >= XB_MAX_BACKING_DEPTH) {
+        xb_seterr(err, "%s: backing chain deeper than %d (a loop?)", path, XB_MAX_BACKING_DEPTH);
+        return NULL;
+    }
+    struct qcow2 *q = calloc(1, sizeof(*q));
+    if (!q) {
+        xb_seterr(err, "out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&q->lock, NULL);
+    q->fd = -1;
+    uint8_t *h = NULL;
+    snprintf(q->path, sizeof(q->path), "%s", path);
+    q->ro = !!(flags & XB_OPEN_RDONLY);
+    q->fd = open(path, O_CLOEXEC | (q->ro ? O_RDONLY : O_RDWR));
+    if (q->fd < 0 && !q->ro && (errno == EACCES || errno == EROFS)) {
+        q->ro = 1;
+        q->fd = open(path, O_CLOEXEC | O_RDONLY);
+    }
+    if (q->fd < 0)
+        FAIL("%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(q->fd, &st))
+        FAIL("%s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+        FAIL("%s: not a file or block device", path);
+    uint64_t fsize = (uint64_t)st.st_size;
+    if (S_ISBLK(st.st_mode))
+        fsize = (uint64_t)lseek(q->fd, 0, SEEK_END);
+    uint8_t h0[112] = {0};
+    if (fsize < 72)
+        FAIL("%s: too short for a qcow2 header (%llu bytes)", path, (unsigned long long)fsize);
+    if (xb_pread_full(q->fd, h0, sizeof(h0), 0) < 0)
+        FAIL("%s: cannot read header", path);
+    if (qc_be32(h0) != QC_MAGIC)
+        FAIL("%s: not a qcow2 image (bad magic)", path);
+    q->version = (int)qc_be32(h0 + 4);
+    if (q->version != 2 && q->version != 3)
+        FAIL("%s: qcow2 version %d is not supported", path, q->version);
+    q->cluster_bits = qc_be32(h0 + 20);
+    if (q->cluster_bits < 9 || q->cluster_bits > 21)
+        FAIL("%s: cluster_bits %u out of range 9..21", path, q->cluster_bits);
+    q->cs = 1ULL << q->cluster_bits;
+    q->l2_bits = q->cluster_bits - 3;
+    uint64_t size = qc_be64(h0 + 24);
+    if (size > QC_MAX_SIZE)
+        FAIL("%s: virtual size %llu too large", path, (unsigned long long)size);
+    if (qc_be32(h0 + 32) != 0)
+        FAIL("%s: encrypted images are not supported (crypt_method %u)", path, qc_be32(h0 + 32));
+    q->l1_size = qc_be32(h0 + 36);
+    q->l1_off = qc_be64(h0 + 40);
+    q->rt_off = qc_be64(h0 + 48);
+    uint32_t rt_clusters = qc_be32(h0 + 56);
+    q->nb_snapshots = qc_be32(h0 + 60);
+    q->rc_order = 4;
+    q->header_len = 72;
+    if (q->version == 3) {
+        q->incompat = qc_be64(h0 + 72);
+        q->compat = qc_be64(h0 + 80);
+        q->autoclear = qc_be64(h0 + 88);
+        q->rc_order = (int)qc_be32(h0 + 96);
+        q->header_len = qc_be32(h0 + 100);
+        if (q->header_len < 104 || q->header_len > q->cs || q->header_len > fsize)
+            FAIL("%s: bad header length %u", path, q->header_len);
+        if (q->incompat & (1ULL << 3)) {
+            if (q->header_len < 105)
+                FAIL("%s: compression type bit set but header too short", path);
+            q->ctype = h0[104];
+            if (q->ctype > 1)
+                FAIL("%s: unknown compression type %d", path, q->ctype);
+        }
+        for (int bit = 0; bit < 64; bit++) {
+            if (!(q->incompat & (1ULL << bit)) || bit == 3)
+                continue;
+            if (bit <= 1) {
+                if (!q->ro)
+                    FAIL("%s: the image is marked %s; repair it with 'qemu-img check -r all' first (this driver does not "
+                         "rebuild refcounts)", path, incompat_name(bit));
+                continue; /* reads do not depend on refcounts */
+            }
+            FAIL("%s: unsupported incompatible feature bit %d (%s)", path, bit, incompat_name(bit));
+        }
+    }
+    if (q->rc_order > 6)
+        FAIL("%s: refcount_order %d out of range 0..6", path, q->rc_order);
+    q->rb_bits = q->cluster_bits + 3 - (unsigned)q->rc_order;
+    if (q->nb_snapshots && !q->ro)
+        FAIL("%s: images with internal snapshots can only be opened read-only", path);
+    /* L1 */
+    uint64_t l2_span = q->cs << q->l2_bits;
+    uint64_t need_l1 = (size + l2_span - 1) / l2_span;
+    if ((uint64_t)q->l1_size * 8 > QC_MAX_L1_BYTES)
+        FAIL("%s: L1 table too large (%u entries)", path, q->l1_size);
+    if (q->l1_size < need_l1)
+        FAIL("%s: L1 table too small for the virtual size", path);
+    if (q->l1_size && ((q->l1_off & (q->cs - 1)) || !q->l1_off || q->l1_off > fsize ||
+                       (uint64_t)q->l1_size * 8 > fsize - q->l1_off))
+        FAIL("%s: L1 table offset 0x%llx invalid or past the end of the file", path, (unsigned long long)q->l1_off);
+    /* refcount table */
+    if (!rt_clusters || (uint64_t)rt_clusters * q->cs > QC_MAX_RT_BYTES)
+        FAIL("%s: refcount table size (%u clusters) invalid", path, rt_clusters);
+    if ((q->rt_off & (q->cs - 1)) || !q->rt_off || q->rt_off > fsize || (uint64_t)rt_clusters * q->cs > fsize - q->rt_off)
+        FAIL("%s: refcount table offset 0x%llx invalid or past the end of the file", path,
+             (unsigned long long)q->rt_off);
+    q->rt_entries = (uint64_t)rt_clusters * q->cs / 8;
+    /* header cluster: backing name and extensions */
+    uint64_t hlen = q->cs < fsize ? q->cs : fsize;
+    h = calloc(1, q->cs);
+    if (!h || xb_pread_full(q->fd, h, hlen, 0) < 0)
+        FAIL("%s: cannot read header cluster", path);
+    uint64_t bf_off = qc_be64(h0 + 8);
+    uint32_t bf_len = qc_be32(h0 + 16);
+    uint64_t ext_end = hlen;
+    if (bf_off) {
+        if (bf_len == 0 || bf_len >= sizeof(q->backing_file) || bf_off > hlen || bf_len > hlen - bf_off)
+            FAIL("%s: backing file name out of bounds", path);
+        memcpy(q->backing_file, h + bf_off, bf_len);
+        q->backing_file[bf_len] = 0;
+        if (strlen(q->backing_file) != bf_len)
+            FAIL("%s: backing file name contains NUL", path);
+        if (bf_off < ext_end)
+            ext_end = bf_off;
+    }
+    if (parse_extensions(q, h, ext_end, err))
+        goto fail;
+    free(h);
+    h = NULL;
+    q->file_end = (fsize + q->cs - 1) & ~(q->cs - 1);
+    q->disk_size = fsize;
+    if (read_table(q, q->l1_off, q->l1_size, &q->l1) || read_table(q, q->rt_off, q->rt_entries, &q->rt))
+        FAIL("%s: cannot read L1/refcount tables", path);
+    if (qc_cache_init(q, &q->l2c, 1) || qc_cache_init(q, &q->rbc, 0))
+        FAIL("out of memory");
+    if (q->backing_file[0] && open_backing(q, flags, depth, err))
+        goto fail;
+    if (!q->ro && q->autoclear) {
+        /* We do not maintain what autoclear features (bitmaps...) describe. */
+        uint8_t z[8] = {0};
+        if (xb_pwrite_full(q->fd, z, 8, 88) < 0 || fdatasync(q->fd))
+            FAIL("%s: cannot clear autoclear features: %s", path, strerror(errno));
+        q->autoclear = 0;
+    }
+    struct xb_image *img = &q->img;
+    img->ops = &xb_qcow2_ops;
+    img->priv = q;
+    img->format = XB_FMT_QCOW2;
+    img->size = size;
+    img->logical_block = 512;
+    img->physical_block = q->cs < 4096 ? (uint32_t)q->cs : 4096;
+    img->caps = XB_CAP_FLUSH;
+    if (q->ro) {
+        img->caps |= XB_CAP_READONLY;
+    } else {
+        img->caps |= XB_CAP_DISCARD | XB_CAP_WRITE_ZEROES;
+        img->discard_granularity = (uint32_t)q->cs;
+    }
+    img->direct = 0; /* metadata I/O is unaligned: qcow2 always uses the page cache */
+    return img;
+fail:
+    free(h);
+    qc_free(q);
+    return NULL;
+}
+
+int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d)
+{
+    struct qcow2 *q = QC(img);
+    struct stat st;
+    d->cluster_size = (uint32_t)q->cs;
+    d->qcow2_version = q->version;
+    d->refcount_bits = 1 << q->rc_order;
+    d->compression_type = q->ctype;
+    if (fstat(q->fd, &st) == 0)
+        d->allocated_bytes = (uint64_t)st.st_blocks * 512;
+    snprintf(d->backing_file, sizeof(d->backing_file), "%s", q->backing_file);
+    snprintf(d->backing_format, sizeof(d->backing_format), "%s", q->backing_fmt);
+    return 0;
+}

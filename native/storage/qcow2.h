@@ -1,0 +1,112 @@
+/* qcow2 driver internals, split by concern like the on-disk format:
+ * qcow2.c (header, open/close), qcow2_cache.c (L2 and refcount block cache),
+ * qcow2_refcount.c (refcounts, allocation, ordered metadata flush),
+ * qcow2_io.c (cluster mapping, reads, writes, discard), qcow2_check.c. */
+#ifndef XB_QCOW2_H
+#define XB_QCOW2_H
+#include <pthread.h>
+#include <stdint.h>
+#include "storage_int.h"
+
+#define QC_OFLAG_COPIED (1ULL << 63)
+#define QC_OFLAG_COMPRESSED (1ULL << 62)
+#define QC_OFLAG_ZERO 1ULL
+#define QC_OFFSET_MASK 0x00fffffffffffe00ULL
+#define QC_CACHE_ENTRIES 32
+
+struct qc_cache_ent {
+    uint64_t off; /* host offset of the cached cluster; 0 = unused slot */
+    uint8_t *buf;
+    int dirty;
+    uint64_t lru;
+};
+
+struct qc_cache {
+    struct qc_cache_ent e[QC_CACHE_ENTRIES];
+    uint64_t tick;
+    int is_l2; /* evicting a dirty L2 table first makes the refcounts durable */
+};
+
+enum qc_type { QC_UNALLOC, QC_NORMAL, QC_ZERO, QC_COMPRESSED };
+
+struct qcow2 {
+    int fd;
+    int ro;
+    struct xb_image img;
+    pthread_mutex_t lock;
+    char path[4096];
+    int version;
+    unsigned cluster_bits, l2_bits;
+    uint64_t cs;
+    uint32_t header_len;
+    uint64_t incompat, compat, autoclear;
+    int ctype;
+    uint32_t nb_snapshots;
+    uint64_t l1_off;
+    uint32_t l1_size;
+    uint64_t *l1; /* host byte order */
+    int l1_dirty;
+    uint64_t rt_off;
+    uint64_t rt_entries;
+    uint64_t *rt; /* host byte order */
+    int rt_dirty, rt_moved;
+    uint64_t rt_old_off, rt_old_clusters;
+    int rc_order;
+    unsigned rb_bits; /* log2(refcount entries per block) */
+    uint64_t file_end;  /* cluster-aligned end of what is allocated */
+    uint64_t disk_size; /* bytes actually in the file */
+    uint64_t free_hint; /* lowest cluster index that may be free */
+    struct qc_cache l2c, rbc;
+    uint64_t *pending; /* host clusters to decrement once the metadata dropping them is durable */
+    size_t npending, cap_pending;
+    uint64_t inflight; /* direct I/O extents handed out by map() and not yet unmapped */
+    struct xb_image *backing;
+    char backing_file[1024];
+    char backing_fmt[32];
+};
+
+static inline struct qcow2 *QC(struct xb_image *img) { return img->priv; }
+
+/* cache */
+int qc_cache_init(struct qcow2 *q, struct qc_cache *c, int is_l2);
+void qc_cache_free(struct qc_cache *c);
+/* Returns the cached cluster at host offset off, reading it (or zeroing it when
+ * fresh) on a miss; NULL with *rc set on error. */
+uint8_t *qc_cache_get(struct qcow2 *q, struct qc_cache *c, uint64_t off, int fresh, int *rc);
+void qc_cache_mark_dirty(struct qc_cache *c, const uint8_t *buf);
+int qc_cache_writeback(struct qcow2 *q, struct qc_cache *c);
+
+/* refcounts */
+int qc_rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *val);
+int qc_rc_set(struct qcow2 *q, uint64_t cluster, uint64_t val);
+int64_t qc_alloc_cluster(struct qcow2 *q);
+int qc_pend_free(struct qcow2 *q, uint64_t host_off);
+int qc_flush_refcounts(struct qcow2 *q);
+int qc_apply_pending(struct qcow2 *q);
+int qc_flush_locked(struct qcow2 *q);
+int qc_is_metadata(struct qcow2 *q, uint64_t host_off);
+
+/* mapping */
+int qc_l2_entry(struct qcow2 *q, uint64_t off, int alloc, uint8_t **l2, uint32_t *idx);
+enum qc_type qc_classify(struct qcow2 *q, uint64_t e);
+int qc_check_offset(struct qcow2 *q, uint64_t host_off);
+void qc_compressed_range(struct qcow2 *q, uint64_t e, uint64_t *off, uint64_t *len);
+
+static inline uint64_t qc_be64(const uint8_t *p)
+{
+    uint64_t v;
+    __builtin_memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+static inline void qc_put_be64(uint8_t *p, uint64_t v)
+{
+    v = __builtin_bswap64(v);
+    __builtin_memcpy(p, &v, 8);
+}
+static inline uint32_t qc_be32(const uint8_t *p)
+{
+    uint32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return __builtin_bswap32(v);
+}
+#endif

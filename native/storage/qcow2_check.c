@@ -1,0 +1,135 @@
+/* Consistency check: recount every reference from the L1/L2 tables and the
+ * metadata itself and compare with the stored refcounts (as qemu-img check). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include "qcow2.h"
+
+#define QC_CHECK_MAX_CLUSTERS (1ULL << 28)
+
+struct counter {
+    uint16_t *refs;
+    uint64_t n;
+    struct xb_check_result *out;
+};
+
+static void ref(struct counter *c, uint64_t host, uint64_t cs)
+{
+    uint64_t i = host / cs;
+    if (i >= c->n) {
+        c->out->corruptions++;
+        return;
+    }
+    if (c->refs[i] < UINT16_MAX)
+        c->refs[i]++;
+}
+
+static void ref_range(struct counter *c, uint64_t off, uint64_t len, uint64_t cs)
+{
+    for (uint64_t a = off & ~(cs - 1); a < off + len; a += cs)
+        ref(c, a, cs);
+}
+
+int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err)
+{
+    struct qcow2 *q = QC(img);
+    int r = 0;
+    pthread_mutex_lock(&q->lock);
+    if (q->nb_snapshots) {
+        xb_seterr(err, "images with internal snapshots are not checked");
+        r = -ENOTSUP;
+        goto out;
+    }
+    if (!q->ro && ((r = qc_flush_locked(q)) || (r = qc_flush_locked(q)))) {
+        xb_seterr(err, "flush before check failed");
+        goto out;
+    }
+    struct counter c = {.n = q->file_end >> q->cluster_bits, .out = out};
+    if (c.n > QC_CHECK_MAX_CLUSTERS) {
+        xb_seterr(err, "image too large to check in memory");
+        r = -ENOMEM;
+        goto out;
+    }
+    c.refs = calloc(c.n ? c.n : 1, sizeof(uint16_t));
+    if (!c.refs) {
+        r = -ENOMEM;
+        goto out;
+    }
+    out->total_clusters = (img->size + q->cs - 1) >> q->cluster_bits;
+    ref(&c, 0, q->cs);
+    ref_range(&c, q->l1_off, (uint64_t)q->l1_size * 8, q->cs);
+    ref_range(&c, q->rt_off, q->rt_entries * 8, q->cs);
+    for (uint64_t b = 0; b < q->rt_entries; b++) {
+        uint64_t o = q->rt[b] & QC_OFFSET_MASK;
+        if (!o)
+            continue;
+        if (qc_check_offset(q, o))
+            out->corruptions++;
+        else
+            ref(&c, o, q->cs);
+    }
+    uint64_t last_host = 0;
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+        uint64_t l2off = q->l1[i] & QC_OFFSET_MASK;
+        if (!l2off)
+            continue;
+        if (qc_check_offset(q, l2off)) {
+            out->corruptions++;
+            continue;
+        }
+        ref(&c, l2off, q->cs);
+        for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
+            uint8_t *l2 = qc_cache_get(q, &q->l2c, l2off, 0, &r);
+            if (!l2)
+                goto done;
+            uint64_t e = qc_be64(l2 + j * 8), off, len;
+            switch (qc_classify(q, e)) {
+            case QC_COMPRESSED:
+                qc_compressed_range(q, e, &off, &len);
+                ref_range(&c, off, len, q->cs);
+                out->allocated_clusters++;
+                break;
+            case QC_NORMAL:
+                out->allocated_clusters++;
+                /* fall through */
+            case QC_ZERO:
+                off = e & QC_OFFSET_MASK;
+                if (!off)
+                    break;
+                if (off & (q->cs - 1))
+                    out->corruptions++;
+                else
+                    ref(&c, off, q->cs);
+                if (last_host && off != last_host + q->cs)
+                    out->fragmented_clusters++;
+                last_host = off;
+                break;
+            case QC_UNALLOC:
+                break;
+            }
+        }
+    }
+    for (uint64_t b = 0; b < q->rt_entries; b++) {
+        if (!(q->rt[b] & QC_OFFSET_MASK) && (b << q->rb_bits) >= c.n)
+            continue;
+        for (uint64_t k = 0; k < (1ULL << q->rb_bits); k++) {
+            uint64_t cl = (b << q->rb_bits) + k, v;
+            if (!(q->rt[b] & QC_OFFSET_MASK)) {
+                v = 0;
+            } else if ((r = qc_rc_get(q, cl, &v))) {
+                break;
+            }
+            uint64_t want = cl < c.n ? c.refs[cl] : 0;
+            if (v < want)
+                out->corruptions++;
+            else if (v > want)
+                out->leaks++;
+        }
+        r = 0;
+    }
+done:
+    free(c.refs);
+out:
+    pthread_mutex_unlock(&q->lock);
+    return r;
+}

@@ -1,0 +1,260 @@
+/* Refcounts, cluster allocation and the ordered metadata flush.
+ *
+ * Ordering that keeps a crash to leaks: a refcount increment reaches the disk
+ * before any L2/L1 entry that points at the cluster, and a decrement only after
+ * the metadata that dropped the reference is durable (frees are deferred to the
+ * end of a flush). Deferred frees are also what pins clusters with direct I/O
+ * in flight: they are applied only when no map()ped extent is outstanding. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "qcow2.h"
+
+static uint64_t rc_read(struct qcow2 *q, const uint8_t *b, uint64_t i)
+{
+    unsigned bits = 1u << q->rc_order;
+    if (bits < 8)
+        return (b[i * bits / 8] >> (i * bits % 8)) & ((1u << bits) - 1);
+    uint64_t v = 0;
+    for (unsigned k = 0; k < bits / 8; k++)
+        v = (v << 8) | b[i * (bits / 8) + k];
+    return v;
+}
+
+static void rc_write(struct qcow2 *q, uint8_t *b, uint64_t i, uint64_t v)
+{
+    unsigned bits = 1u << q->rc_order;
+    if (bits < 8) {
+        unsigned sh = (unsigned)(i * bits % 8), mask = ((1u << bits) - 1) << sh;
+        b[i * bits / 8] = (uint8_t)((b[i * bits / 8] & ~mask) | ((v << sh) & mask));
+        return;
+    }
+    for (unsigned k = bits / 8; k-- > 0;) {
+        b[i * (bits / 8) + k] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static int refblock_off(struct qcow2 *q, uint64_t blk, uint64_t *off)
+{
+    *off = blk < q->rt_entries ? q->rt[blk] & QC_OFFSET_MASK : 0;
+    if (*off && qc_check_offset(q, *off))
+        return -EIO;
+    return 0;
+}
+
+int qc_rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *val)
+{
+    uint64_t off;
+    int r = refblock_off(q, cluster >> q->rb_bits, &off);
+    *val = 0;
+    if (r || !off)
+        return r;
+    uint8_t *b = qc_cache_get(q, &q->rbc, off, 0, &r);
+    if (!b)
+        return r;
+    *val = rc_read(q, b, cluster & ((1ULL << q->rb_bits) - 1));
+    return 0;
+}
+
+/* The reftable moves to a bigger copy at the end of the file; it is written
+ * and the header switched over at the next refcount flush. */
+static int grow_reftable(struct qcow2 *q, uint64_t need)
+{
+    uint64_t entries = (need > q->rt_entries ? need : q->rt_entries) * 2, nclus;
+    for (;;) {
+        nclus = (entries * 8 + q->cs - 1) / q->cs;
+        uint64_t last = (q->file_end >> q->cluster_bits) + nclus + 4;
+        if ((last >> q->rb_bits) < entries)
+            break;
+        entries *= 2;
+    }
+    entries = nclus * q->cs / 8;
+    if (nclus * q->cs > (64ULL << 20))
+        return -EFBIG;
+    uint64_t *nt = calloc(entries, 8);
+    if (!nt)
+        return -ENOMEM;
+    memcpy(nt, q->rt, q->rt_entries * 8);
+    if (!q->rt_moved) { /* the table on disk (the header's) is the one to free later */
+        q->rt_old_off = q->rt_off;
+        q->rt_old_clusters = (q->rt_entries * 8 + q->cs - 1) / q->cs;
+    }
+    uint64_t off = q->file_end;
+    q->file_end += nclus * q->cs;
+    free(q->rt);
+    q->rt = nt;
+    q->rt_entries = entries;
+    q->rt_off = off;
+    q->rt_dirty = q->rt_moved = 1;
+    for (uint64_t i = 0; i < nclus; i++) {
+        int r = qc_rc_set(q, (off >> q->cluster_bits) + i, 1);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
+int qc_rc_set(struct qcow2 *q, uint64_t cluster, uint64_t val)
+{
+    uint64_t blk = cluster >> q->rb_bits, off;
+    int r;
+    if (blk >= q->rt_entries && (r = grow_reftable(q, blk + 1)))
+        return r;
+    if ((r = refblock_off(q, blk, &off)))
+        return r;
+    int fresh = 0;
+    if (!off) {
+        /* A new refblock at the end of the file; its own refcount lands in
+         * itself or in the next new block, so the recursion ends. */
+        off = q->file_end;
+        q->file_end += q->cs;
+        q->rt[blk] = off;
+        q->rt_dirty = 1;
+        fresh = 1;
+        if (!qc_cache_get(q, &q->rbc, off, 1, &r))
+            return r;
+        if ((r = qc_rc_set(q, off >> q->cluster_bits, 1)))
+            return r;
+    }
+    (void)fresh;
+    uint8_t *b = qc_cache_get(q, &q->rbc, off, 0, &r);
+    if (!b)
+        return r;
+    rc_write(q, b, cluster & ((1ULL << q->rb_bits) - 1), val);
+    qc_cache_mark_dirty(&q->rbc, b);
+    return 0;
+}
+
+int qc_is_metadata(struct qcow2 *q, uint64_t host_off)
+{
+    uint64_t l1_end = q->l1_off + (((uint64_t)q->l1_size * 8 + q->cs - 1) & ~(q->cs - 1));
+    uint64_t rt_end = q->rt_off + ((q->rt_entries * 8 + q->cs - 1) & ~(q->cs - 1));
+    return host_off < q->cs || (host_off >= q->l1_off && host_off < l1_end) ||
+           (host_off >= q->rt_off && host_off < rt_end) ||
+           (q->rt_moved && host_off >= q->rt_old_off && host_off < q->rt_old_off + q->rt_old_clusters * q->cs);
+}
+
+int64_t qc_alloc_cluster(struct qcow2 *q)
+{
+    uint64_t end = q->file_end >> q->cluster_bits, c, v;
+    int r;
+    for (c = q->free_hint; c < end; c++) {
+        if ((r = qc_rc_get(q, c, &v)))
+            return r;
+        if (v == 0 && !qc_is_metadata(q, c << q->cluster_bits))
+            break;
+    }
+    q->free_hint = c + 1;
+    if (c >= end)
+        q->file_end += q->cs;
+    if ((r = qc_rc_set(q, c, 1)))
+        return r;
+    /* the refblock may have been appended after it */
+    if ((c + 1) << q->cluster_bits > q->file_end)
+        q->file_end = (c + 1) << q->cluster_bits;
+    return (int64_t)(c << q->cluster_bits);
+}
+
+int qc_pend_free(struct qcow2 *q, uint64_t host_off)
+{
+    if (q->npending == q->cap_pending) {
+        size_t n = q->cap_pending ? q->cap_pending * 2 : 64;
+        uint64_t *p = realloc(q->pending, n * 8);
+        if (!p)
+            return -ENOMEM;
+        q->pending = p;
+        q->cap_pending = n;
+    }
+    q->pending[q->npending++] = host_off;
+    return 0;
+}
+
+int qc_apply_pending(struct qcow2 *q)
+{
+    if (q->inflight)
+        return 0;
+    for (size_t i = 0; i < q->npending; i++) {
+        uint64_t c = q->pending[i] >> q->cluster_bits, v;
+        int r = qc_rc_get(q, c, &v);
+        if (r)
+            return r;
+        if (v == 0)
+            continue; /* already free: a hostile image double-referenced it */
+        if ((r = qc_rc_set(q, c, v - 1)))
+            return r;
+        if (v == 1 && c < q->free_hint)
+            q->free_hint = c;
+    }
+    q->npending = 0;
+    return 0;
+}
+
+static int sync_fd(struct qcow2 *q) { return fdatasync(q->fd) ? -errno : 0; }
+
+int qc_flush_refcounts(struct qcow2 *q)
+{
+    int r;
+    if ((r = sync_fd(q)) || (r = qc_cache_writeback(q, &q->rbc)))
+        return r;
+    if (!q->rt_dirty)
+        return 0;
+    if ((r = sync_fd(q)))
+        return r;
+    size_t bytes = ((q->rt_entries * 8 + q->cs - 1) / q->cs) * q->cs;
+    uint8_t *buf = calloc(1, bytes);
+    if (!buf)
+        return -ENOMEM;
+    for (uint64_t i = 0; i < q->rt_entries; i++)
+        qc_put_be64(buf + i * 8, q->rt[i]);
+    ssize_t w = xb_pwrite_full(q->fd, buf, bytes, q->rt_off);
+    free(buf);
+    if (w < 0)
+        return (int)w;
+    if (q->rt_off + bytes > q->disk_size)
+        q->disk_size = q->rt_off + bytes;
+    if (q->rt_moved) {
+        uint8_t hdr[12];
+        qc_put_be64(hdr, q->rt_off);
+        uint32_t n = __builtin_bswap32((uint32_t)(bytes / q->cs));
+        memcpy(hdr + 8, &n, 4);
+        if ((r = sync_fd(q)))
+            return r;
+        if ((w = xb_pwrite_full(q->fd, hdr, 12, 48)) < 0)
+            return (int)w;
+        q->rt_moved = 0;
+        for (uint64_t i = 0; i < q->rt_old_clusters; i++)
+            if ((r = qc_pend_free(q, q->rt_old_off + i * q->cs)))
+                return r;
+    }
+    q->rt_dirty = 0;
+    return sync_fd(q);
+}
+
+int qc_flush_locked(struct qcow2 *q)
+{
+    int r;
+    if (q->ro)
+        return 0;
+    if ((r = qc_flush_refcounts(q)) || (r = qc_cache_writeback(q, &q->l2c)))
+        return r;
+    if ((r = sync_fd(q)))
+        return r;
+    if (q->l1_dirty) {
+        size_t bytes = (size_t)q->l1_size * 8;
+        uint8_t *buf = malloc(bytes ? bytes : 1);
+        if (!buf)
+            return -ENOMEM;
+        for (uint32_t i = 0; i < q->l1_size; i++)
+            qc_put_be64(buf + i * 8, q->l1[i]);
+        ssize_t w = xb_pwrite_full(q->fd, buf, bytes, q->l1_off);
+        free(buf);
+        if (w < 0)
+            return (int)w;
+        q->l1_dirty = 0;
+        if ((r = sync_fd(q)))
+            return r;
+    }
+    return qc_apply_pending(q);
+}
