@@ -163,7 +163,7 @@ def test_concurrent_writers(make_qcow2: Callable[..., Path], tmp_path: Path) -> 
                         o = base + rnd.randrange(0, 500) * 4096
                         img.discard(o, 4096)
                         ref[o : o + 4096] = bytes(4096)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            except BaseException as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]

@@ -85,9 +85,8 @@ def test_readonly(raw_file: Callable[[str, int], Path]) -> None:
 
 def test_out_of_range_and_missing(raw_file: Callable[[str, int], Path], tmp_path: Path) -> None:
     p = raw_file("o.raw", MiB)
-    with Image.open(str(p)) as img:
-        with pytest.raises(StorageError):
-            img.read(MiB - 1, 2)
+    with Image.open(str(p)) as img, pytest.raises(StorageError):
+        img.read(MiB - 1, 2)
     with pytest.raises(StorageError, match="No such file"):
         Image.open(str(tmp_path / "missing"))
     with pytest.raises(StorageError, match="unknown image format"):

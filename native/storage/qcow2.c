@@ -105,7 +105,10 @@ static int open_backing(struct qcow2 *q, unsigned flags, int depth, char *err)
         return -ENOTSUP;
     }
     if (!q->backing) {
-        xb_seterr(err, "%s: backing file: %s", q->path, sub);
+        if (strstr(sub, "backing chain deeper")) /* already names the culprit; nesting would only truncate it */
+            xb_seterr(err, "%s", sub);
+        else
+            xb_seterr(err, "%s: backing file: %s", q->path, sub);
         return -EIO;
     }
     return 0;
@@ -144,7 +147,7 @@ static int parse_extensions(struct qcow2 *q, const uint8_t *h, uint64_t end, cha
 struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err)
 {
     if (depth >= XB_MAX_BACKING_DEPTH) {
-        xb_seterr(err, "%s: backing chain deeper than %d (a loop?)", path, XB_MAX_BACKING_DEPTH);
+        xb_seterr(err, "backing chain deeper than %d (a loop?) at %s", XB_MAX_BACKING_DEPTH, path);
         return NULL;
     }
     struct qcow2 *q = calloc(1, sizeof(*q));

@@ -1,0 +1,154 @@
+"""Hostile qcow2 images (a guest can write an image's contents): refused at open
+or failing the request with a clear StorageError; never a crash, never I/O outside the file."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.storage import qemu_io
+from xenblk.storage import Image, StorageError
+
+MiB = 1 << 20
+
+
+def _patch(p: Path, off: int, fmt: str, *vals: int) -> None:
+    with open(p, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack(fmt, *vals))
+
+
+def _header(p: Path) -> dict[str, int]:
+    h = p.read_bytes()[:104]
+    return {"l1_off": struct.unpack(">Q", h[40:48])[0], "rt_off": struct.unpack(">Q", h[48:56])[0]}
+
+
+@pytest.fixture
+def img(make_qcow2: Callable[..., Path]) -> Path:
+    p: Path = make_qcow2("h.qcow2", "4M", cluster_size=65536)
+    qemu_io(p, "qcow2", "write -P 0xab 0 128k", "write -P 0xcd 2M 64k")
+    return p
+
+
+@pytest.mark.parametrize(
+    ("off", "fmt", "val", "msg"),
+    [
+        (0, ">I", 0x12345678, "not a qcow2 image"),
+        (4, ">I", 7, "version 7"),
+        (20, ">I", 30, "cluster_bits"),
+        (32, ">I", 1, "encrypted"),
+        (36, ">I", 0x10000000, "L1 table too large"),
+        (36, ">I", 0, "L1 table too small"),
+        (40, ">Q", 1 << 40, "L1 table offset"),
+        (40, ">Q", 65536 + 8, "L1 table offset"),
+        (48, ">Q", 1 << 40, "refcount table offset"),
+        (56, ">I", 0, "refcount table size"),
+        (72, ">Q", 1 << 2, "external data file"),
+        (72, ">Q", 1 << 4, "extended L2"),
+        (72, ">Q", 1 << 9, "bit 9"),
+        (96, ">I", 7, "refcount_order"),
+        (100, ">I", 1 << 30, "header length"),
+        (24, ">Q", 1 << 62, "virtual size"),
+    ],
+)
+def test_bad_header_refused(img: Path, off: int, fmt: str, val: int, msg: str) -> None:
+    _patch(img, off, fmt, val)
+    with pytest.raises(StorageError, match=msg):
+        Image.open(str(img), "qcow2")
+
+
+def test_unknown_compression_type(img: Path) -> None:
+    _patch(img, 72, ">Q", 1 << 3)
+    _patch(img, 104, ">B", 9)
+    with pytest.raises(StorageError, match="compression type 9"):
+        Image.open(str(img), "qcow2")
+
+
+def test_dirty_bit_refused_for_writing(img: Path) -> None:
+    _patch(img, 72, ">Q", 1)
+    with pytest.raises(StorageError, match=r"dirty.*qemu-img check -r all"):
+        Image.open(str(img), "qcow2")
+    with Image.open(str(img), "qcow2", readonly=True) as ro:  # reads do not depend on refcounts
+        assert ro.read(0, 4) == b"\xab" * 4
+
+
+def test_truncated_file(img: Path) -> None:
+    data = img.read_bytes()
+    img.write_bytes(data[:50])
+    with pytest.raises(StorageError, match="too short"):
+        Image.open(str(img), "qcow2")
+    img.write_bytes(data[: 3 * 65536])  # header, L1, reftable survive; L2/data do not
+    try:
+        with Image.open(str(img), "qcow2") as im, pytest.raises(StorageError):
+            im.read(0, im.size)
+    except StorageError:
+        pass
+
+
+def test_l2_pointer_past_eof_and_unaligned(img: Path) -> None:
+    l1 = _header(img)["l1_off"]
+    for bad in (1 << 40, 65536 * 3 + 512):
+        _patch(img, l1, ">Q", bad | (1 << 63))
+        with Image.open(str(img), "qcow2") as im:
+            with pytest.raises(StorageError, match="Input/output error"):
+                im.read(0, 4096)
+            with pytest.raises(StorageError):
+                im.write(0, b"x" * 10)
+
+
+def test_refblock_past_eof_fails_allocating_writes(img: Path) -> None:
+    rt = _header(img)["rt_off"]
+    _patch(img, rt, ">Q", 1 << 40)
+    with Image.open(str(img), "qcow2") as im:
+        assert im.read(0, 4) == b"\xab" * 4
+        with pytest.raises(StorageError):
+            im.write(3 * MiB, b"y" * 100)
+
+
+def test_backing_loop_refused(make_qcow2: Callable[..., Path], tmp_path: Path) -> None:
+    make_qcow2("b.qcow2", "1M")
+    a = make_qcow2("a.qcow2", "1M", backing=tmp_path / "b.qcow2")
+    b2 = make_qcow2("b2.qcow2", "1M", backing=a)
+    (tmp_path / "b.qcow2").unlink()
+    b2.rename(tmp_path / "b.qcow2")  # a -> b -> a
+    with pytest.raises(StorageError, match="deeper than 16"):
+        Image.open(str(a), "qcow2")
+
+
+def test_backing_format_never_guessed(make_qcow2: Callable[..., Path], tmp_path: Path) -> None:
+    base = make_qcow2("base.qcow2", "1M")
+    qemu_io(base, "qcow2", "write -P 0x77 0 4k")
+    # no backing-format extension: the backing file is read as raw, i.e. its qcow2 header shows through
+    top = tmp_path / "top.qcow2"
+    from tests.fixtures.storage import qemu_img
+
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(base), "-F", "raw", str(top), "1M")
+    with Image.open(str(top), "qcow2") as im:
+        assert im.info()["backing_format"] == "raw"
+        assert im.read(0, 4) == b"QFI\xfb"
+
+
+def test_random_corruption_never_crashes(img: Path) -> None:
+    pristine = img.read_bytes()
+    rnd = random.Random(42)
+    for _ in range(150):
+        data = bytearray(pristine)
+        for _ in range(rnd.randrange(1, 8)):
+            pos = rnd.choice([rnd.randrange(0, 128), rnd.randrange(65536, 4 * 65536)])
+            if pos < len(data):
+                data[pos] = rnd.randrange(256)
+        img.write_bytes(bytes(data))
+        try:
+            with Image.open(str(img), "qcow2") as im:
+                im.read(0, im.size)
+                im.write(rnd.randrange(0, im.size - 5000), b"z" * 5000)
+                im.discard(0, 65536)
+                im.flush()
+                im.check()
+        except StorageError:
+            pass
+        assert img.stat().st_size < 64 * MiB
