@@ -178,3 +178,16 @@ def test_concurrent_writers(make_qcow2: Callable[..., Path], tmp_path: Path) -> 
     raw = tmp_path / "ref.raw"
     raw.write_bytes(ref)
     assert qemu_img("compare", "-f", "qcow2", "-F", "raw", str(p), str(raw), check=False).returncode == 0
+
+
+def test_reftable_grows_twice_between_flushes(make_qcow2: Callable[..., Path]) -> None:
+    # 512-byte clusters with 64-bit refcounts, no flush until the end: the
+    # reftable is relocated more than once before any of it reaches the disk.
+    p = make_qcow2("g2.qcow2", "16M", cluster_size=512, refcount_bits=64)
+    data = random.Random(9).randbytes(12 * MiB)
+    with Image.open(str(p), "qcow2") as img:
+        img.write(0, data)
+        assert img.read(0, len(data)) == data
+    rc, report = qemu_check(p)
+    assert rc == 0, report
+    assert qemu_raw(p)[: len(data)] == data

@@ -77,9 +77,17 @@ static int grow_reftable(struct qcow2 *q, uint64_t need)
     if (!nt)
         return -ENOMEM;
     memcpy(nt, q->rt, q->rt_entries * 8);
-    if (!q->rt_moved) { /* the table on disk (the header's) is the one to free later */
+    if (!q->rt_moved) { /* the table on disk (the header's) is freed once the header points elsewhere */
         q->rt_old_off = q->rt_off;
         q->rt_old_clusters = (q->rt_entries * 8 + q->cs - 1) / q->cs;
+    } else { /* a table never made durable: nothing on disk refers to it */
+        for (uint64_t i = 0; i < (q->rt_entries * 8 + q->cs - 1) / q->cs; i++) {
+            int r = qc_pend_free(q, q->rt_off + i * q->cs);
+            if (r) {
+                free(nt);
+                return r;
+            }
+        }
     }
     uint64_t off = q->file_end;
     q->file_end += nclus * q->cs;
@@ -104,7 +112,6 @@ int qc_rc_set(struct qcow2 *q, uint64_t cluster, uint64_t val)
         return r;
     if ((r = refblock_off(q, blk, &off)))
         return r;
-    int fresh = 0;
     if (!off) {
         /* A new refblock at the end of the file; its own refcount lands in
          * itself or in the next new block, so the recursion ends. */
@@ -112,13 +119,11 @@ int qc_rc_set(struct qcow2 *q, uint64_t cluster, uint64_t val)
         q->file_end += q->cs;
         q->rt[blk] = off;
         q->rt_dirty = 1;
-        fresh = 1;
         if (!qc_cache_get(q, &q->rbc, off, 1, &r))
             return r;
         if ((r = qc_rc_set(q, off >> q->cluster_bits, 1)))
             return r;
     }
-    (void)fresh;
     uint8_t *b = qc_cache_get(q, &q->rbc, off, 0, &r);
     if (!b)
         return r;
