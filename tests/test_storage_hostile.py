@@ -152,3 +152,33 @@ def test_random_corruption_never_crashes(img: Path) -> None:
         except StorageError:
             pass
         assert img.stat().st_size < 64 * MiB
+
+
+@pytest.mark.parametrize(
+    "case", ["l2_is_l1", "l2_is_header", "l2_is_reftable", "refblock_is_l1", "refblock_is_reftable"]
+)
+def test_overlapping_metadata_stays_inside_the_file(img: Path, case: str) -> None:
+    h = _header(img)
+    table, target = {
+        "l2_is_l1": (h["l1_off"], h["l1_off"]),
+        "l2_is_header": (h["l1_off"], 0),
+        "l2_is_reftable": (h["l1_off"], h["rt_off"]),
+        "refblock_is_l1": (h["rt_off"], h["l1_off"]),
+        "refblock_is_reftable": (h["rt_off"], h["rt_off"]),
+    }[case]
+    _patch(img, table, ">Q", target | (1 << 63) if target else 65536 * 5 + 1)
+    size_before = img.stat().st_size
+    try:
+        with Image.open(str(img), "qcow2") as im:
+            for off in (0, 65536, 3 * MiB):
+                try:
+                    im.read(off, 65536)
+                    im.write(off + 100, b"q" * 70000)
+                    im.discard(off, 65536)
+                    im.flush()
+                except StorageError:
+                    pass
+            im.check()
+    except StorageError:
+        pass
+    assert img.stat().st_size < size_before + 16 * MiB
