@@ -121,6 +121,7 @@ def test_block_device_loop(raw_file: Callable[[str, int], Path]) -> None:
     try:
         with Image.open(dev) as img:  # S_ISBLK -> format block
             assert img.format == "block" and img.size == 8 * MiB
+            assert img.direct  # O_DIRECT is the default for block devices
             assert img.logical_block in (512, 4096)
             img.write(2 * MiB, b"B" * 4096)
             img.flush()

@@ -48,7 +48,9 @@ class Image:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, fmt: str | None = None, *, readonly: bool = False, cache: str = "writeback") -> Image:
+    def open(cls, path: str, fmt: str | None = None, *, readonly: bool = False, cache: str | None = None) -> Image:
+        """cache None: the format's default (page cache for files, O_DIRECT for block devices);
+        "none": O_DIRECT; "writeback": page cache, even for a block device."""
         if fmt is None:
             try:
                 st = os.stat(path)
@@ -57,14 +59,14 @@ class Image:
             fmt = "block" if stat.S_ISBLK(st.st_mode) else "raw"
         if fmt not in FORMATS:
             raise StorageError(f"{path}: unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
-        if cache not in CACHE_MODES:
+        if cache is not None and cache not in CACHE_MODES:
             raise StorageError(f"{path}: unknown cache mode {cache!r} (expected one of {', '.join(CACHE_MODES)})")
         flags = 0
         if readonly:
             flags |= lib.XB_OPEN_RDONLY
         if cache == "none":
             flags |= lib.XB_OPEN_DIRECT
-        elif fmt == "block":
+        elif cache == "writeback" and fmt == "block":
             flags |= lib.XB_OPEN_BUFFERED
         err = ffi.new("char[]", lib.XB_ERRLEN)
         ptr = lib.xb_image_open(os.fsencode(path), FORMATS[fmt], flags, err)
