@@ -1,61 +1,153 @@
 #!/bin/sh
-# Guest side of `make xen-test` (busybox sh inside a PV guest; stock Linux blkfront).
-# Reloads blkfront with multi-page rings and several queues allowed, waits for the
-# disks xenblk serves (xvdb raw, xvdc qcow2 over a backing file, xvdd LVM), then
-# verifies data with fio, discards, and unbinds/rebinds the driver.
-# Every result line starts with GUEST; the exit status is the number of failures.
+# Payload of the PV guest of `make xen-test` and `make xen-bench` (busybox sh + fio inside
+# the guest; the stock Linux blkfront). Build: xen-vm guest-initrd OUT.cpio.gz THIS_FILE.
+#
+# Kernel arguments (xl `extra`):
+#   xbdisks=xvdb,xvdc,...   the disks to wait for (attached after boot, by the Dom0 script)
+#   xbmode=test|bench       test: verify, discard, unbind/bind; bench: the fio table jobs
+#   xbqueues=N              test: the number of blk-mq queues every disk must have
+#   xbruntime=S             bench: seconds per fio job (default 5)
+#
+# It reloads blkfront with 4-page rings, up to 4 queues and 64 indirect segments allowed
+# (with persistent grants blkfront preallocates a page per grant: (segments + 1) x ring
+# slots x queues x disks; 16-page rings with 256 segments OOM a 512 MB guest), prints "GUEST ready" (the Dom0 script attaches the disks only then), waits for
+# the disks, and prints one "GUEST ok: ..." or "GUEST FAIL: ..." line per check.
+# Exit status: the number of failures (0 = all passed).
+mode=test disks=xvdb queues=1 runtime=5
+for a in $(cat /proc/cmdline); do
+    case $a in
+        xbdisks=*) disks=$(echo "${a#*=}" | tr , ' ') ;;
+        xbmode=*) mode=${a#*=} ;;
+        xbqueues=*) queues=${a#*=} ;;
+        xbruntime=*) runtime=${a#*=} ;;
+    esac
+done
 fail=0
-ok() { echo "GUEST ok $*"; }
-bad() { echo "GUEST FAIL $*"; fail=$((fail + 1)); }
+ok() { echo "GUEST ok: $*"; }
+bad() { echo "GUEST FAIL: $*"; fail=$((fail + 1)); }
 
 mod=$(grep blkfront /lib/modules/order)
-rmmod xen_blkfront 2>/dev/null
-insmod /lib/modules/$mod max_ring_page_order=4 max_queues=4 max_indirect_segments=256 || bad "insmod blkfront with parameters"
-echo READY > /dev/hvc0 2>/dev/null
+rmmod xen_blkfront 2> /dev/null
+insmod "/lib/modules/$mod" max_ring_page_order=2 max_queues=4 max_indirect_segments=64 ||
+    bad "insmod blkfront max_ring_page_order=2 max_queues=4 max_indirect_segments=64"
+echo "GUEST ready mode=$mode disks=$disks vcpus=$(nproc)"
 
-disks="xvdb xvdc xvdd"
-for d in $disks; do
-    t=0
-    until [ -b /dev/$d ]; do
-        [ $t -ge 240 ] && { bad "$d did not appear"; break; }
+# wait_disks TIMEOUT: every disk in $disks present (block node and a non-zero size)
+wait_disks() {
+    local t=0 d missing
+    while :; do
+        missing=""
+        for d in $disks; do
+            [ -b /dev/$d ] && [ "$(cat /sys/block/$d/size 2> /dev/null)" -gt 0 ] 2> /dev/null || missing="$missing $d"
+        done
+        [ -z "$missing" ] && return 0
+        [ $t -ge "$1" ] && { bad "disks missing after ${1}s:$missing"; return 1; }
         sleep 1; t=$((t + 1))
     done
-done
-dmesg | grep -i 'blkfront' | sed 's/^/GUEST dmesg /'
+}
 
-for d in $disks; do
-    [ -b /dev/$d ] || continue
-    echo "GUEST $d sectors=$(cat /sys/block/$d/size) queues=$(ls /sys/block/$d/mq | wc -l) max_segments=$(cat /sys/block/$d/queue/max_segments) discard_max=$(cat /sys/block/$d/queue/discard_max_bytes) write_cache=$(cat /sys/block/$d/queue/write_cache)"
-    io="--filename=/dev/$d --bs=4k --ioengine=libaio --iodepth=16 --direct=1 --eta=never"
-    if fio --name=verify-$d $io --rw=randwrite --size=8M --verify=crc32c --do_verify=1 --output=/tmp/v-$d.txt; then
-        ok "fio verify $d"
-    else
-        bad "fio verify $d: $(grep -m3 -i 'err' /tmp/v-$d.txt | tr '\n' ' ')"
-    fi
-    if fio --name=big-$d --filename=/dev/$d --bs=1M --ioengine=libaio --iodepth=4 --direct=1 --rw=write --size=8M \
-        --offset=16M --verify=crc32c --do_verify=1 --eta=never --output=/tmp/b-$d.txt; then
-        ok "fio 1M (indirect) verify $d"
-    else
-        bad "fio 1M verify $d"
-    fi
-done
+# negotiated DISK: print and check what blkfront agreed with the backend
+negotiated() {
+    local d=$1 q=/sys/block/$1/queue
+    local nq; nq=$(ls /sys/block/$d/mq | wc -l)
+    local line; line=$(dmesg | grep "blkfront: $d:" | tail -1)
+    echo "GUEST $d: sectors=$(cat /sys/block/$d/size) ro=$(cat /sys/block/$d/ro) queues=$nq" \
+        "max_segments=$(cat $q/max_segments) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+        "write_cache=\"$(cat $q/write_cache)\" fua=$(cat $q/fua) discard_max_bytes=$(cat $q/discard_max_bytes)" \
+        "discard_granularity=$(cat $q/discard_granularity) logical_block=$(cat $q/logical_block_size)" \
+        "physical_block=$(cat $q/physical_block_size)"
+    echo "GUEST $d: dmesg: ${line#*blkfront: }"
+    [ "$nq" = "$queues" ] && ok "$d: $nq blk-mq queues" || bad "$d: $nq blk-mq queues, expected $queues"
+    # without indirect descriptors a request carries at most 11 segments
+    [ "$(cat $q/max_segments)" -gt 11 ] && ok "$d: indirect descriptors (max_segments $(cat $q/max_segments))" ||
+        bad "$d: no indirect descriptors (max_segments $(cat $q/max_segments))"
+    case $line in *"indirect descriptors: enabled"*) ;; *) bad "$d: blkfront says no indirect descriptors" ;; esac
+    [ "$(cat $q/write_cache)" = "write back" ] && ok "$d: flush (write back cache)" || bad "$d: no flush (write_cache $(cat $q/write_cache))"
+    [ "$(cat $q/discard_max_bytes)" -gt 0 ] && ok "$d: discard" || bad "$d: no discard"
+}
 
-# discard reaches the image (the host checks the allocation afterwards)
-if [ -b /dev/xvdb ]; then
-    if blkdiscard -o 33554432 -l 16777216 /dev/xvdb; then ok "blkdiscard xvdb"; else bad "blkdiscard xvdb"; fi
-fi
+# fio_verify DISK [--verify_only]: three crc32c-verified jobs; 4k random, 64k random, 1M sequential
+fio_verify() {
+    local d=$1 extra=${2:-} j rc
+    local io="--filename=/dev/$d --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 --eta=never"
+    for j in "r4k --rw=randwrite --bs=4k --offset=0 --size=4M --iodepth=8" \
+        "r64k --rw=randwrite --bs=64k --offset=4M --size=8M --iodepth=8" \
+        "s1m --rw=write --bs=1M --offset=12M --size=8M --iodepth=4 --end_fsync=1"; do
+        # shellcheck disable=SC2086
+        fio --name=$j $io $extra --output=/tmp/fio-$d.txt
+        rc=$?
+        if [ $rc = 0 ] && grep -q 'err= 0' /tmp/fio-$d.txt; then
+            ok "$d: fio ${j%% *} crc32c ${extra:+(verify only) }$(grep -m1 -o 'IOPS=[^,]*' /tmp/fio-$d.txt)"
+        else
+            bad "$d: fio ${j%% *} ${extra} rc=$rc: $(grep -i -m3 -e 'verify' -e 'err' /tmp/fio-$d.txt | tr '\n' ' ')"
+        fi
+    done
+}
 
-# driver unbind/bind: the frontend closes and reconnects; data written before must survive
-if [ -b /dev/xvdc ]; then
-    dd if=/dev/urandom of=/tmp/pat bs=4096 count=16 2>/dev/null
-    dd if=/tmp/pat of=/dev/xvdc bs=4096 seek=100 count=16 oflag=direct conv=fsync 2>/dev/null
-    dev=$(basename "$(readlink /sys/block/xvdc/device)")
-    echo "$dev" > /sys/bus/xen/drivers/vbd/unbind
-    sleep 2
-    echo "$dev" > /sys/bus/xen/drivers/vbd/bind
-    t=0; until [ -b /dev/xvdc ] || [ $t -ge 60 ]; do sleep 1; t=$((t + 1)); done
-    dd if=/dev/xvdc of=/tmp/back bs=4096 skip=100 count=16 iflag=direct 2>/dev/null
-    if cmp -s /tmp/pat /tmp/back; then ok "data survives unbind/bind of $dev"; else bad "data after unbind/bind of $dev"; fi
+# discard_check DISK: a written pattern is discarded; the Dom0 script checks the image
+# afterwards (raw: zeros/hole, LV: zeros, qcow2: the clusters no longer hold data)
+discard_check() {
+    local d=$1
+    dd if=/dev/zero bs=1M count=8 2> /dev/null | tr '\0' '\253' | dd of=/dev/$d bs=1M seek=32 oflag=direct conv=fsync 2> /dev/null
+    if blkdiscard -o $((32 << 20)) -l $((8 << 20)) /dev/$d; then ok "$d: blkdiscard 8 MiB at 32 MiB"; else bad "$d: blkdiscard"; fi
+}
+
+rebind_check() {
+    local d dev
+    for d in $disks; do
+        dd if=/dev/urandom of=/tmp/pat-$d bs=4096 count=64 2> /dev/null
+        dd if=/tmp/pat-$d of=/dev/$d bs=4096 seek=12288 count=64 oflag=direct conv=fsync 2> /dev/null # 48 MiB
+    done
+    for d in $disks; do
+        dev=$(basename "$(readlink /sys/block/$d/device)")
+        echo "$dev" > /sys/bus/xen/drivers/vbd/unbind || bad "unbind $dev"
+    done
+    sleep 1
+    for d in $disks; do [ -b /dev/$d ] && bad "$d still present after unbind"; done
+    for dev in $(ls /sys/bus/xen/devices | grep '^vbd-'); do
+        echo "$dev" > /sys/bus/xen/drivers/vbd/bind || bad "bind $dev"
+    done
+    wait_disks 120 || return
+    ok "all disks back after unbind/bind"
+    for d in $disks; do
+        dd if=/dev/$d of=/tmp/back-$d bs=4096 skip=12288 count=64 iflag=direct 2> /dev/null
+        cmp -s /tmp/pat-$d /tmp/back-$d && ok "$d: data written before unbind reads back after bind" ||
+            bad "$d: data differs after unbind/bind"
+        negotiated "$d"
+        fio_verify "$d" --verify_only
+    done
+}
+
+bench() {
+    local j d
+    for j in "randread4k-qd1 --rw=randread --bs=4k --iodepth=1" \
+        "randread4k-qd32 --rw=randread --bs=4k --iodepth=32" \
+        "randwrite4k-qd1 --rw=randwrite --bs=4k --iodepth=1" \
+        "randwrite4k-qd32 --rw=randwrite --bs=4k --iodepth=32" \
+        "seqread1m --rw=read --bs=1M --iodepth=4" \
+        "seqwrite1m --rw=write --bs=1M --iodepth=4"; do
+        for d in $disks; do # interleaved, so drift of the emulated machine hits all backends alike
+            # shellcheck disable=SC2086
+            if fio --name=$j --filename=/dev/$d --direct=1 --ioengine=libaio --time_based --runtime="$runtime" \
+                --ramp_time=1 --size=96M --output-format=json --output=/tmp/b.json; then
+                echo "GUEST-JSON $d ${j%% *} $(tr -d '\n' < /tmp/b.json)"
+            else
+                bad "$d: fio ${j%% *}"
+            fi
+        done
+    done
+}
+
+wait_disks 600 || { echo "GUEST failures=$fail"; exit $fail; }
+if [ "$mode" = bench ]; then
+    bench
+else
+    for d in $disks; do
+        negotiated "$d"
+        fio_verify "$d"
+        discard_check "$d"
+    done
+    rebind_check
 fi
 sync
 echo "GUEST failures=$fail"
