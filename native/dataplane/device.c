@@ -1,0 +1,254 @@
+/* Devices and their queues as the control plane drives them (xb_dataplane.h). */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include "queue.h"
+
+static void seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void seterr(char *err, const char *fmt, ...)
+{
+    if (!err)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, XB_ERRLEN, fmt, ap);
+    va_end(ap);
+}
+
+struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, const struct xb_device_config *cfg,
+                                char *err)
+{
+    if (!p || !img || !cfg) {
+        seterr(err, "device: missing platform, image or config");
+        return NULL;
+    }
+    if (cfg->abi != XB_ABI_X86_64 && cfg->abi != XB_ABI_X86_32) {
+        seterr(err, "device %u: unknown ABI %d", cfg->handle, (int)cfg->abi);
+        return NULL;
+    }
+    if (cfg->ring_pages < 1 || cfg->ring_pages > XB_MAX_RING_PAGES || (cfg->ring_pages & (cfg->ring_pages - 1))) {
+        seterr(err, "device %u: ring of %u pages (allowed: a power of two, 1..%u)", cfg->handle, cfg->ring_pages,
+               XB_MAX_RING_PAGES);
+        return NULL;
+    }
+    if (cfg->nr_queues < 1 || cfg->nr_queues > XB_MAX_QUEUES) {
+        seterr(err, "device %u: %u queues (allowed 1..%u)", cfg->handle, cfg->nr_queues, XB_MAX_QUEUES);
+        return NULL;
+    }
+    if (cfg->max_indirect_segments > XB_MAX_INDIRECT_SEGMENTS) {
+        seterr(err, "device %u: max_indirect_segments %u (allowed 0..%u)", cfg->handle, cfg->max_indirect_segments,
+               XB_MAX_INDIRECT_SEGMENTS);
+        return NULL;
+    }
+    uint32_t lb = img->logical_block >> XB_SECTOR_SHIFT;
+    if (lb == 0 || (lb & (lb - 1)) || lb > XB_PAGE_SIZE >> XB_SECTOR_SHIFT) {
+        seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
+        return NULL;
+    }
+    struct xb_device *d = calloc(1, sizeof(*d));
+    if (!d) {
+        seterr(err, "device %u: out of memory", cfg->handle);
+        return NULL;
+    }
+    d->p = p;
+    d->img = img;
+    d->cfg = *cfg;
+    d->max_work = cfg->max_work_per_wake ? cfg->max_work_per_wake : XB_DEFAULT_WORK_PER_WAKE;
+    d->lim.size_sectors = img->size >> XB_SECTOR_SHIFT;
+    d->lim.logical_sectors = lb;
+    d->lim.max_indirect_segments = cfg->max_indirect_segments;
+    d->lim.readonly = cfg->readonly || (img->caps & XB_CAP_READONLY);
+    d->lim.secure_discard = cfg->secure_discard && (img->caps & XB_CAP_SECURE_DISCARD);
+    d->lim.can_flush = (img->caps & XB_CAP_FLUSH) != 0;
+    d->lim.can_discard = (img->caps & XB_CAP_DISCARD) != 0;
+    pthread_mutex_init(&d->lock, NULL);
+    for (unsigned i = 0; i < XB_MAX_QUEUES; i++) {
+        d->q[i].dev = d;
+        d->q[i].idx = i;
+        d->q[i].cq_fd = -1;
+        d->q[i].stop_fd = -1;
+    }
+    return d;
+}
+
+/* Undo what queue_setup did (the thread is not running). */
+static void queue_teardown(struct xb_queue *q)
+{
+    struct xb_device *d = q->dev;
+    if (q->uring_ok) {
+        io_uring_queue_exit(&q->uring);
+        q->uring_ok = 0;
+    }
+    if (q->cq_fd >= 0)
+        close(q->cq_fd);
+    if (q->stop_fd >= 0)
+        close(q->stop_fd);
+    q->cq_fd = q->stop_fd = -1;
+    if (q->reqs) {
+        for (uint32_t i = 0; i < q->ring_size; i++)
+            free(q->reqs[i].buf);
+        free(q->reqs);
+        q->reqs = NULL;
+    }
+    free(q->indirect_buf);
+    q->indirect_buf = NULL;
+    if (q->ring_map)
+        xb_grant_unmap(d->p, q->ring_map);
+    q->ring_map = NULL;
+    q->sring = NULL;
+    /* The channel stays the caller's (xenblk.dataplane closes it after the stop, telling the sim broker). */
+    q->ch = NULL;
+}
+
+int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t *refs, unsigned nrefs,
+                          struct xb_evtchn *ch, char *err)
+{
+    pthread_mutex_lock(&d->lock);
+    int rc = -1;
+    if (d->stopped) {
+        seterr(err, "device %u: stopped", d->cfg.handle);
+        goto out;
+    }
+    if (qi >= d->cfg.nr_queues || d->q[qi].started) {
+        seterr(err, "device %u: queue %u %s", d->cfg.handle, qi,
+               qi >= d->cfg.nr_queues ? "does not exist" : "already started");
+        goto out;
+    }
+    if (nrefs != d->cfg.ring_pages) {
+        seterr(err, "device %u queue %u: %u ring refs for a ring of %u pages", d->cfg.handle, qi, nrefs,
+               d->cfg.ring_pages);
+        goto out;
+    }
+    struct xb_queue *q = &d->q[qi];
+    char merr[XB_ERRLEN] = "";
+    q->sring = xb_grant_map(d->p, d->cfg.domid, refs, nrefs, 1, &q->ring_map, merr);
+    if (!q->sring) {
+        __atomic_store_n(&q->stats.grant_map_failures, q->stats.grant_map_failures + 1, __ATOMIC_RELAXED);
+        seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
+        goto out;
+    }
+    q->ring_size = xb_ring_size(d->cfg.abi, nrefs);
+    /* BACK_RING_ATTACH: continue from the responses already published (a fresh ring has 0). */
+    q->rsp_prod_pvt = __atomic_load_n(&q->sring->rsp_prod, __ATOMIC_ACQUIRE);
+    q->req_cons = q->rsp_prod_pvt;
+    q->in_flight = 0;
+    q->barrier = NULL;
+    q->reqs = calloc(q->ring_size, sizeof(*q->reqs));
+    if (posix_memalign((void **)&q->indirect_buf, XB_PAGE_SIZE,
+                       (size_t)XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_PAGE_SIZE) != 0)
+        q->indirect_buf = NULL;
+    q->cq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0) {
+        seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
+        goto fail;
+    }
+    q->free_reqs = NULL;
+    for (uint32_t i = q->ring_size; i-- > 0;) {
+        q->reqs[i].q = q;
+        q->reqs[i].next_free = q->free_reqs;
+        q->free_reqs = &q->reqs[i];
+    }
+    struct io_uring_params params;
+    memset(&params, 0, sizeof(params));
+    params.flags = IORING_SETUP_CQSIZE;
+    params.cq_entries = 4 * XB_URING_ENTRIES;
+    int urc = io_uring_queue_init_params(XB_URING_ENTRIES, &q->uring, &params);
+    if (urc < 0) {
+        seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
+        goto fail;
+    }
+    q->uring_ok = 1;
+    urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
+    if (urc < 0) {
+        seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
+        goto fail;
+    }
+    q->ch = ch;
+    __atomic_store_n(&q->stopping, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&q->failed, 0, __ATOMIC_RELAXED);
+    int prc = pthread_create(&q->thread, NULL, xb_queue_main, q);
+    if (prc != 0) {
+        seterr(err, "device %u queue %u: cannot start thread: %s", d->cfg.handle, qi, strerror(prc));
+        goto fail;
+    }
+    q->started = 1;
+    rc = 0;
+    goto out;
+fail:
+    queue_teardown(q);
+out:
+    pthread_mutex_unlock(&d->lock);
+    return rc;
+}
+
+int xb_device_stop(struct xb_device *d)
+{
+    pthread_mutex_lock(&d->lock);
+    if (d->stopped) {
+        pthread_mutex_unlock(&d->lock);
+        return 0;
+    }
+    d->stopped = 1;
+    for (unsigned i = 0; i < d->cfg.nr_queues; i++) {
+        struct xb_queue *q = &d->q[i];
+        if (!q->started)
+            continue;
+        __atomic_store_n(&q->stopping, 1, __ATOMIC_RELEASE);
+        uint64_t one = 1;
+        if (write(q->stop_fd, &one, sizeof(one)) < 0) {
+            /* an eventfd write only fails on counter overflow; the flag is set and the thread polls again */
+        }
+    }
+    for (unsigned i = 0; i < d->cfg.nr_queues; i++) {
+        struct xb_queue *q = &d->q[i];
+        if (!q->started)
+            continue;
+        pthread_join(q->thread, NULL);
+        q->started = 0;
+        queue_teardown(q);
+    }
+    pthread_mutex_unlock(&d->lock);
+    return 0;
+}
+
+void xb_device_free(struct xb_device *d)
+{
+    if (!d)
+        return;
+    xb_device_stop(d);
+    pthread_mutex_destroy(&d->lock);
+    free(d);
+}
+
+int xb_device_get_stats(struct xb_device *d, unsigned qi, struct xb_queue_stats *out)
+{
+    if (qi >= d->cfg.nr_queues)
+        return -EINVAL;
+    const uint64_t *src = (const uint64_t *)&d->q[qi].stats;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    return 0;
+}
+
+int xb_device_queue_failed(struct xb_device *d, unsigned qi, char *err)
+{
+    if (qi >= d->cfg.nr_queues)
+        return 0;
+    if (!__atomic_load_n(&d->q[qi].failed, __ATOMIC_ACQUIRE))
+        return 0;
+    seterr(err, "%s", d->q[qi].fail_msg);
+    return 1;
+}
+
+void xb_device_set_size(struct xb_device *d, uint64_t bytes)
+{
+    __atomic_store_n(&d->lim.size_sectors, bytes >> XB_SECTOR_SHIFT, __ATOMIC_RELAXED);
+}
+
+_Static_assert(sizeof(struct xb_queue_stats) % sizeof(uint64_t) == 0, "stats are read as an array of uint64_t");

@@ -1,0 +1,602 @@
+/*
+ * The queue thread: consume the shared ring, validate, move data by grant
+ * copy, do the storage I/O (io_uring on the driver's extents, else the
+ * driver's synchronous slow path, inline on this thread), answer out of order
+ * as requests complete, and notify the guest only when ring.h says it waits.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+#include "queue.h"
+
+const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1] = {
+    10000ull,      20000ull,      50000ull,      100000ull,     200000ull,      500000ull,     1000000ull,
+    2000000ull,    5000000ull,    10000000ull,   20000000ull,   50000000ull,    100000000ull,  200000000ull,
+    500000000ull,  1000000000ull, 2000000000ull, 5000000000ull, 10000000000ull,
+};
+
+/* Single writer (this thread), lock-free readers: relaxed loads and stores are enough. */
+#define ST_ADD(q, field, n)                                                                                            \
+    __atomic_store_n(&(q)->stats.field, __atomic_load_n(&(q)->stats.field, __ATOMIC_RELAXED) + (uint64_t)(n),     \
+                     __ATOMIC_RELAXED)
+#define ST_SET(q, field, v) __atomic_store_n(&(q)->stats.field, (uint64_t)(v), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static unsigned lat_bucket(uint64_t ns)
+{
+    for (unsigned i = 0; i < XB_LAT_BUCKETS - 1; i++)
+        if (ns <= xb_lat_bounds_ns[i])
+            return i;
+    return XB_LAT_BUCKETS - 1;
+}
+
+static void queue_fail(struct xb_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void queue_fail(struct xb_queue *q, const char *fmt, ...)
+{
+    if (__atomic_load_n(&q->failed, __ATOMIC_RELAXED))
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->fail_msg, sizeof(q->fail_msg), fmt, ap);
+    va_end(ap);
+    ST_ADD(q, ring_protocol_errors, 1);
+    __atomic_store_n(&q->failed, 1, __ATOMIC_RELEASE);
+}
+
+/* ---- ring ---- */
+
+/* One response, field by field: the padding of the entry is never written (XSA-216). */
+static void put_response(struct xb_queue *q, uint64_t id, uint8_t operation, int16_t status)
+{
+    enum xb_abi abi = q->dev->cfg.abi;
+    void *e = xb_ring_entry(q->sring, abi, q->rsp_prod_pvt, q->ring_size);
+    if (abi == XB_ABI_X86_32) {
+        struct xb_blkif_x86_32_response *r = e;
+        r->id = id;
+        r->operation = operation;
+        r->status = status;
+    } else {
+        struct xb_blkif_x86_64_response *r = e;
+        r->id = id;
+        r->operation = operation;
+        r->status = status;
+    }
+    q->rsp_prod_pvt++;
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish, then notify only if the guest asked to be woken. */
+static void push_responses(struct xb_queue *q)
+{
+    uint32_t old = __atomic_load_n(&q->sring->rsp_prod, __ATOMIC_RELAXED);
+    uint32_t now = q->rsp_prod_pvt;
+    if (old == now)
+        return;
+    __atomic_store_n(&q->sring->rsp_prod, now, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t ev = __atomic_load_n(&q->sring->rsp_event, __ATOMIC_RELAXED);
+    if ((uint32_t)(now - ev) < (uint32_t)(now - old)) {
+        xb_evtchn_notify(q->ch);
+        ST_ADD(q, notifications_out, 1);
+    }
+}
+
+static uint32_t unconsumed(struct xb_queue *q)
+{
+    uint32_t rp = __atomic_load_n(&q->sring->req_prod, __ATOMIC_ACQUIRE);
+    uint32_t reqs = rp - q->req_cons;
+    uint32_t room = q->ring_size - (q->req_cons - q->rsp_prod_pvt);
+    return reqs < room ? reqs : room;
+}
+
+/* ---- requests ---- */
+
+static void release_req(struct xb_queue *q, struct xb_req *r)
+{
+    if (r->cap > XB_BUF_KEEP) {
+        free(r->buf);
+        r->buf = NULL;
+        r->cap = 0;
+    }
+    r->next_free = q->free_reqs;
+    q->free_reqs = r;
+}
+
+/* Answer an accepted request and account for it. */
+static void finish(struct xb_queue *q, struct xb_req *r, int16_t status, int err_reason)
+{
+    put_response(q, r->p.id, r->p.operation, status);
+    uint64_t lat = now_ns() - r->t_recv;
+    unsigned op = r->stat_op;
+    ST_ADD(q, op[op].requests, 1);
+    if (status == XB_RSP_OKAY)
+        ST_ADD(q, op[op].bytes, r->len);
+    else {
+        ST_ADD(q, op[op].errors, 1);
+        if (err_reason >= 0)
+            ST_ADD(q, errors[err_reason], 1);
+    }
+    ST_ADD(q, op[op].lat_buckets[lat_bucket(lat)], 1);
+    ST_ADD(q, op[op].lat_sum_ns, lat);
+    q->in_flight--;
+    ST_SET(q, in_flight, q->in_flight);
+    if (q->barrier == r)
+        q->barrier = NULL;
+    release_req(q, r);
+}
+
+static int err_reason_of(int err)
+{
+    return err == -ENOSPC || err == -EDQUOT ? XB_ERR_NOSPC : XB_ERR_IO;
+}
+
+static int ensure_buf(struct xb_req *r, size_t len)
+{
+    if (r->cap >= len && r->buf)
+        return 0;
+    free(r->buf);
+    r->buf = NULL;
+    r->cap = 0;
+    size_t cap = (len + XB_PAGE_SIZE - 1) & ~((size_t)XB_PAGE_SIZE - 1);
+    if (cap == 0)
+        cap = XB_PAGE_SIZE;
+    void *b;
+    if (posix_memalign(&b, XB_PAGE_SIZE, cap) != 0)
+        return -ENOMEM;
+    r->buf = b;
+    r->cap = cap;
+    return 0;
+}
+
+/* Grant copy every segment between the guest pages and the packed private buffer, in one batch. */
+static int copy_segments(struct xb_queue *q, struct xb_req *r, uint8_t dir)
+{
+    size_t off = 0;
+    for (unsigned i = 0; i < r->p.nseg; i++) {
+        const struct xb_seg *s = &r->p.seg[i];
+        struct xb_copy_seg *c = &q->copy[i];
+        uint16_t len = (uint16_t)(((unsigned)s->last_sect - s->first_sect + 1u) << XB_SECTOR_SHIFT);
+        c->gref = s->gref;
+        c->domid = q->dev->cfg.domid;
+        c->offset = (uint16_t)(s->first_sect << XB_SECTOR_SHIFT);
+        c->len = len;
+        c->dir = dir;
+        c->status = 0;
+        c->local = r->buf + off;
+        off += len;
+    }
+    if (xb_grant_copy(q->dev->p, q->copy, r->p.nseg) == 0)
+        return 0;
+    unsigned failed = 0;
+    for (unsigned i = 0; i < r->p.nseg; i++)
+        failed += q->copy[i].status != 0;
+    ST_ADD(q, grant_copy_failures, failed ? failed : 1);
+    return -EIO;
+}
+
+static void storage_done(struct xb_queue *q, struct xb_req *r);
+
+static void slow_io(struct xb_queue *q, struct xb_req *r, int write)
+{
+    struct xb_image *img = q->dev->img;
+    struct iovec iov = {.iov_base = r->buf, .iov_len = r->len};
+    uint64_t off = r->p.sector << XB_SECTOR_SHIFT;
+    ssize_t n = write ? img->ops->pwritev(img, &iov, 1, off) : img->ops->preadv(img, &iov, 1, off);
+    if (n < 0)
+        r->err = (int)n;
+    else if ((size_t)n != r->len)
+        r->err = -EIO;
+    storage_done(q, r);
+}
+
+static int submit_extent(struct xb_queue *q, struct xb_req *r, unsigned i, int write)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->uring);
+    if (!sqe) {
+        io_uring_submit(&q->uring);
+        sqe = io_uring_get_sqe(&q->uring);
+        if (!sqe)
+            return -EBUSY;
+    }
+    uint64_t done = r->ext_done[i];
+    uint8_t *p = r->buf + r->ext_buf_off[i] + done;
+    unsigned len = (unsigned)(r->ext[i].len - done);
+    off_t off = (off_t)(r->ext[i].host_off + done);
+    if (write)
+        io_uring_prep_write(sqe, r->ext[i].fd, p, len, (uint64_t)off);
+    else
+        io_uring_prep_read(sqe, r->ext[i].fd, p, len, (uint64_t)off);
+    io_uring_sqe_set_data64(sqe, ((uint64_t)(r - q->reqs) << 8) | i);
+    return 0;
+}
+
+static void unmap_extents(struct xb_queue *q, struct xb_req *r)
+{
+    struct xb_image *img = q->dev->img;
+    for (unsigned i = 0; i < r->nr_ext; i++)
+        img->ops->unmap(img, &r->ext[i]);
+    r->nr_ext = 0;
+}
+
+/* Start the data transfer of a READ or WRITE (the data is in r->buf for a write). */
+static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
+{
+    struct xb_image *img = q->dev->img;
+    uint64_t off = r->p.sector << XB_SECTOR_SHIFT;
+    r->t_storage = now_ns();
+    r->err = 0;
+    r->nr_ext = 0;
+    if (q->uring_ok) {
+        uint64_t pos = 0;
+        int fast = 1;
+        while (pos < r->len) {
+            if (r->nr_ext == XB_MAX_EXTENTS) {
+                fast = 0;
+                break;
+            }
+            struct xb_extent *e = &r->ext[r->nr_ext];
+            int m = img->ops->map(img, off + pos, r->len - pos, write, e);
+            if (m < 0) {
+                unmap_extents(q, r);
+                r->err = m;
+                storage_done(q, r);
+                return;
+            }
+            if (m == 0) {
+                fast = 0;
+                break;
+            }
+            r->nr_ext++;
+            if (e->len == 0) {
+                fast = 0;
+                break;
+            }
+            if (e->len > r->len - pos)
+                e->len = r->len - pos;
+            r->ext_buf_off[r->nr_ext - 1] = (size_t)pos;
+            r->ext_done[r->nr_ext - 1] = 0;
+            pos += e->len;
+        }
+        if (fast) {
+            r->pending = 0;
+            for (unsigned i = 0; i < r->nr_ext; i++) {
+                if (submit_extent(q, r, i, write) < 0) {
+                    /* Only a full submission queue even after submitting: finish synchronously. */
+                    r->err = -EBUSY;
+                    break;
+                }
+                r->pending++;
+            }
+            if (r->pending) {
+                io_uring_submit(&q->uring);
+                return;
+            }
+            unmap_extents(q, r);
+            r->err = 0;
+        } else {
+            unmap_extents(q, r);
+        }
+    }
+    slow_io(q, r, write);
+}
+
+/* The storage part of a request is over (r->err says how): copy out, flush, answer. */
+static void storage_done(struct xb_queue *q, struct xb_req *r)
+{
+    uint64_t st = now_ns() - r->t_storage;
+    ST_ADD(q, op[r->stat_op].storage_buckets[lat_bucket(st)], 1);
+    ST_ADD(q, op[r->stat_op].storage_sum_ns, st);
+    if (r->err) {
+        finish(q, r, XB_RSP_ERROR, err_reason_of(r->err));
+        return;
+    }
+    if (r->p.op == XB_OP_READ) {
+        if (copy_segments(q, r, XB_COPY_TO_GUEST) < 0) {
+            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
+            return;
+        }
+    }
+    if (r->flush_after) {
+        int rc = q->dev->img->ops->flush(q->dev->img);
+        if (rc < 0) {
+            finish(q, r, XB_RSP_ERROR, err_reason_of(rc));
+            return;
+        }
+    }
+    finish(q, r, XB_RSP_OKAY, -1);
+}
+
+static void reap_completions(struct xb_queue *q)
+{
+    struct io_uring_cqe *cqe;
+    int resubmit = 0;
+    while (io_uring_peek_cqe(&q->uring, &cqe) == 0) {
+        uint64_t ud = io_uring_cqe_get_data64(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&q->uring, cqe);
+        struct xb_req *r = &q->reqs[ud >> 8];
+        unsigned i = (unsigned)(ud & 0xff);
+        int write = r->p.op != XB_OP_READ;
+        if (res == -EAGAIN || res == -EINTR) {
+            if (submit_extent(q, r, i, write) == 0) {
+                resubmit = 1;
+                continue;
+            }
+            res = -EIO;
+        }
+        if (res < 0) {
+            if (!r->err)
+                r->err = res;
+        } else {
+            r->ext_done[i] += (uint64_t)res;
+            if (r->ext_done[i] < r->ext[i].len) {
+                if (res == 0 && !write) {
+                    /* Past the end of the file: the rest reads as zeros. */
+                    memset(r->buf + r->ext_buf_off[i] + r->ext_done[i], 0, r->ext[i].len - r->ext_done[i]);
+                } else if (res == 0) {
+                    if (!r->err)
+                        r->err = -EIO;
+                } else if (submit_extent(q, r, i, write) == 0) {
+                    resubmit = 1;
+                    continue;
+                } else if (!r->err) {
+                    r->err = -EIO;
+                }
+            }
+        }
+        if (--r->pending == 0) {
+            unmap_extents(q, r);
+            storage_done(q, r);
+        }
+    }
+    if (resubmit)
+        io_uring_submit(&q->uring);
+}
+
+/* A FLUSH or BARRIER, or the data part of one, now that nothing else is in the way. */
+static void start_flush(struct xb_queue *q, struct xb_req *r)
+{
+    if (r->p.nseg) {
+        if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
+            ST_ADD(q, refusals[XB_REFUSE_GRANT], 1);
+            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
+            return;
+        }
+        r->flush_after = 1;
+        start_rw(q, r, 1);
+        return;
+    }
+    r->t_storage = now_ns();
+    int rc = q->dev->img->ops->flush(q->dev->img);
+    r->err = rc < 0 ? rc : 0;
+    storage_done(q, r);
+}
+
+static int fetch_indirect(struct xb_queue *q, struct xb_req *r)
+{
+    unsigned left = r->p.nseg;
+    for (unsigned k = 0; k < r->p.nr_indirect_pages; k++) {
+        unsigned n = left < XB_SEGS_PER_INDIRECT_FRAME ? left : (unsigned)XB_SEGS_PER_INDIRECT_FRAME;
+        struct xb_copy_seg *c = &q->copy[k];
+        c->gref = r->p.indirect_grefs[k];
+        c->domid = q->dev->cfg.domid;
+        c->offset = 0;
+        c->len = (uint16_t)(n * sizeof(struct xb_blkif_segment));
+        c->dir = XB_COPY_FROM_GUEST;
+        c->status = 0;
+        c->local = q->indirect_buf + (size_t)k * XB_PAGE_SIZE;
+        left -= n;
+    }
+    if (xb_grant_copy(q->dev->p, q->copy, r->p.nr_indirect_pages) == 0)
+        return 0;
+    ST_ADD(q, grant_copy_failures, 1);
+    return -EIO;
+}
+
+static uint8_t stat_op_of(uint8_t op)
+{
+    switch (op) {
+    case XB_OP_READ:
+        return XB_STAT_READ;
+    case XB_OP_WRITE:
+        return XB_STAT_WRITE;
+    case XB_OP_FLUSH_DISKCACHE:
+        return XB_STAT_FLUSH;
+    case XB_OP_DISCARD:
+        return XB_STAT_DISCARD;
+    default:
+        return XB_STAT_BARRIER;
+    }
+}
+
+static void refuse(struct xb_queue *q, struct xb_req *r)
+{
+    ST_ADD(q, refusals[r->p.refusal], 1);
+    put_response(q, r->p.id, r->p.operation, r->p.rsp_status);
+    release_req(q, r);
+}
+
+/* Take one request (a private copy of its ring entry) through validation and start it. */
+static void handle_request(struct xb_queue *q, const void *raw)
+{
+    struct xb_req *r = q->free_reqs;
+    q->free_reqs = r->next_free;
+    r->t_recv = now_ns();
+    struct xb_parse_limits lim = q->dev->lim;
+    lim.size_sectors = __atomic_load_n(&q->dev->lim.size_sectors, __ATOMIC_RELAXED);
+    int pr = xb_parse_request(q->dev->cfg.abi, raw, &lim, &r->p);
+    if (pr == XB_PARSE_NEED_INDIRECT) {
+        if (fetch_indirect(q, r) < 0) {
+            r->p.refusal = XB_REFUSE_GRANT;
+            r->p.rsp_status = XB_RSP_ERROR;
+            pr = XB_PARSE_REFUSED;
+        } else {
+            pr = xb_parse_indirect(&r->p, q->indirect_buf, &lim);
+        }
+    }
+    if (pr == XB_PARSE_REFUSED) {
+        refuse(q, r);
+        return;
+    }
+    r->stat_op = stat_op_of(r->p.operation == XB_OP_WRITE_BARRIER ? XB_OP_WRITE_BARRIER : r->p.op);
+    r->len = r->p.op == XB_OP_DISCARD ? 0 : (size_t)(r->p.nr_sectors << XB_SECTOR_SHIFT);
+    r->flush_after = 0;
+    r->err = 0;
+    r->nr_ext = 0;
+    q->in_flight++;
+    ST_SET(q, in_flight, q->in_flight);
+    if (r->p.nseg)
+        ST_ADD(q, seg_buckets[xb_seg_bucket(r->p.nseg)], 1);
+    if (r->len && ensure_buf(r, r->len) < 0) {
+        finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
+        return;
+    }
+    struct xb_image *img = q->dev->img;
+    switch (r->p.op) {
+    case XB_OP_READ:
+        start_rw(q, r, 0);
+        break;
+    case XB_OP_WRITE:
+        if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
+            ST_ADD(q, refusals[XB_REFUSE_GRANT], 1);
+            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
+            break;
+        }
+        start_rw(q, r, 1);
+        break;
+    case XB_OP_FLUSH_DISKCACHE:
+        start_flush(q, r);
+        break;
+    case XB_OP_WRITE_BARRIER:
+        /* Everything taken before the barrier completes first; the ring waits until it is done. */
+        q->barrier = r;
+        if (q->in_flight == 1)
+            start_flush(q, r);
+        break;
+    case XB_OP_DISCARD: {
+        r->t_storage = now_ns();
+        int rc = img->ops->discard(img, r->p.sector << XB_SECTOR_SHIFT, r->p.nr_sectors << XB_SECTOR_SHIFT,
+                                   (r->p.discard_flag & XB_DISCARD_SECURE) != 0);
+        r->err = rc < 0 ? rc : 0;
+        if (rc == -EOPNOTSUPP) {
+            uint64_t st = now_ns() - r->t_storage;
+            ST_ADD(q, op[r->stat_op].storage_buckets[lat_bucket(st)], 1);
+            ST_ADD(q, op[r->stat_op].storage_sum_ns, st);
+            finish(q, r, XB_RSP_EOPNOTSUPP, XB_ERR_OTHER);
+            break;
+        }
+        storage_done(q, r);
+        break;
+    }
+    default: /* parse only accepts the ops above */
+        finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
+        break;
+    }
+}
+
+static unsigned ring_bucket(uint32_t pending, uint32_t ring_size)
+{
+    /* <= 1/128, 1/64, ..., 1/2, then the rest */
+    for (unsigned k = 0; k < XB_RING_BUCKETS - 1; k++)
+        if ((uint64_t)pending << (XB_RING_BUCKETS - 1 - k) <= ring_size)
+            return k;
+    return XB_RING_BUCKETS - 1;
+}
+
+/* Consume up to max_work requests. Returns 1 if more may be waiting (do not sleep). */
+static int consume(struct xb_queue *q)
+{
+    uint32_t rp = __atomic_load_n(&q->sring->req_prod, __ATOMIC_ACQUIRE);
+    if ((uint32_t)(rp - q->rsp_prod_pvt) > q->ring_size) {
+        queue_fail(q, "ring protocol error: guest produced past the ring (req_prod %u, responses %u, ring size %u)",
+                   rp, q->rsp_prod_pvt, q->ring_size);
+        return 0;
+    }
+    if (rp != q->req_cons)
+        ST_ADD(q, ring_buckets[ring_bucket(rp - q->req_cons, q->ring_size)], 1);
+    size_t esz = xb_ring_entry_size(q->dev->cfg.abi);
+    unsigned n = 0;
+    while (q->req_cons != rp && n < q->dev->max_work && !q->barrier) {
+        if ((uint32_t)(q->req_cons - q->rsp_prod_pvt) >= q->ring_size)
+            break;
+        uint8_t raw[sizeof(union xb_blkif_x86_64_request)];
+        /* The one read of this entry: everything after works on the private copy (XSA-155). */
+        memcpy(raw, xb_ring_entry(q->sring, q->dev->cfg.abi, q->req_cons, q->ring_size), esz);
+        q->req_cons++;
+        n++;
+        handle_request(q, raw);
+    }
+    if (q->barrier)
+        return 0;
+    if (n == q->dev->max_work)
+        return 1;
+    /* RING_FINAL_CHECK_FOR_REQUESTS: ask for an event, then look once more. */
+    if (unconsumed(q))
+        return 1;
+    __atomic_store_n(&q->sring->req_event, q->req_cons + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return unconsumed(q) ? 1 : 0;
+}
+
+static void drain_fd(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        ;
+}
+
+void *xb_queue_main(void *arg)
+{
+    struct xb_queue *q = arg;
+    struct pollfd pfd[3] = {
+        {.fd = xb_evtchn_fd(q->ch), .events = POLLIN},
+        {.fd = q->cq_fd, .events = POLLIN},
+        {.fd = q->stop_fd, .events = POLLIN},
+    };
+    int busy = 1; /* look at the ring once before sleeping: the guest may have queued already */
+    for (;;) {
+        int rc = poll(pfd, 3, busy ? 0 : -1);
+        if (rc < 0 && errno != EINTR) {
+            queue_fail(q, "poll failed: %s", strerror(errno));
+            break;
+        }
+        if (rc > 0) {
+            if (pfd[0].revents & POLLIN) {
+                xb_evtchn_ack(q->ch);
+                ST_ADD(q, notifications_in, 1);
+            }
+            if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+                queue_fail(q, "event channel closed");
+                pfd[0].fd = -1;
+            }
+            if (pfd[1].revents & POLLIN)
+                drain_fd(q->cq_fd);
+            if (pfd[2].revents & POLLIN)
+                drain_fd(q->stop_fd);
+        }
+        if (q->uring_ok)
+            reap_completions(q);
+        if (q->barrier && q->in_flight == 1 && q->barrier->t_storage == 0)
+            start_flush(q, q->barrier);
+        int halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);
+        busy = 0;
+        if (!halt)
+            busy = consume(q);
+        push_responses(q);
+        halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);
+        if (halt && q->in_flight == 0)
+            break;
+    }
+    return NULL;
+}

@@ -1,0 +1,89 @@
+/*
+ * Inside the data plane: a device, its queues and the in-flight requests of a
+ * queue. Everything in a queue (ring indexes, request slots, io_uring, stats)
+ * belongs to that queue's thread; the control plane only reads the stats with
+ * relaxed atomic loads, sets `stopping`, and reads `failed` with acquire.
+ */
+#ifndef XB_QUEUE_H
+#define XB_QUEUE_H
+
+#include <liburing.h>
+#include <pthread.h>
+#include <stdint.h>
+#include "parse.h"
+#include "xb_dataplane.h"
+
+#define XB_DEFAULT_WORK_PER_WAKE 64u
+#define XB_MAX_EXTENTS 16u        /* storage extents per request on the fast path; more goes the slow path */
+#define XB_URING_ENTRIES 256u
+#define XB_BUF_KEEP (128u * 1024u) /* a slot keeps its data buffer up to this size between requests */
+
+struct xb_queue;
+
+/* One request taken from the ring and not answered yet. */
+struct xb_req {
+    struct xb_parsed_req p;
+    struct xb_queue *q;
+    uint64_t t_recv;    /* CLOCK_MONOTONIC ns when copied out of the ring */
+    uint64_t t_storage; /* when storage I/O began */
+    uint8_t *buf;       /* private, page-aligned data buffer: the segments back to back */
+    size_t cap;
+    size_t len; /* bytes of data (nr_sectors * 512) */
+    unsigned pending; /* io_uring operations outstanding */
+    int err;          /* first failure, a negative errno */
+    int flush_after;  /* FLUSH/BARRIER carrying data: flush once the write is done */
+    uint8_t stat_op;  /* XB_STAT_* */
+    unsigned nr_ext;
+    struct xb_extent ext[XB_MAX_EXTENTS];
+    size_t ext_buf_off[XB_MAX_EXTENTS];
+    uint64_t ext_done[XB_MAX_EXTENTS];
+    struct xb_req *next_free;
+};
+
+struct xb_device;
+
+struct xb_queue {
+    struct xb_device *dev;
+    unsigned idx;
+    int started;
+    pthread_t thread;
+    /* the shared ring */
+    struct xb_sring_header *sring;
+    struct xb_gmap *ring_map;
+    uint32_t ring_size;
+    uint32_t req_cons;
+    uint32_t rsp_prod_pvt;
+    struct xb_evtchn *ch;
+    /* storage */
+    struct io_uring uring;
+    int uring_ok;
+    int cq_fd;   /* eventfd: io_uring posted completions */
+    int stop_fd; /* eventfd: the control plane asks the thread to stop */
+    /* requests */
+    struct xb_req *reqs; /* ring_size slots: at most ring_size requests are unanswered */
+    struct xb_req *free_reqs;
+    unsigned in_flight;
+    struct xb_req *barrier; /* a barrier waiting for the queue to drain, or running: the ring waits */
+    struct xb_copy_seg copy[XB_MAX_INDIRECT_SEGMENTS];
+    uint8_t *indirect_buf; /* XB_MAX_INDIRECT_PAGES_PER_REQUEST private pages */
+    /* control */
+    int stopping;               /* atomic */
+    int failed;                 /* atomic; set once, with fail_msg */
+    char fail_msg[XB_ERRLEN];
+    struct xb_queue_stats stats; /* written by the queue thread only */
+};
+
+struct xb_device {
+    struct xb_platform *p;
+    struct xb_image *img;
+    struct xb_device_config cfg;
+    unsigned max_work;
+    struct xb_parse_limits lim; /* size_sectors is read/written atomically (online resize) */
+    pthread_mutex_t lock;       /* start/stop against each other */
+    int stopped;
+    struct xb_queue q[XB_MAX_QUEUES];
+};
+
+void *xb_queue_main(void *arg);
+
+#endif

@@ -1,0 +1,209 @@
+"""The data plane as the control plane drives it: devices, their queues and statistics.
+
+A thin typed layer over `native/dataplane/` (in xenblk._dataplane). Each queue is served by
+its own C thread that never takes the GIL; Python creates a device once the frontend is
+Initialised, starts each queue with its ring refs and event channel, reads statistics at any
+time (relaxed atomic loads in C, no lock, nothing stops) and stops the device when the
+frontend closes. `Device.stop()` blocks until every queue has drained (cffi releases the GIL
+during the call): call it from an executor, e.g. `await loop.run_in_executor(None, dev.stop)`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from xenblk import _dataplane, storage  # type: ignore[attr-defined]
+from xenblk.errors import XenblkError
+from xenblk.platform import EventChannel, Platform
+
+ffi: Any = _dataplane.ffi
+lib: Any = _dataplane.lib
+
+ABIS = {"x86_64-abi": lib.XB_ABI_X86_64, "x86_32-abi": lib.XB_ABI_X86_32}
+OPS = ("read", "write", "flush", "discard", "barrier")
+REFUSALS = ("bad_op", "nseg", "sect", "range", "align", "readonly", "secure", "indirect", "grant", "unsupported")
+ERRORS = ("io", "nospc", "grant", "other")
+# Upper bounds (ns) of the latency histograms; the last bucket is +Inf.
+LAT_BOUNDS_NS: tuple[int, ...] = tuple(int(lib.xb_lat_bounds_ns[i]) for i in range(lib.XB_LAT_BUCKETS - 1))
+
+
+class DataplaneError(XenblkError):
+    """A device or queue could not be created or started; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    domid: int
+    handle: int
+    abi: str = "x86_64-abi"  # "native" is taken as x86_64-abi (the daemon is x86_64)
+    ring_pages: int = 1
+    nr_queues: int = 1
+    readonly: bool = False
+    feature_persistent: bool = False
+    max_indirect_segments: int = 256
+    secure_discard: bool = False
+    max_work_per_wake: int = 0  # 0: the C default
+
+
+@dataclass
+class OpStats:
+    requests: int = 0
+    bytes: int = 0
+    errors: int = 0
+    lat_buckets: list[int] = field(default_factory=list)
+    lat_sum_ns: int = 0
+    storage_buckets: list[int] = field(default_factory=list)
+    storage_sum_ns: int = 0
+
+
+@dataclass
+class QueueStats:
+    """A snapshot of one queue's counters (struct xb_queue_stats). op[i] follows OPS; refusals
+    follow REFUSALS (requests refused before touching storage); errors follow ERRORS (accepted
+    requests that failed: op[i].errors counts the same requests by operation)."""
+
+    op: list[OpStats]
+    refusals: list[int]
+    errors: list[int]
+    seg_buckets: list[int]
+    ring_buckets: list[int]
+    grant_copy_failures: int
+    grant_map_failures: int
+    notifications_in: int
+    notifications_out: int
+    in_flight: int
+    ring_protocol_errors: int
+
+    def op_named(self, name: str) -> OpStats:
+        return self.op[OPS.index(name)]
+
+    def refused(self, reason: str) -> int:
+        return self.refusals[REFUSALS.index(reason)]
+
+    @classmethod
+    def from_c(cls, s: Any) -> QueueStats:
+        ops = [
+            OpStats(
+                requests=int(o.requests),
+                bytes=int(o.bytes),
+                errors=int(o.errors),
+                lat_buckets=list(o.lat_buckets),
+                lat_sum_ns=int(o.lat_sum_ns),
+                storage_buckets=list(o.storage_buckets),
+                storage_sum_ns=int(o.storage_sum_ns),
+            )
+            for o in s.op
+        ]
+        return cls(
+            op=ops,
+            refusals=list(s.refusals),
+            errors=list(s.errors),
+            seg_buckets=list(s.seg_buckets),
+            ring_buckets=list(s.ring_buckets),
+            grant_copy_failures=int(s.grant_copy_failures),
+            grant_map_failures=int(s.grant_map_failures),
+            notifications_in=int(s.notifications_in),
+            notifications_out=int(s.notifications_out),
+            in_flight=int(s.in_flight),
+            ring_protocol_errors=int(s.ring_protocol_errors),
+        )
+
+
+def _image_ptr(image: storage.Image) -> Any:
+    if image.ptr is None:
+        raise DataplaneError(f"{image.path}: image is closed")
+    # The image lives in the _storage module; only its address crosses to this one.
+    return ffi.cast("struct xb_image *", int(storage.ffi.cast("uintptr_t", image.ptr)))
+
+
+def _errmsg(err: Any, fallback: str) -> str:
+    return str(ffi.string(err).decode(errors="replace")) or fallback
+
+
+class Device:
+    """One virtual disk of one guest: 1..nr_queues rings served by C threads.
+
+    Keeps the platform, the image and each started queue's event channel referenced, so none
+    is freed while a queue thread uses it. stop() is idempotent and also safe after a queue
+    failed on its own; the event channels are closed by stop()."""
+
+    def __init__(self, platform: Platform, image: storage.Image, cfg: DeviceConfig) -> None:
+        abi = ABIS.get("x86_64-abi" if cfg.abi == "native" else cfg.abi)
+        if abi is None:
+            raise DataplaneError(f"device {cfg.handle} of domain {cfg.domid}: unknown protocol {cfg.abi!r}")
+        self.platform = platform
+        self.image = image
+        self.cfg = cfg
+        c = ffi.new("struct xb_device_config *")
+        c.domid = cfg.domid
+        c.handle = cfg.handle
+        c.abi = abi
+        c.ring_pages = cfg.ring_pages
+        c.nr_queues = cfg.nr_queues
+        c.readonly = int(cfg.readonly)
+        c.feature_persistent = int(cfg.feature_persistent)
+        c.max_indirect_segments = cfg.max_indirect_segments
+        c.secure_discard = int(cfg.secure_discard)
+        c.max_work_per_wake = cfg.max_work_per_wake
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        ptr = lib.xb_device_new(platform._p(), _image_ptr(image), c, err)
+        if ptr == ffi.NULL:
+            raise DataplaneError(_errmsg(err, f"device {cfg.handle} of domain {cfg.domid}: cannot create"))
+        self._ptr: Any = ffi.gc(ptr, lib.xb_device_free)
+        self._channels: dict[int, EventChannel] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start_queue(self, q: int, ring_refs: list[int], evtchn: EventChannel) -> None:
+        """Map queue q's ring and start its thread. On success the queue uses `evtchn` until stop()."""
+        refs = ffi.new("xb_grant_ref_t[]", ring_refs or [0])
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        with self._lock:
+            if self._stopped:
+                raise DataplaneError(f"device {self.cfg.handle} of domain {self.cfg.domid}: stopped")
+            rc = lib.xb_device_start_queue(self._ptr, q, refs, len(ring_refs), evtchn._p(), err)
+            if rc < 0:
+                raise DataplaneError(_errmsg(err, f"device {self.cfg.handle} queue {q}: cannot start"))
+            self._channels[q] = evtchn
+
+    def stop(self) -> None:
+        """Stop taking requests, wait for in-flight I/O and answer it, unmap the rings, close the
+        event channels. Blocks (without the GIL) until done; idempotent."""
+        with self._lock:
+            lib.xb_device_stop(self._ptr)
+            self._stopped = True
+            channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            ch.close()
+
+    def close(self) -> None:
+        """stop(), then free the C device (stats are gone after this)."""
+        self.stop()
+        with self._lock:
+            if self._ptr is not None:
+                lib.xb_device_free(ffi.gc(self._ptr, None))
+                self._ptr = None
+
+    def _p(self) -> Any:
+        if self._ptr is None:
+            raise DataplaneError(f"device {self.cfg.handle} of domain {self.cfg.domid} is closed")
+        return self._ptr
+
+    def stats(self, q: int) -> QueueStats:
+        out = ffi.new("struct xb_queue_stats *")
+        if lib.xb_device_get_stats(self._p(), q, out) < 0:
+            raise DataplaneError(f"device {self.cfg.handle}: no queue {q}")
+        return QueueStats.from_c(out)
+
+    def queue_failed(self, q: int) -> str | None:
+        """Why queue q stopped on its own (a guest protocol error), or None while it is healthy."""
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        if lib.xb_device_queue_failed(self._p(), q, err):
+            return _errmsg(err, "queue failed")
+        return None
+
+    def set_size(self, nbytes: int) -> None:
+        """Online resize: requests from now on are checked against the new size."""
+        lib.xb_device_set_size(self._p(), nbytes)
