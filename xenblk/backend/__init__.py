@@ -1,0 +1,14 @@
+"""The daemon (`xenblk serve`): one state machine per VBD, following the handshake in
+docs/DESIGN.md ("The VBD handshake"). Modules, one job each:
+
+- `states`: XenbusState values.
+- `frontend`: reads and validates the keys a (hostile) frontend writes.
+- `imagespec`: the backend's `params`/`mode`, the allowed directories, opening the image.
+- `dataplane_port`: what the state machine needs of the data plane (real adapter + protocol,
+  so the state machine runs against a fake in unit tests).
+- `device`: the per-device state machine.
+- `daemon`: watches, the device table, signals, metrics, control socket, uevents.
+- `control`: the daemon's local control socket (`xenblk list`/`resize`).
+- `toolstack`: what `xenblk attach/detach` write (the toolstack's role).
+- `sdnotify`: systemd's notify protocol.
+"""

@@ -1,0 +1,104 @@
+"""The daemon's local control socket (`<daemon.run_dir>/control.sock`, mode 0600): one JSON
+request per line, one JSON reply per line. Used by `xenblk list` and `xenblk resize`.
+
+    {"op": "list"}                                -> {"ok": true, "devices": [...]}
+    {"op": "resize", "domid": 1, "vdev": "xvdb"}  -> {"ok": true, "old_sectors": N, "sectors": M, "changed": b}
+    errors                                        -> {"ok": false, "error": "one line"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from xenblk.errors import XenblkError
+
+SOCKET_NAME = "control.sock"
+MAX_LINE = 64 * 1024
+
+log = structlog.get_logger("xenblk.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def socket_path(run_dir: str) -> Path:
+    return Path(run_dir) / SOCKET_NAME
+
+
+class ControlServer:
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=MAX_LINE)
+        finally:
+            os.umask(old)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("request is not a JSON object")
+                    reply = await self._handler(req)
+                except (ValueError, XenblkError) as e:
+                    reply = {"ok": False, "error": str(e)}
+                except Exception as e:
+                    log.exception("control.error")
+                    reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class DaemonNotRunning(XenblkError):
+    pass
+
+
+def call(run_dir: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request to the running daemon (blocking); DaemonNotRunning if nobody listens."""
+    path = socket_path(run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonNotRunning(f"xenblk serve is not running (no control socket at {path}: {e.strerror})") from None
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise XenblkError(f"xenblk serve closed the control connection ({path})")
+            buf += chunk
+    reply = json.loads(buf)
+    if not isinstance(reply, dict):
+        raise XenblkError("xenblk serve sent a malformed reply")
+    return reply

@@ -1,0 +1,298 @@
+"""The daemon's main loop: XenStore watches on each backend type, one DeviceTask per
+device, the metrics endpoint, the control socket, kernel uevents, signals and systemd.
+
+SIGTERM/SIGINT: every device is drained and closed (B/state = 6; the backend dirs stay,
+so the next start serves them again); exit status 0.
+SIGHUP: reload the config file. What reloads: log.level and log.format; storage.allowed_dirs
+and storage.cache (checked when a device next opens its image); dataplane.* (advertised at
+a device's next InitWait); metrics.enabled/listen (the endpoint is restarted if they change).
+What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from xenblk import config as xconfig
+from xenblk import log as xlog
+from xenblk.backend import sdnotify
+from xenblk.backend.control import ControlServer, socket_path
+from xenblk.backend.dataplane_port import DataplanePort
+from xenblk.backend.device import DaemonContext, DeviceTask
+from xenblk.backend.states import parse_state
+from xenblk.backend.uevents import UeventListener
+from xenblk.config import Config
+from xenblk.errors import XenblkError
+from xenblk.metrics import DaemonCounters, DiskView, MetricsServer
+from xenblk.xenstore import XenStore, XenStoreError
+
+log = structlog.get_logger("xenblk.daemon")
+
+Key = tuple[str, int, int]  # (backend type, domid, devid)
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        xenstore_path: str | None,
+        dataplane_factory: Callable[[], DataplanePort],
+        config_path: Path | None = None,
+        metrics_listen: str | None = None,
+        uevents: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.xenstore_path = xenstore_path
+        self.dataplane_factory = dataplane_factory
+        self.config_path = config_path
+        self.metrics_listen_override = metrics_listen
+        self.use_uevents = uevents
+        self.counters = DaemonCounters()
+        self.devices: dict[Key, DeviceTask] = {}
+        self.ctx: DaemonContext | None = None
+        self.metrics: MetricsServer | None = None
+        self.control: ControlServer | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        xs = await XenStore.open(self.xenstore_path, timeout=self.cfg.xenstore.timeout)
+        dataplane = None
+        uev: UeventListener | None = None
+        try:
+            dataplane = await loop.run_in_executor(None, self.dataplane_factory)
+            self.ctx = DaemonContext(xs, self.cfg, dataplane, self.counters, self.cfg.daemon.domid)
+            self._start_metrics()
+            self.control = ControlServer(socket_path(self.cfg.daemon.run_dir), self._control)
+            await self.control.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            async with contextlib.AsyncExitStack() as stack:
+                for btype in self.cfg.daemon.backend_types:
+                    w = await stack.enter_async_context(xs.watch(self._base(btype)))
+                    self._tasks.append(asyncio.create_task(self._watch_loop(btype, w), name=f"watch {btype}"))
+                for btype in self.cfg.daemon.backend_types:
+                    await self._rescan(btype)
+                if self.use_uevents:
+                    uev = UeventListener(loop, self._on_block_resize)
+                    uev.start()
+                self.ready.set()
+                sdnotify.notify("READY=1\nSTATUS=serving")
+                log.info("daemon.ready", backend_types=self.cfg.daemon.backend_types, devices=len(self.devices))
+                interval = sdnotify.watchdog_interval()
+                if interval:
+                    self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+                await self._stop.wait()
+                sdnotify.notify("STOPPING=1")
+                log.info("daemon.stopping", devices=len(self.devices))
+                await self._shutdown_devices()
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if uev is not None:
+                uev.stop()
+            if self.control is not None:
+                await self.control.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await xs.close()
+            if dataplane is not None:
+                dataplane.close()
+        log.info("daemon.stopped")
+        return 0
+
+    async def _shutdown_devices(self) -> None:
+        for dev in self.devices.values():
+            dev.request_shutdown()
+        tasks = [d.task for d in self.devices.values() if d.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            # Only a live event loop with a live XenStore connection counts as healthy.
+            if self.ctx is not None and self.ctx.xs.connected:
+                sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def reload(self) -> None:
+        try:
+            new = xconfig.load(self.config_path)
+        except XenblkError as e:
+            log.error("daemon.reload_failed", error=str(e))
+            return
+        xlog.configure(new.log.format, new.log.level)
+        for section in ("log", "storage", "dataplane", "metrics"):
+            setattr(self.cfg, section, getattr(new, section))
+        self._restart_metrics_if_changed()
+        log.info("daemon.reloaded", config=str(self.config_path or xconfig.DEFAULT_PATH))
+
+    # -- metrics
+
+    def _metrics_address(self) -> tuple[str, int] | None:
+        if not self.cfg.metrics.enabled:
+            return None
+        return xconfig.parse_listen(self.metrics_listen_override or self.cfg.metrics.listen)
+
+    def _start_metrics(self) -> None:
+        addr = self._metrics_address()
+        if addr is None:
+            return
+        self.metrics = MetricsServer(self._disk_views, self.counters)
+        bound = self.metrics.start(*addr)
+        log.info("daemon.metrics", url=f"http://{bound[0]}:{bound[1]}/metrics")
+
+    def _restart_metrics_if_changed(self) -> None:
+        want = self._metrics_address()
+        have = self.metrics.address if self.metrics is not None else None
+        if want == have or (want is not None and have is not None and want[0] == have[0] and want[1] == 0):
+            return
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        try:
+            self._start_metrics()
+        except OSError as e:
+            log.error("daemon.metrics_failed", error=str(e))
+
+    def _disk_views(self) -> list[DiskView]:
+        if self.ctx is not None:
+            self.counters.watch_events = self.ctx.xs.watch_events
+            self.counters.xenstore_reconnects = self.ctx.xs.reconnects
+        return [d.disk_view() for d in list(self.devices.values())]
+
+    # -- devices
+
+    def _base(self, btype: str) -> str:
+        return f"/local/domain/{self.cfg.daemon.domid}/backend/{btype}"
+
+    async def _watch_loop(self, btype: str, watch: Any) -> None:
+        base = self._base(btype)
+        while True:
+            try:
+                async for event in watch:
+                    rest = event.path[len(base) :].strip("/").split("/") if event.path.startswith(base) else []
+                    if len(rest) >= 2 and rest[0].isdigit() and rest[1].isdigit():
+                        await self._consider(btype, int(rest[0]), int(rest[1]))
+                    elif len(rest) == 1 and rest[0].isdigit():
+                        await self._rescan_domain(btype, int(rest[0]))
+                    else:
+                        await self._rescan(btype)  # the registration's event or a reconnect: look at everything
+                return
+            except XenStoreError as e:
+                log.warning("daemon.watch_failed", backend_type=btype, error=str(e))
+                await asyncio.sleep(1)
+            except Exception:
+                log.exception("daemon.watch_loop_error", backend_type=btype)
+                await asyncio.sleep(1)
+
+    async def _rescan(self, btype: str) -> None:
+        assert self.ctx is not None
+        try:
+            domids = await self.ctx.xs.directory(self._base(btype))
+        except XenStoreError:
+            return  # NoEntry: nothing attached yet
+        for d in domids:
+            if d.isdigit():
+                await self._rescan_domain(btype, int(d))
+
+    async def _rescan_domain(self, btype: str, domid: int) -> None:
+        assert self.ctx is not None
+        try:
+            devids = await self.ctx.xs.directory(f"{self._base(btype)}/{domid}")
+        except XenStoreError:
+            return
+        for v in devids:
+            if v.isdigit():
+                await self._consider(btype, domid, int(v))
+
+    async def _consider(self, btype: str, domid: int, devid: int) -> None:
+        assert self.ctx is not None
+        key = (btype, domid, devid)
+        existing = self.devices.get(key)
+        if existing is not None and existing.task is not None and not existing.task.done():
+            return
+        if self._stop.is_set() or domid > 0x7FEF or devid >= 1 << 32:
+            return
+        state = parse_state(await self.ctx.xs.try_read(f"{self._base(btype)}/{domid}/{devid}/state"))
+        if state is None:
+            return  # being written by the toolstack (state comes last) or being removed
+        dev = DeviceTask(self.ctx, btype, domid, devid)
+        self.devices[key] = dev
+        dev.task = asyncio.create_task(self._run_device(key, dev), name=f"device {btype}/{domid}/{devid}")
+
+    async def _run_device(self, key: Key, dev: DeviceTask) -> None:
+        try:
+            await dev.run()
+        finally:
+            if self.devices.get(key) is dev:
+                del self.devices[key]
+            # The device may have been re-created while this task was ending.
+            if not self._stop.is_set():
+                with contextlib.suppress(Exception):
+                    await self._consider(*key)
+
+    def _on_block_resize(self, major: int, minor: int) -> None:
+        for dev in list(self.devices.values()):
+            spec = dev.spec
+            if spec is None or dev.image is None or dev.image_format != "block":
+                continue
+            try:
+                st = Path(spec.path).stat()
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (major, minor):
+                log.info("daemon.block_resize", domid=dev.domid, vdev=dev.vdev, device=f"{major}:{minor}")
+                t = asyncio.create_task(self._resize_quietly(dev))
+                self._tasks.append(t)
+                t.add_done_callback(self._forget_task)
+
+    def _forget_task(self, t: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(t)
+
+    async def _resize_quietly(self, dev: DeviceTask) -> None:
+        try:
+            await dev.resize()
+        except Exception as e:
+            dev.log.warning("device.resize_failed", error=str(e))
+
+    def find(self, domid: int, vdev: str) -> DeviceTask:
+        for dev in self.devices.values():
+            if dev.domid == domid and (dev.vdev == vdev or str(dev.devid) == vdev):
+                return dev
+        raise XenblkError(f"no device {vdev} of domain {domid} is served by this daemon")
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True}
+        if op == "list":
+            return {"ok": True, "devices": [d.describe() for d in self.devices.values()]}
+        if op == "resize":
+            domid, vdev = req.get("domid"), req.get("vdev")
+            if not isinstance(domid, int) or not isinstance(vdev, str):
+                raise XenblkError("resize needs an integer domid and a vdev")
+            return {"ok": True, **(await self.find(domid, vdev).resize())}
+        raise XenblkError(f"unknown control request {op!r}")

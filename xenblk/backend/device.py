@@ -1,0 +1,488 @@
+"""One VBD's state machine (docs/DESIGN.md, "The VBD handshake", backend side).
+
+Every watch event only wakes the machine; each step re-reads the states it depends on,
+because events collapse and a frontend may skip states. All failures caused by the
+frontend, the image or a grant end in `B/error` + Closed for this device only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from xenblk import log as xlog
+from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice
+from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
+from xenblk.backend.imagespec import ImageSpec, ImageSpecError, open_image, parse_params
+from xenblk.backend.ratelimit import RateLimitedLog
+from xenblk.backend.states import XenbusState as S
+from xenblk.backend.states import name as state_name
+from xenblk.backend.states import parse_state
+from xenblk.config import Config
+from xenblk.errors import XenblkError
+from xenblk.metrics import DaemonCounters, DiskView
+from xenblk.xenstore import Transaction, XenStore, XenStoreError
+
+VDISK_CDROM = 1
+VDISK_REMOVABLE = 2
+VDISK_READONLY = 4
+HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    INIT_WAIT = "initwait"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@dataclass
+class DaemonContext:
+    """What every device task shares with the daemon."""
+
+    xs: XenStore
+    cfg: Config
+    dataplane: DataplanePort
+    counters: DaemonCounters = field(default_factory=DaemonCounters)
+    self_domid: int = 0
+
+
+@dataclass
+class Snapshot:
+    bstate: int | None
+    online: str | None
+    fstate: int | None
+
+
+class DeviceTask:
+    def __init__(self, ctx: DaemonContext, btype: str, domid: int, devid: int) -> None:
+        self.ctx = ctx
+        self.btype = btype
+        self.domid = domid
+        self.devid = devid
+        self.bpath = f"/local/domain/{ctx.self_domid}/backend/{btype}/{domid}/{devid}"
+        self.fpath = ""
+        self.vdev = str(devid)
+        self.phase = Phase.NEW
+        self.state = 0  # what this daemon last wrote to B/state
+        self.spec: ImageSpec | None = None
+        self.image: Any = None
+        self.image_format = ""
+        self.cdrom = False
+        self.sectors = 0
+        self.frontend: FrontendConfig | None = None
+        self.error: str | None = None
+        self.connections = 0
+        self.resizes = 0
+        self._adv: Advertised | None = None
+        self._running: RunningDevice | None = None
+        self._retired: list[Any] = []  # last stats of the previous connection, exported while closed
+        self._stats_lock = threading.Lock()  # the scrape thread reads stats while the loop stops devices
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._shutdown = False
+        self._resume_on: set[int] = set()
+        self._seen_other_than_1 = False
+        self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
+        self.guest_log = RateLimitedLog(self.log)
+        self.task: asyncio.Task[None] | None = None
+
+    # -- API for the daemon
+
+    def wake(self) -> None:
+        self._changed.set()
+
+    def request_shutdown(self) -> None:
+        self._shutdown = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            await self._stop_dataplane()
+            raise
+        except Exception as e:  # one device's bug must never take the daemon down
+            self.log.exception("device.crashed")
+            with contextlib.suppress(Exception):
+                await self._close_with_error(f"internal error: {type(e).__name__}: {e}")
+        finally:
+            await self._stop_dataplane()
+            self._close_image()
+
+    async def _run(self) -> None:
+        xs = self.ctx.xs
+        frontend = await xs.try_read(f"{self.bpath}/frontend")
+        dev = await xs.try_read(f"{self.bpath}/dev")
+        if dev:
+            self.vdev = dev[:32]
+        self.log = self.log.bind(vdev=self.vdev)
+        self.guest_log = RateLimitedLog(self.log)
+        expected = f"/local/domain/{self.domid}/"
+        if frontend is None or not frontend.startswith(expected) or len(frontend) > 256:
+            # B is written by the toolstack, but refuse to watch another domain's tree on its say-so.
+            await self._close_with_error(f"backend node frontend is {frontend!r}: expected a path under {expected}")
+            self.fpath = ""
+        else:
+            self.fpath = frontend
+        async with contextlib.AsyncExitStack() as stack:
+            watches = [await stack.enter_async_context(xs.watch(self.bpath))]
+            if self.fpath:
+                watches.append(await stack.enter_async_context(xs.watch(self.fpath)))
+            pumps = [asyncio.create_task(self._pump(w), name=f"watch {w.path}") for w in watches]
+            stack.callback(lambda: [p.cancel() for p in pumps])
+            self._changed.set()
+            while True:
+                try:
+                    timeout = HEALTH_CHECK_SECONDS if self.phase is Phase.CONNECTED else None
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+                self._changed.clear()
+                async with self._lock:
+                    if await self._step():
+                        return
+
+    async def _pump(self, watch: Any) -> None:
+        try:
+            async for _event in watch:
+                self._changed.set()
+        except XenStoreError as e:
+            self.log.warning("device.watch_failed", error=str(e))
+            self._changed.set()
+
+    # -- the machine
+
+    async def _snapshot(self) -> Snapshot:
+        xs = self.ctx.xs
+        bstate = parse_state(await xs.try_read(f"{self.bpath}/state"))
+        online = await xs.try_read(f"{self.bpath}/online")
+        fstate = parse_state(await xs.try_read(f"{self.fpath}/state")) if self.fpath else None
+        return Snapshot(bstate, online, fstate)
+
+    async def _step(self) -> bool:
+        """One look at the world; True when this task is finished."""
+        s = await self._snapshot()
+        if s.bstate is None:
+            self.log.info("device.removed")
+            return True
+        if self._shutdown:
+            await self._stop_dataplane()
+            if self.phase is not Phase.NEW and s.bstate != S.CLOSED:
+                await self._write_state(S.CLOSED)
+            return True
+        if s.online is not None and s.online.strip() == "0":
+            return await self._detach(s)
+        if not self.fpath:
+            return False  # closed with an error at start; only removal or shutdown from here
+        fs = s.fstate
+        if self.phase is Phase.NEW:
+            if s.bstate in (S.INITIALISED, S.CONNECTED, S.CLOSING) and fs in (S.INITIALISED, S.CONNECTED, S.CLOSING):
+                # A previous daemon left this device connected without closing it: the guest's rings are
+                # from then. Close, and serve it again once the frontend has closed or restarted.
+                self.log.info("device.stale_connection", backend=state_name(s.bstate), frontend=state_name(fs))
+                await self._write_state(S.CLOSED)
+                self._enter_closed(resume_on={S.INITIALISING, S.CLOSED}, fs=fs)
+                return False
+            if not await self._prepare():
+                return False
+        elif self.phase is Phase.CLOSED:
+            if fs != S.INITIALISING:
+                self._seen_other_than_1 = True
+            resume = fs in self._resume_on or (fs == S.INITIALISING and self._seen_other_than_1)
+            if not resume:
+                return False
+            self.log.info("device.reconnect", frontend=state_name(fs))
+            if not await self._prepare():
+                return False
+        if self.phase is Phase.INIT_WAIT:
+            if fs is None:
+                await self._close_with_error("frontend state node disappeared during the handshake", fs)
+            elif fs == -1:
+                await self._close_with_error("frontend state is not a XenbusState", fs)
+            elif fs in (S.INITIALISED, S.CONNECTED):
+                await self._connect(fs)
+            return False
+        if self.phase is Phase.CONNECTED:
+            if fs in (S.CLOSING, S.CLOSED):
+                self.log.info("device.frontend_closing", frontend=state_name(fs))
+                await self._stop_dataplane()
+                await self._write_state(S.CLOSED)
+                self._enter_closed(resume_on=set(), fs=fs)
+            elif fs is None:
+                await self._close_with_error("frontend state node disappeared while connected", fs)
+            elif fs != S.CONNECTED and fs != S.INITIALISED:
+                await self._close_with_error(f"frontend state went back from Connected to {state_name(fs)}", fs)
+            elif fs == S.INITIALISED and self.state == S.CONNECTED and self._frontend_was_connected:
+                await self._close_with_error("frontend state went back from Connected to Initialised", fs)
+            else:
+                if fs == S.CONNECTED:
+                    self._frontend_was_connected = True
+                await self._check_queues(fs)
+        return False
+
+    _frontend_was_connected = False
+
+    def _enter_closed(self, resume_on: set[int], fs: int | None) -> None:
+        self.phase = Phase.CLOSED
+        self._resume_on = resume_on
+        self._seen_other_than_1 = fs != S.INITIALISING
+
+    async def _write_state(self, state: int) -> None:
+        await self.ctx.xs.write(f"{self.bpath}/state", str(int(state)))
+        self.log.info("device.state", state=state_name(state), previous=state_name(self.state))
+        self.state = int(state)
+
+    async def _transact_state(self, values: dict[str, str], state: int, remove: tuple[str, ...] = ()) -> None:
+        async def body(t: Transaction) -> None:
+            if await t.try_read(f"{self.bpath}/state") is None:
+                raise _Vanished()
+            for k in remove:
+                await t.rm(f"{self.bpath}/{k}")
+            for k, v in values.items():
+                await t.write(f"{self.bpath}/{k}", v)
+            await t.write(f"{self.bpath}/state", str(int(state)))
+
+        await self.ctx.xs.transact(body)
+        self.log.info("device.state", state=state_name(state), previous=state_name(self.state))
+        self.state = int(state)
+
+    async def _close_with_error(self, reason: str, fs: int | None = None) -> None:
+        await self._stop_dataplane()
+        self.error = reason
+        self.ctx.counters.devices_closed_on_error += 1
+        self.guest_log.warning("device.error", error=reason)
+        with contextlib.suppress(_Vanished):
+            await self._transact_state({"error": reason[:1000]}, S.CLOSED)
+        self._enter_closed(resume_on=set(), fs=fs)
+
+    async def _prepare(self) -> bool:
+        """Open the image (once per device), advertise the features, InitWait."""
+        cfg = self.ctx.cfg
+        if self.image is None:
+            xs = self.ctx.xs
+            params = await xs.try_read(f"{self.bpath}/params")
+            mode = await xs.try_read(f"{self.bpath}/mode")
+            self.cdrom = (await xs.try_read(f"{self.bpath}/device-type")) == "cdrom"
+            try:
+                self.spec = parse_params(params, mode)
+                loop = asyncio.get_running_loop()
+                spec = self.spec
+                self.image = await loop.run_in_executor(
+                    None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache)
+                )
+            except ImageSpecError as e:
+                await self._close_with_error(str(e))
+                return False
+            self.image_format = str(self.image.format)
+            self.sectors = int(self.image.size) // 512
+            self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
+        dp = cfg.dataplane
+        self._adv = Advertised(
+            max_ring_page_order=dp.max_ring_page_order,
+            max_queues=dp.max_queues,
+            max_indirect_segments=dp.max_indirect_segments,
+            persistent=dp.feature_persistent,
+            max_work_per_wake=dp.max_work_per_wake,
+        )
+        values = {
+            "max-ring-page-order": str(dp.max_ring_page_order),
+            "multi-queue-max-queues": str(dp.max_queues),
+            "feature-persistent": "1" if dp.feature_persistent else "0",
+        }
+        if dp.max_indirect_segments:
+            values["feature-max-indirect-segments"] = str(dp.max_indirect_segments)
+        try:
+            await self._transact_state(values, S.INIT_WAIT, remove=("error", "feature-max-indirect-segments"))
+        except _Vanished:
+            return False
+        self.error = None
+        self._frontend_was_connected = False
+        self.phase = Phase.INIT_WAIT
+        return True
+
+    async def _connect(self, fs: int) -> None:
+        assert self._adv is not None
+        adv = self._adv
+        limits = Limits(adv.max_ring_page_order, adv.max_queues, adv.persistent)
+        fpath = self.fpath
+
+        async def read(t: Transaction) -> FrontendConfig:
+            return await read_frontend(t, fpath, limits)
+
+        try:
+            fe = await self.ctx.xs.transact(read)
+        except FrontendError as e:
+            await self._close_with_error(str(e), fs)
+            return
+        spec = self.spec
+        assert spec is not None
+        readonly = spec.readonly or bool(self.image.readonly)
+        loop = asyncio.get_running_loop()
+        try:
+            running = await loop.run_in_executor(
+                None, lambda: self.ctx.dataplane.connect(self.domid, self.devid, self.image, fe, adv, readonly)
+            )
+        except XenblkError as e:
+            await self._close_with_error(f"cannot connect the rings: {e}", fs)
+            return
+        with self._stats_lock:
+            self._running = running
+            self._retired = []
+        self.frontend = fe
+        self.connections += 1
+        info = (VDISK_CDROM if self.cdrom else 0) | (VDISK_READONLY if readonly else 0)
+        img = self.image
+        discard = bool(img.can_discard) and not readonly
+        values = {
+            "sectors": str(self.sectors),
+            "info": str(info),
+            "sector-size": str(int(img.logical_block)),
+            "physical-sector-size": str(int(img.physical_block)),
+            "feature-flush-cache": "1" if img.can_flush else "0",
+            "feature-barrier": "1" if img.can_flush else "0",
+            "feature-discard": "1" if discard else "0",
+        }
+        if discard:
+            values["discard-granularity"] = str(int(img.discard_granularity) or int(img.logical_block))
+            values["discard-alignment"] = "0"
+            values["discard-secure"] = "1" if img.can_secure_discard else "0"
+        try:
+            await self._transact_state(values, S.CONNECTED)
+        except _Vanished:
+            await self._stop_dataplane()
+            return
+        self.phase = Phase.CONNECTED
+        self.log.info(
+            "device.connected",
+            protocol=fe.protocol,
+            ring_pages=fe.ring_pages,
+            queues=len(fe.queues),
+            persistent=fe.persistent,
+            readonly=readonly,
+        )
+
+    async def _check_queues(self, fs: int | None) -> None:
+        running = self._running
+        if running is None or self.frontend is None:
+            return
+        for q in range(len(self.frontend.queues)):
+            why = running.queue_failed(q)
+            if why:
+                await self._close_with_error(f"queue {q}: {why}", fs)
+                return
+
+    async def _detach(self, s: Snapshot) -> bool:
+        if self.phase is Phase.CONNECTED and s.fstate in (S.INITIALISED, S.CONNECTED):
+            # Let the frontend finish and close first, as with blkback: it sees Closing and closes.
+            if s.bstate != S.CLOSING:
+                await self._write_state(S.CLOSING)
+            return False
+        await self._stop_dataplane()
+        if s.bstate != S.CLOSED:
+            await self._write_state(S.CLOSED)
+        self._close_image()
+        await self.ctx.xs.rm(self.bpath)
+        self.log.info("device.detached")
+        return True
+
+    async def _stop_dataplane(self) -> None:
+        with self._stats_lock:
+            running, self._running = self._running, None
+        if running is None:
+            return
+        nq = len(self.frontend.queues) if self.frontend else 0
+        loop = asyncio.get_running_loop()
+
+        def stop() -> list[Any]:
+            try:
+                running.stop()
+                return [running.stats(q) for q in range(nq)]  # the final counts, drained requests included
+            finally:
+                running.close()
+
+        try:
+            retired = await loop.run_in_executor(None, stop)
+        except Exception:
+            self.log.exception("device.stop_failed")
+            retired = []
+        with self._stats_lock:
+            self._retired = retired
+        self.log.info("device.stopped")
+
+    def _close_image(self) -> None:
+        img, self.image = self.image, None
+        if img is not None:
+            img.close()
+
+    # -- resize, metrics, listing
+
+    async def resize(self) -> dict[str, Any]:
+        async with self._lock:
+            img = self.image
+            if img is None:
+                raise XenblkError(f"dom{self.domid}/{self.vdev}: no image open (state {state_name(self.state)})")
+            loop = asyncio.get_running_loop()
+            new_bytes = int(await loop.run_in_executor(None, img.refresh_size))
+            old = self.sectors
+            new = new_bytes // 512
+            if new == old:
+                return {"old_sectors": old, "sectors": new, "changed": False}
+            self.sectors = new
+            self.resizes += 1
+            running = self._running
+            if running is not None:
+                running.set_size(new_bytes)
+            if self.phase is Phase.CONNECTED:
+                # blkfront re-reads sectors when the backend state is written, so both go in one transaction.
+                with contextlib.suppress(_Vanished):
+                    await self._transact_state({"sectors": str(new)}, S.CONNECTED)
+            self.log.info("device.resized", old_sectors=old, sectors=new)
+            return {"old_sectors": old, "sectors": new, "changed": True}
+
+    def disk_view(self) -> DiskView:
+        with self._stats_lock:
+            running = self._running
+            nq = len(self.frontend.queues) if self.frontend and running else 0
+            queues = [running.stats(q) for q in range(nq)] if running is not None else list(self._retired)
+        return DiskView(
+            domid=self.domid,
+            vdev=self.vdev,
+            state=self.state,
+            queues=queues,
+            reconnects=max(self.connections - 1, 0),
+            resizes=self.resizes,
+            sectors=self.sectors,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        fe = self.frontend
+        view = self.disk_view()
+        return {
+            "domid": self.domid,
+            "vdev": self.vdev,
+            "devid": self.devid,
+            "type": self.btype,
+            "image": self.spec.path if self.spec else None,
+            "format": self.image_format or None,
+            "state": self.state,
+            "phase": self.phase.value,
+            "error": self.error,
+            "sectors": self.sectors,
+            "queues": len(fe.queues) if fe and self.phase is Phase.CONNECTED else 0,
+            "ring_pages": fe.ring_pages if fe and self.phase is Phase.CONNECTED else 0,
+            "protocol": fe.protocol if fe else None,
+            "persistent": fe.persistent if fe else None,
+            "in_flight": sum(int(getattr(q, "in_flight", 0)) for q in view.queues) if self._running else 0,
+            "connections": self.connections,
+            "resizes": self.resizes,
+        }
+
+
+class _Vanished(Exception):
+    """B disappeared under us (the toolstack removed the device)."""

@@ -1,0 +1,125 @@
+"""The backend's image: `params` = `[format:]path`, `mode`, and the allowed directories.
+
+The format comes from the prefix or, without one, from the file type (block device or
+raw file) — never from the contents, which the guest may write (a planted qcow2 header
+could point a backing file at any host file). The path and every backing file of a
+qcow2 must resolve (realpath) under one of `storage.allowed_dirs`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from xenblk.errors import XenblkError
+
+FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "block": "block", "phy": "block"}
+_PREFIX = re.compile(r"([a-z0-9]+):(.*)", re.DOTALL)
+
+
+class ImageSpecError(XenblkError):
+    """A refused `params`/`mode` (one line, for B/error)."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    path: str
+    format: str | None  # raw | qcow2 | block; None: block if S_ISBLK else raw
+    readonly: bool
+
+    def resolved_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise ImageSpecError(f"image {self.path}: {e.strerror}") from None
+        return "block" if stat.S_ISBLK(st.st_mode) else "raw"
+
+
+def parse_params(params: str | None, mode: str | None) -> ImageSpec:
+    if params is None or params == "":
+        raise ImageSpecError("backend node params is missing")
+    if "\0" in params or "\n" in params:
+        raise ImageSpecError("backend node params contains control characters")
+    fmt: str | None = None
+    path = params
+    m = _PREFIX.fullmatch(params)
+    if m is not None:
+        if m.group(1) not in FORMAT_ALIASES:
+            raise ImageSpecError(
+                f"unknown image format {m.group(1)!r} in params (known: {', '.join(sorted(FORMAT_ALIASES))})"
+            )
+        fmt, path = FORMAT_ALIASES[m.group(1)], m.group(2)
+    if not path.startswith("/"):
+        raise ImageSpecError(f"image path {path[:80]!r} is not absolute")
+    return ImageSpec(path=path, format=fmt, readonly=parse_mode(mode))
+
+
+def parse_mode(mode: str | None) -> bool:
+    """True for read-only. `r`/`ro`: read-only; `w`/`rw`/`w!` (libxl's shared-writable): read-write."""
+    if mode in ("r", "ro"):
+        return True
+    if mode in ("w", "rw", "w!"):
+        return False
+    raise ImageSpecError(f"backend node mode is {mode!r}: expected r or w")
+
+
+def is_allowed(path: str, allowed_dirs: list[str]) -> bool:
+    real = os.path.realpath(path)
+    for d in allowed_dirs:
+        root = os.path.realpath(d)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def check_allowed(path: str, allowed_dirs: list[str], what: str = "image") -> None:
+    if not is_allowed(path, allowed_dirs):
+        raise ImageSpecError(
+            f"{what} {path} is outside storage.allowed_dirs ({', '.join(allowed_dirs) or 'none configured'})"
+        )
+
+
+def backing_chain(info: dict[str, Any], image_path: str) -> list[str]:
+    """Every backing file of an opened image (from Image.info()), as absolute paths."""
+    out: list[str] = []
+    base_dir = os.path.dirname(image_path)
+    node = info
+    while "backing_file" in node:
+        b = str(node["backing_file"])
+        b_abs = b if b.startswith("/") else os.path.join(base_dir, b)
+        out.append(b_abs)
+        base_dir = os.path.dirname(b_abs)
+        node = node.get("backing", {})
+    return out
+
+
+def open_image(spec: ImageSpec, allowed_dirs: list[str], cache: str) -> Any:
+    """Open the image after checking where it and its backing chain live; returns xenblk.storage.Image."""
+    from xenblk.storage import Image, StorageError
+
+    check_allowed(spec.path, allowed_dirs)
+    fmt = spec.resolved_format()
+    if fmt == "block":
+        try:
+            if not stat.S_ISBLK(os.stat(spec.path).st_mode):
+                raise ImageSpecError(f"image {spec.path} is not a block device (format block)")
+        except OSError as e:
+            raise ImageSpecError(f"image {spec.path}: {e.strerror}") from None
+    try:
+        # Block devices keep the driver's default (O_DIRECT); storage.cache applies to files.
+        img = Image.open(spec.path, fmt, readonly=spec.readonly, cache=None if fmt == "block" else cache)
+    except StorageError as e:
+        raise ImageSpecError(str(e)) from None
+    try:
+        if fmt == "qcow2":
+            for b in backing_chain(img.info(), spec.path):
+                check_allowed(b, allowed_dirs, what="backing file")
+    except BaseException:
+        img.close()
+        raise
+    return img

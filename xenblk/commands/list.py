@@ -1,0 +1,72 @@
+"""`xenblk list`: the virtual disks, from XenStore and the running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from xenblk import config
+from xenblk.commands._common import add_sim_arg
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "list",
+        help="list the virtual disks (domain, vdev, image, format, state, queues, ring order, features, in-flight)",
+        description="Reads every VBD under the configured backend types from XenStore; in-flight requests come from "
+        "the running daemon's control socket (shown as - when the daemon is not running).",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    add_sim_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, cfg: config.Config) -> int:
+    from xenblk.backend import control, toolstack
+    from xenblk.xenstore import XenStore
+
+    async def go() -> list[dict[str, Any]]:
+        async with XenStore.open(toolstack.xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
+            return await toolstack.list_devices(xs, cfg.daemon.domid, cfg.daemon.backend_types)
+
+    rows = asyncio.run(go())
+    try:
+        live = control.call(cfg.daemon.run_dir, {"op": "list"}, timeout=10).get("devices", [])
+    except (control.DaemonNotRunning, OSError):
+        live = []
+    by_key = {(d["domid"], d["devid"]): d for d in live}
+    for r in rows:
+        d = by_key.get((r["domid"], r["devid"]))
+        if d is not None:
+            r["in_flight"] = d.get("in_flight")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_rows(rows))
+    return 0
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    from xenblk.backend.states import name
+
+    head = (
+        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<11} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<32} IMAGE"
+    )
+    out = [head]
+    for r in rows:
+        state = name(r["state"]) + ("!" if r.get("error") else "")
+        out.append(
+            f"{r['domid']:>5} {r['vdev']:<6} {state:<11} {r['format']:<6} {_dash(r['queues']):>2} "
+            f"{_dash(r['ring_order']):>3} {_dash(r['in_flight']):>4}  {','.join(r['features']) or '-':<32} {r['image']}"
+        )
+        if r.get("error"):
+            out.append(f"{'':>5} error: {r['error']}")
+    if not rows:
+        out.append("(no virtual disks)")
+    return "\n".join(out)
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)

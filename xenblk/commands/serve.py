@@ -1,0 +1,52 @@
+"""`xenblk serve`: the backend daemon."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from xenblk import config
+from xenblk.commands._common import add_sim_arg
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the backend daemon (real Xen unless --sim)",
+        description="Watches /local/domain/<daemon.domid>/backend/<type>/ for every type in daemon.backend_types and "
+        "serves each VBD found there (already present ones too) until SIGTERM/SIGINT, which drain and close every "
+        "device (backend dirs stay, so the next start serves them again) and exit 0. SIGHUP reloads the config: "
+        "log.*, storage.*, dataplane.* (for devices connecting afterwards) and metrics.*; daemon.* and xenstore.* "
+        "need a restart. Under systemd (Type=notify) it reports READY=1 once its XenStore watches are live and feeds "
+        "the watchdog. The control socket for `xenblk list/resize` is <daemon.run_dir>/control.sock.",
+    )
+    add_sim_arg(p)
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics here instead of metrics.listen (port 0: any free port)",
+    )
+    p.add_argument("--no-uevents", action="store_true", help="do not listen to kernel uevents for block-device growth")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, cfg: config.Config) -> int:
+    import uvloop
+
+    from xenblk.backend.daemon import Daemon
+    from xenblk.backend.dataplane_port import RealDataplane
+    from xenblk.backend.toolstack import xenstore_path
+
+    if args.metrics_listen is not None:
+        config.parse_listen(args.metrics_listen)
+    sim = args.sim
+    daemon = Daemon(
+        cfg,
+        xenstore_path=xenstore_path(cfg, sim),
+        dataplane_factory=lambda: RealDataplane(sim, cfg.daemon.domid),
+        config_path=args.config,
+        metrics_listen=args.metrics_listen,
+        uevents=not args.no_uevents,
+    )
+    return uvloop.run(daemon.run())
