@@ -136,6 +136,19 @@ static void finish(struct xb_queue *q, struct xb_req *r, int16_t status, int err
     release_req(q, r);
 }
 
+/* An accepted request whose data could not be fetched from the guest (grant copy failed): answered
+ * like a refusal, before storage saw anything. */
+static void refuse_taken(struct xb_queue *q, struct xb_req *r, enum xb_refusal why)
+{
+    ST_ADD(q, refusals[why], 1);
+    put_response(q, r->p.id, r->p.operation, XB_RSP_ERROR);
+    q->in_flight--;
+    ST_SET(q, in_flight, q->in_flight);
+    if (q->barrier == r)
+        q->barrier = NULL;
+    release_req(q, r);
+}
+
 static int err_reason_of(int err)
 {
     return err == -ENOSPC || err == -EDQUOT ? XB_ERR_NOSPC : XB_ERR_IO;
@@ -369,8 +382,7 @@ static void start_flush(struct xb_queue *q, struct xb_req *r)
 {
     if (r->p.nseg) {
         if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
-            ST_ADD(q, refusals[XB_REFUSE_GRANT], 1);
-            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
+            refuse_taken(q, r, XB_REFUSE_GRANT);
             return;
         }
         r->flush_after = 1;
@@ -469,8 +481,7 @@ static void handle_request(struct xb_queue *q, const void *raw)
         break;
     case XB_OP_WRITE:
         if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
-            ST_ADD(q, refusals[XB_REFUSE_GRANT], 1);
-            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
+            refuse_taken(q, r, XB_REFUSE_GRANT);
             break;
         }
         start_rw(q, r, 1);
