@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.sim import SimHostProc
 from xenblk.platform import EventChannel, Platform, PlatformError, ffi, lib, open_platform, open_sim_platform
 
 PAGE = 4096
@@ -438,3 +439,52 @@ def test_evtchn_close_closes_its_fds(plat: Platform) -> None:
         os.fstat(fd)
     os.close(to_backend)
     os.close(to_guest)
+
+
+# --- through the sim host's broker -----------------------------------------------------------
+
+
+def test_attach_and_bind_through_the_sim_host_broker(sim_host: SimHostProc) -> None:
+    from xenblk.sim.broker import BrokerClient
+
+    pages, entries = 64, 32
+    with BrokerClient(sim_host.broker) as guest_side:
+        _, (mem_fd, gnt_fd) = guest_side.call(
+            {"op": "create_domain", "domid": GUEST, "mem_pages": pages, "gnttab_entries": entries, "name": "g"}
+        )
+        reply, (g_recv, g_send) = guest_side.call({"op": "evtchn_alloc_unbound", "domid": GUEST, "remote_domid": 0})
+        guest_port = int(reply["port"])
+        mem = mmap.mmap(mem_fd, pages * PAGE)
+        gnt = mmap.mmap(gnt_fd, entries * 8)
+        mem[5 * PAGE : 6 * PAGE] = b"guest" * 819 + b"!"
+        struct.pack_into("<HI", gnt, 3 * 8 + 2, BACKEND, 5)
+        struct.pack_into("<H", gnt, 3 * 8, GTF_PERMIT)
+
+        plat = open_platform(str(sim_host.dir), BACKEND)
+        try:
+            assert plat.kind == "sim"
+            plat.attach_domain(GUEST)
+            c = Copy()
+            c.add(3, FROM)
+            c.add(3, TO, offset=100, length=4, data=b"BACK")
+            rc, status, bufs = c.run(plat)
+            assert (rc, status) == (0, [0, 0])
+            assert bufs[0] == b"guest" * 819 + b"!"
+            assert mem[5 * PAGE + 100 : 5 * PAGE + 104] == b"BACK"
+
+            ch = plat.bind_evtchn(GUEST, guest_port)
+            os.eventfd_write(g_send, 1)
+            assert _readable(ch.fileno()) and ch.ack() == 1
+            ch.notify()
+            assert os.eventfd_read(g_recv) == 1
+            ch.close()
+            with pytest.raises(PlatformError, match="refused evtchn_bind_interdomain"):
+                plat.bind_evtchn(GUEST, guest_port + 1000)
+            plat.detach_domain(GUEST)
+            assert c.run(plat)[1] == [GNTST_BAD_DOMAIN] * 2
+        finally:
+            plat.close()
+            mem.close()
+            gnt.close()
+            for fd in (mem_fd, gnt_fd, g_recv, g_send):
+                os.close(fd)

@@ -7,10 +7,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
-#include "xb_platform.h"
-
-#define XB_PAGE_SIZE 4096u
-#define XB_PAGE_SHIFT 12
+#include "xb_platform.h" /* and xb_blkif.h: XB_PAGE_SIZE, XB_PAGE_SHIFT */
 
 /* A single map call is one contiguous region; this bounds what a guest can make us reserve. */
 #define XB_MAP_MAX_PAGES 4096u
