@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from xenblk import config
+from xenblk.errors import XenblkError
 
 
 def register(sub: Any) -> None:
@@ -20,6 +22,42 @@ def register(sub: Any) -> None:
     )
     h.add_argument("--dir", required=True, metavar="DIR", help="state directory (keep it short: unix socket paths)")
     h.set_defaults(func=run_host)
+    _register_guest(ssub)
+
+
+def _register_guest(ssub: Any) -> None:
+    from xenblk.sim.guest_workload import RW_MODES
+
+    g = ssub.add_parser(
+        "guest",
+        help="a simulated blkfront: connect the disks attached to a domain and run a workload",
+        description="Plays Linux blkfront's handshake for each disk of domain N, then runs the workload on every "
+        "disk at once (each queue is a C thread filling its ring). Exits non-zero on a failed connect, an I/O error "
+        "or a verify error, with one line per failure on stderr.",
+    )
+    g.add_argument("--dir", required=True, metavar="DIR", help="the sim host's directory")
+    g.add_argument("--domid", required=True, type=int, metavar="N")
+    g.add_argument("--vdev", action="append", metavar="xvdX", help="disk to use (repeatable; default: all attached)")
+    g.add_argument("--rw", choices=list(RW_MODES), default="read", help="workload (fio's names; trim = discards)")
+    g.add_argument("--bs", default="4k", help="bytes per I/O: 512..4M, e.g. 4k, 128k, 1M (default 4k)")
+    g.add_argument("--iodepth", type=int, default=1, help="I/Os in flight per queue (default 1)")
+    g.add_argument("--runtime", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    g.add_argument("--size", default=None, metavar="BYTES", help="bytes of I/O per disk (default: the disk once)")
+    g.add_argument("--verify", action="store_true", help="check data: written blocks read back, reads vs writes")
+    g.add_argument("--seed", type=int, default=0, help="data pattern and random order seed (default 0)")
+    g.add_argument("--rwmixread", type=int, default=50, help="percent reads for rw/randrw (default 50)")
+    g.add_argument("--flush-every", type=int, default=0, metavar="N", help="a FLUSH after every N writes")
+    g.add_argument("--discard-every", type=int, default=0, metavar="N", help="a DISCARD instead of every N-th I/O")
+    g.add_argument("--abi", choices=["x86_64-abi", "x86_32-abi"], default="x86_64-abi", help="ring layout")
+    g.add_argument("--ring-order", type=int, choices=range(5), default=0, help="ring pages = 2^order (0..4)")
+    g.add_argument("--queues", type=int, default=1, help="queues (rings) per disk, capped by the backend")
+    g.add_argument("--indirect", action="store_true", help="every read/write as an INDIRECT request")
+    g.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")
+    g.add_argument("--idle", action="store_true", help="connect, do no I/O, stay until --runtime or SIGTERM")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds for each handshake step (default 30)")
+    g.add_argument("--io-timeout", type=float, default=30.0, help="seconds without a response = failure")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(func=run_guest)
 
 
 def run_host(args: argparse.Namespace, cfg: config.Config) -> int:
@@ -27,3 +65,35 @@ def run_host(args: argparse.Namespace, cfg: config.Config) -> int:
 
     asyncio.run(run(args.dir))
     return 0
+
+
+def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
+    from xenblk.sim.guest import GuestOptions, main
+    from xenblk.sim.guest_frontend import FrontendOptions
+    from xenblk.sim.guest_workload import Workload, parse_size
+
+    if args.queues < 1:
+        raise XenblkError("--queues must be at least 1")
+    workload = Workload(
+        rw=None if args.idle else args.rw,
+        bs=parse_size(args.bs),
+        iodepth=args.iodepth,
+        runtime=args.runtime,
+        size=parse_size(args.size) if args.size is not None else None,
+        verify=args.verify,
+        seed=args.seed,
+        rwmix_read=args.rwmixread,
+        flush_every=args.flush_every,
+        discard_every=args.discard_every,
+        io_timeout=args.io_timeout,
+    )
+    frontend = FrontendOptions(
+        abi=args.abi,
+        ring_order=args.ring_order,
+        queues=args.queues,
+        indirect=args.indirect,
+        persistent=not args.no_persistent,
+        timeout=args.timeout,
+    )
+    opts = GuestOptions(Path(args.dir), args.domid, args.vdev, workload, frontend)
+    return main(opts, args.json)

@@ -1,0 +1,252 @@
+"""The simulated guest (`xenblk sim guest`): a blkfront that connects the disks attached to its domain
+and runs a workload through the real rings.
+
+Per disk it plays the handshake (`guest_frontend`), then gives each negotiated queue its share of
+the disk (a contiguous range of blocks, so verification never races between queues) and its own C
+thread (`guest_native`). While the workload runs it watches each backend: one that leaves Connected
+fails that disk at once. SIGTERM/SIGINT stop the workload gracefully (in-flight I/O is answered),
+and every disk is closed as a driver unbind would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xenblk.errors import XenblkError
+from xenblk.sim.broker import DEFAULT_GNTTAB_ENTRIES, DEFAULT_MEM_PAGES, BrokerClient, read_host_json
+from xenblk.sim.guest_frontend import CONNECTED, Frontend, FrontendOptions
+from xenblk.sim.guest_native import GuestDomain, GuestError, GuestQueue, close_fds, new_config, pool_pages
+from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, split
+from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
+from xenblk.xenstore import XenStore
+
+WRITING_MODES = ("write", "randwrite", "rw", "randrw", "trim")
+
+
+@dataclass
+class GuestOptions:
+    sim_dir: Path
+    domid: int
+    vdevs: list[str] | None
+    workload: Workload
+    frontend: FrontendOptions = field(default_factory=FrontendOptions)
+
+
+@dataclass
+class Disk:
+    frontend: Frontend
+    queues: list[GuestQueue] = field(default_factory=list)
+    error: str | None = None
+    stats: list[Any] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+
+    def record(self) -> dict[str, Any]:
+        fe = self.frontend
+        rec: dict[str, Any] = {"vdev": fe.vdev, "devid": fe.devid}
+        if fe.disk is not None:
+            rec["sectors"] = fe.disk.sectors
+        if fe.negotiated is not None:
+            rec["negotiated"] = fe.negotiated.as_json()
+        rec.update(disk_record(self.stats))
+        if self.error is not None:
+            rec["error"] = self.error
+        return rec
+
+
+async def _disks_of(xs: XenStore, domid: int, vdevs: list[str] | None) -> list[tuple[str, int]]:
+    if vdevs:
+        return [(v, vdev_to_devid(v)) for v in vdevs]
+    found = []
+    for name in await xs.directory(f"/local/domain/{domid}/device/vbd"):
+        if not name.isdigit():
+            continue
+        devid = int(name)
+        try:
+            found.append((devid_to_vdev(devid), devid))
+        except VdevError:
+            found.append((name, devid))
+    if not found:
+        raise XenblkError(f"no disks attached to domain {domid} (nothing under /local/domain/{domid}/device/vbd)")
+    return sorted(found, key=lambda d: d[1])
+
+
+def _plan_queues(disk: Disk, domain: GuestDomain, w: Workload) -> None:
+    """Build the C queues of a connected disk: the workload split over its queues."""
+    fe = disk.frontend
+    assert fe.disk is not None and fe.negotiated is not None
+    n = fe.negotiated
+    if fe.disk.readonly and w.rw in WRITING_MODES:
+        raise GuestError(f"{fe.vdev} is read-only; --rw {w.rw} would write to it")
+    if w.rw is not None and w.bs % fe.disk.sector_size:
+        raise GuestError(f"--bs {w.bs} is not a multiple of {fe.vdev}'s sector size {fe.disk.sector_size}")
+    nblocks = fe.disk.bytes // w.bs
+    if w.rw is not None and nblocks < n.queues:
+        raise GuestError(f"{fe.vdev} ({fe.disk.bytes} bytes) has fewer blocks of {w.bs} bytes than queues")
+    regions = split(nblocks, n.queues)
+    ios = split(w.total_ios(fe.disk.bytes), n.queues)
+    start = 0
+    for q, setup in enumerate(fe.setups):
+        cfg = new_config(setup)
+        fill_workload(cfg, w, region_start=start, region_blocks=regions[q], total_ios=ios[q])
+        start += regions[q]
+        cfg.use_indirect = 1 if n.indirect_segments else 0
+        cfg.max_segs = n.indirect_segments or 11
+        cfg.persistent = 1 if n.persistent else 0
+        cfg.can_flush = 1 if n.flush else 0
+        cfg.can_discard = 1 if n.discard else 0
+        cfg.sector_size = fe.disk.sector_size
+        if w.rw is not None and w.discard_every and not n.discard:
+            raise GuestError(f"--discard-every: the backend of {fe.vdev} does not offer discard")
+        need = pool_pages(cfg)
+        if need:
+            cfg.pool_frame, cfg.pool_ref = domain.alloc(need, f"{fe.vdev} queue {q} buffers")
+            cfg.pool_pages = need
+        setup.consumed = True  # GuestQueue owns the fds from here, also if it raises
+        disk.queues.append(GuestQueue(domain, cfg))
+
+
+async def _watch_backend(disk: Disk) -> None:
+    """Fail the disk at once if its backend leaves Connected while the workload runs."""
+    fe = disk.frontend
+    path = f"{fe.backend}/state"
+    async with fe.xs.watch(path) as w:
+        async for _ in w:
+            state = await fe.xs.try_read(path)
+            if state != str(CONNECTED):
+                err = await fe.xs.try_read(f"{fe.backend}/error")
+                disk.fail(f"backend left Connected during the workload (state {state})" + (f": {err}" if err else ""))
+                for q in disk.queues:
+                    q.stop(abort=True)
+                return
+
+
+def _join_all(disks: list[Disk]) -> None:
+    for d in disks:
+        for q in d.queues:
+            q.join()
+
+
+async def run_guest(opts: GuestOptions) -> tuple[dict[str, Any], list[str]]:
+    """Run the guest; the --json document and one line per failure (empty: success)."""
+    opts.workload.check()
+    host = read_host_json(opts.sim_dir)
+    broker = BrokerClient(host["broker"])
+    xs: XenStore | None = None
+    domain: GuestDomain | None = None
+    disks: list[Disk] = []
+    try:
+        reply, fds = await asyncio.to_thread(
+            broker.call,
+            {"op": "create_domain", "domid": opts.domid, "mem_pages": DEFAULT_MEM_PAGES,
+             "gnttab_entries": DEFAULT_GNTTAB_ENTRIES},
+        )  # fmt: skip
+        try:
+            domain = GuestDomain(fds[0], int(reply["mem_pages"]), fds[1], int(reply["gnttab_entries"]))
+        finally:
+            close_fds(*fds)
+        xs = await XenStore.open(host["xenstored_path"], timeout=max(10.0, opts.frontend.timeout))
+        for vdev, devid in await _disks_of(xs, opts.domid, opts.vdevs):
+            fe = Frontend(xs, broker, domain, opts.domid, devid, vdev, opts.frontend)
+            disks.append(Disk(fe))
+        await _run(disks, domain, opts.workload)
+    finally:
+        for d in disks:
+            with contextlib.suppress(Exception):
+                await d.frontend.close()
+            for q in d.queues:
+                q.free()
+            for s in d.frontend.setups:
+                if not s.consumed:
+                    close_fds(s.evt_recv_fd, s.evt_send_fd)
+        if domain is not None:
+            domain.close()
+        if xs is not None:
+            await xs.close()
+        broker.close()
+    failures = [f"{d.frontend.vdev}: {d.error}" for d in disks if d.error]
+    doc = {"domid": opts.domid, "ok": not failures, "disks": [d.record() for d in disks]}
+    return doc, failures
+
+
+async def _connect(disk: Disk, domain: GuestDomain, w: Workload) -> None:
+    try:
+        await disk.frontend.connect()
+        _plan_queues(disk, domain, w)
+    except XenblkError as e:
+        disk.fail(str(e))
+
+
+async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
+    await asyncio.gather(*(_connect(d, domain, w) for d in disks))
+    live = [d for d in disks if d.error is None]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stop.set()
+        for d in live:
+            for q in d.queues:
+                q.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    watchers = [asyncio.create_task(_watch_backend(d)) for d in live]
+    try:
+        if w.rw is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), w.runtime)
+        else:
+            for d in live:
+                for q in d.queues:
+                    q.start()
+            await asyncio.to_thread(_join_all, live)
+    finally:
+        for t in watchers:
+            t.cancel()
+        for t in watchers:
+            with contextlib.suppress(asyncio.CancelledError, XenblkError):
+                await t
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    for d in live:
+        d.stats = [q.stats() for q in d.queues]
+        for s in d.stats:
+            if s.failed:
+                d.fail(bytes(s.error).split(b"\0", 1)[0].decode(errors="replace"))
+                break
+
+
+def main(opts: GuestOptions, as_json: bool) -> int:
+    import json
+
+    doc, failures = asyncio.run(run_guest(opts))
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_table(doc)
+    for line in failures:
+        print(f"xenblk sim guest: {line}", file=sys.stderr)
+    return 0 if not failures else 1
+
+
+def _print_table(doc: dict[str, Any]) -> None:
+    print(f"domain {doc['domid']}: {'ok' if doc['ok'] else 'FAILED'}")
+    for d in doc["disks"]:
+        n = d.get("negotiated") or {}
+        lat = d["latency_us"]
+        print(
+            f"  {d['vdev']:<6} {d.get('sectors', 0) * 512 / 2**20:8.1f} MiB  {n.get('protocol', '-')} "
+            f"ring {n.get('ring_pages', '-')}p x{n.get('queues', '-')}  {d['ios']} I/Os in {d['seconds']} s: "
+            f"{d['iops']:.0f} IOPS {d['mbps']:.1f} MB/s  lat us mean {lat['mean']} p50 {lat['p50']} p99 {lat['p99']} "
+            f"p99.9 {lat['p99.9']}  errors {d['errors']} verify {d['verify_errors']}"
+            + (f"  ERROR: {d['error']}" if "error" in d else "")
+        )
