@@ -236,6 +236,12 @@ class Daemon:
         if self._stop.is_set() or domid > 0x7FEF or devid >= 1 << 32:
             return
         state = parse_state(await self.ctx.xs.try_read(f"{self._base(btype)}/{domid}/{devid}/state"))
+        if existing is not None and existing.crashed:
+            # Closed with an error by a bug: serving it again could crash in a loop. A new attach
+            # (the backend dir removed and written again) or a restart serves it.
+            if state is None:
+                del self.devices[key]
+            return
         if state is None:
             return  # being written by the toolstack (state comes last) or being removed
         dev = DeviceTask(self.ctx, btype, domid, devid)
@@ -246,7 +252,7 @@ class Daemon:
         try:
             await dev.run()
         finally:
-            if self.devices.get(key) is dev:
+            if self.devices.get(key) is dev and not dev.crashed:
                 del self.devices[key]
             # The device may have been re-created while this task was ending.
             if not self._stop.is_set():

@@ -85,6 +85,7 @@ class DeviceTask:
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._shutdown = False
+        self.crashed = False  # the task died of a bug: not served again until re-attached or restarted
         self._resume_on: set[int] = set()
         self._seen_other_than_1 = False
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
@@ -107,6 +108,7 @@ class DeviceTask:
             await self._stop_dataplane()
             raise
         except Exception as e:  # one device's bug must never take the daemon down
+            self.crashed = True
             self.log.exception("device.crashed")
             with contextlib.suppress(Exception):
                 await self._close_with_error(f"internal error: {type(e).__name__}: {e}")
@@ -218,15 +220,15 @@ class DeviceTask:
                 await self._close_with_error("frontend state node disappeared while connected", fs)
             elif fs != S.CONNECTED and fs != S.INITIALISED:
                 await self._close_with_error(f"frontend state went back from Connected to {state_name(fs)}", fs)
-            elif fs == S.INITIALISED and self.state == S.CONNECTED and self._frontend_was_connected:
+            elif fs == S.INITIALISED and self.state == S.CONNECTED and self.frontend_connected:
                 await self._close_with_error("frontend state went back from Connected to Initialised", fs)
             else:
                 if fs == S.CONNECTED:
-                    self._frontend_was_connected = True
+                    self.frontend_connected = True
                 await self._check_queues(fs)
         return False
 
-    _frontend_was_connected = False
+    frontend_connected = False
 
     def _enter_closed(self, resume_on: set[int], fs: int | None) -> None:
         self.phase = Phase.CLOSED
@@ -302,7 +304,7 @@ class DeviceTask:
         except _Vanished:
             return False
         self.error = None
-        self._frontend_was_connected = False
+        self.frontend_connected = False
         self.phase = Phase.INIT_WAIT
         return True
 
