@@ -229,7 +229,7 @@ struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char
             FAIL("%s: unsupported incompatible feature bit %d (%s)", path, bit, incompat_name(bit));
         }
     }
-    if (q->rc_order > 6)
+    if (q->rc_order < 0 || q->rc_order > 6) /* read as int: a huge u32 is negative */
         FAIL("%s: refcount_order %d out of range 0..6", path, q->rc_order);
     q->rb_bits = q->cluster_bits + 3 - (unsigned)q->rc_order;
     if (q->nb_snapshots && !q->ro)
