@@ -244,6 +244,8 @@ class Daemon:
             return
         if state is None:
             return  # being written by the toolstack (state comes last) or being removed
+        if self.devices.get(key) is not existing or self._stop.is_set():
+            return  # another event spawned it while we read the state
         dev = DeviceTask(self.ctx, btype, domid, devid)
         self.devices[key] = dev
         dev.task = asyncio.create_task(self._run_device(key, dev), name=f"device {btype}/{domid}/{devid}")

@@ -38,7 +38,12 @@ class UeventListener:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def start(self) -> bool:
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._read, name="uevents", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        # Created on this thread: pyroute2's sync socket refuses a thread whose event loop is running.
         try:
             from pyroute2 import UeventSocket
 
@@ -47,12 +52,8 @@ class UeventListener:
         except Exception as e:  # no netlink (a container, or sandboxing): resize still works by `xenblk resize`
             log.warning("uevents.unavailable", error=str(e))
             self._sock = None
-            return False
-        self._thread = threading.Thread(target=self._read, name="uevents", daemon=True)
-        self._thread.start()
-        return True
-
-    def _read(self) -> None:
+            return
+        log.debug("uevents.listening")
         while not self._stopping:
             try:
                 msgs = self._sock.get()

@@ -52,13 +52,13 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     from xenblk.backend.states import name
 
     head = (
-        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<11} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<32} IMAGE"
+        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<12} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<32} IMAGE"
     )
     out = [head]
     for r in rows:
         state = name(r["state"]) + ("!" if r.get("error") else "")
         out.append(
-            f"{r['domid']:>5} {r['vdev']:<6} {state:<11} {r['format']:<6} {_dash(r['queues']):>2} "
+            f"{r['domid']:>5} {r['vdev']:<6} {state:<12} {r['format']:<6} {_dash(r['queues']):>2} "
             f"{_dash(r['ring_order']):>3} {_dash(r['in_flight']):>4}  {','.join(r['features']) or '-':<32} {r['image']}"
         )
         if r.get("error"):
