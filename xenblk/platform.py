@@ -83,7 +83,8 @@ class Platform:
         self.self_domid = self_domid
         self.broker_path = broker_path
         self._broker: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # attach/detach/close
+        self._broker_lock = threading.Lock()  # the broker connection
         self._attached: dict[int, int] = {}
 
     def _p(self) -> Any:
@@ -94,15 +95,21 @@ class Platform:
     def _call_broker(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         from xenblk.sim.broker import BrokerClient, BrokerError
 
-        try:
-            if self.broker_path is None:
-                raise PlatformError(f"sim platform without a broker cannot do {req.get('op')}")
-            if self._broker is None:
-                self._broker = BrokerClient(str(self.broker_path))
-            reply, fds = self._broker.call(req)
-        except BrokerError as e:
-            raise PlatformError(str(e)) from e
-        return reply, fds
+        if self.broker_path is None:
+            raise PlatformError(f"sim platform without a broker cannot do {req.get('op')}")
+        with self._broker_lock:
+            if self.ptr is None:
+                raise PlatformError("the platform is closed")
+            try:
+                if self._broker is None:
+                    self._broker = BrokerClient(self.broker_path)
+                return self._broker.call(req)  # type: ignore[no-any-return]
+            except BrokerError as e:
+                if isinstance(e.__cause__, OSError) and self._broker is not None:
+                    # The connection broke (a restarted host): the next call connects afresh.
+                    self._broker.close()
+                    self._broker = None
+                raise PlatformError(str(e)) from e
 
     def attach_domain(self, domid: int) -> None:
         """Make a guest's grants usable. sim: fetch its memory and grant table from the broker."""
@@ -193,6 +200,7 @@ class Platform:
             lib.xb_platform_close(self.ptr)
             self.ptr = None
             self._attached.clear()
+        with self._broker_lock:
             if self._broker is not None:
                 self._broker.close()
                 self._broker = None
