@@ -19,6 +19,8 @@
 
 enum slot_kind { K_READ, K_WRITE, K_FLUSH, K_DISCARD };
 
+#define RECENT 1024
+
 struct slot {
     int busy;
     int kind;            /* enum slot_kind */
@@ -49,6 +51,8 @@ struct xb_sg_queue {
     unsigned *readbacks;     /* slots waiting to issue their read-back */
     unsigned nreadbacks;
     uint16_t *gens;          /* per block of the region: the generation last written (mixed + verify) */
+    uint64_t recent[RECENT]; /* blocks written lately (mixed + verify): where reads go, to check them */
+    unsigned recent_n, recent_pos;
     struct sg_perm perm;
     uint64_t perm_pass;
     uint64_t issued;         /* workload I/Os issued (not read-backs, flushes) */
@@ -149,10 +153,6 @@ struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_q
         sg_errf(err, "unknown ABI %d", c.abi);
         goto fail;
     }
-    if (c.hostile != 0) {
-        sg_errf(err, "hostile modes are not implemented");
-        goto fail;
-    }
     if (c.ring_frame + c.ring_pages > d->mem_pages || (uint64_t)c.ring_ref + c.ring_pages > d->gnttab_entries) {
         sg_errf(err, "ring pages or grant refs beyond the domain's memory or grant table");
         goto fail;
@@ -164,80 +164,17 @@ struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_q
     }
     q->d = d;
     q->cfg = c;
+    q->cfg.rw = -1; /* no workload until xb_sg_queue_setup */
     q->abi = (enum xb_abi)c.abi;
-    q->stop_fd = -1;
     q->ring_size = xb_sg_ring_entries(c.abi, c.ring_pages);
-    if (c.rw >= 0) {
-        if (c.rw > XB_SG_RW_TRIM) {
-            sg_errf(err, "unknown workload %d", c.rw);
-            goto fail;
-        }
-        uint64_t need = xb_sg_pool_pages(&c, err);
-        if (need == 0)
-            goto fail;
-        if (need > c.pool_pages || c.pool_frame + c.pool_pages > d->mem_pages ||
-            (uint64_t)c.pool_ref + c.pool_pages > d->gnttab_entries) {
-            sg_errf(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c.pool_pages,
-                    (unsigned long long)need);
-            goto fail;
-        }
-        if (c.region_blocks == 0) {
-            sg_errf(err, "the disk is smaller than one block of %u bytes", c.bs);
-            goto fail;
-        }
-        if (c.rw == XB_SG_RW_TRIM && !c.can_discard) {
-            sg_errf(err, "the backend does not offer discard");
-            goto fail;
-        }
-        if (c.discard_every && !c.can_discard) {
-            sg_errf(err, "the backend does not offer discard");
-            goto fail;
-        }
-        if (c.flush_every && !c.can_flush) {
-            sg_errf(err, "the backend does not offer flush");
-            goto fail;
-        }
-        geometry(&c, &q->data_pages, &q->parts, &q->ind_per_part, err);
-        q->slot_pages = q->data_pages + q->parts * q->ind_per_part;
-        q->mixed = c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW;
-        q->random = c.rw == XB_SG_RW_RANDREAD || c.rw == XB_SG_RW_RANDWRITE || c.rw == XB_SG_RW_RANDRW;
-        q->verify_gens = c.verify && q->mixed;
-        q->slots = calloc(c.iodepth, sizeof(*q->slots));
-        q->readbacks = calloc(c.iodepth, sizeof(*q->readbacks));
-        if (!q->slots || !q->readbacks) {
-            sg_errf(err, "out of memory");
-            goto fail;
-        }
-        for (unsigned i = 0; i < c.iodepth; i++) {
-            q->slots[i].page0 = (uint64_t)i * q->slot_pages;
-            q->slots[i].part_done = calloc(q->parts, 1);
-            if (!q->slots[i].part_done) {
-                sg_errf(err, "out of memory");
-                goto fail;
-            }
-        }
-        if (q->verify_gens) {
-            if (c.region_blocks > (1ull << 28)) {
-                sg_errf(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
-                        (unsigned long long)c.region_blocks);
-                goto fail;
-            }
-            q->gens = calloc(c.region_blocks, sizeof(*q->gens));
-            if (!q->gens) {
-                sg_errf(err, "out of memory");
-                goto fail;
-            }
-        }
-        if (c.persistent) /* granted once, writable, reused by every request */
-            for (uint64_t i = 0; i < need; i++)
-                sg_grant(d, c.pool_ref + (uint32_t)i, c.pool_frame + i, c.backend_domid, 0);
-    }
     q->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q->stop_fd < 0) {
         sg_errf(err, "eventfd: %s", strerror(errno));
+        q->cfg.evt_recv_fd = q->cfg.evt_send_fd = -1;
+        xb_sg_queue_free(q);
         goto fail;
     }
-    /* SHARED_RING_INIT: indexes zero, both event thresholds at 1. */
+    /* SHARED_RING_INIT: indexes zero, both event thresholds at 1; then grant it. */
     q->sring = sg_page(d, c.ring_frame);
     memset(q->sring, 0, (size_t)c.ring_pages * XB_PAGE_SIZE);
     struct xb_sring_header *h = (struct xb_sring_header *)q->sring;
@@ -247,13 +184,102 @@ struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_q
         sg_grant(d, c.ring_ref + i, c.ring_frame + i, c.backend_domid, 0);
     return q;
 fail:
-    if (q) {
-        q->cfg.evt_recv_fd = q->cfg.evt_send_fd = -1;
-        xb_sg_queue_free(q);
-    }
     close_fd(&c.evt_recv_fd);
     close_fd(&c.evt_send_fd);
     return NULL;
+}
+
+int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cfg, char *err)
+{
+    struct xb_sg_domain *d = q->d;
+    struct xb_sg_queue_config c = *cfg;
+    if (q->slots || q->started) {
+        sg_errf(err, "queue already set up");
+        return -1;
+    }
+    /* The ring half of the config stays what xb_sg_queue_new was given. */
+    c.abi = q->cfg.abi;
+    c.ring_pages = q->cfg.ring_pages;
+    c.ring_frame = q->cfg.ring_frame;
+    c.ring_ref = q->cfg.ring_ref;
+    c.evt_recv_fd = q->cfg.evt_recv_fd;
+    c.evt_send_fd = q->cfg.evt_send_fd;
+    c.handle = q->cfg.handle;
+    c.backend_domid = q->cfg.backend_domid;
+    if (c.hostile != 0) {
+        sg_errf(err, "hostile modes are not implemented");
+        return -1;
+    }
+    if (c.rw < 0) {
+        q->cfg = c;
+        return 0;
+    }
+    if (c.rw > XB_SG_RW_TRIM) {
+        sg_errf(err, "unknown workload %d", c.rw);
+        return -1;
+    }
+    uint64_t need = xb_sg_pool_pages(&c, err);
+    if (need == 0)
+        return -1;
+    if (need > c.pool_pages || c.pool_frame + c.pool_pages > d->mem_pages ||
+        (uint64_t)c.pool_ref + c.pool_pages > d->gnttab_entries) {
+        sg_errf(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c.pool_pages,
+                (unsigned long long)need);
+        return -1;
+    }
+    if (c.region_blocks == 0) {
+        sg_errf(err, "the disk is smaller than one block of %u bytes", c.bs);
+        return -1;
+    }
+    if ((c.rw == XB_SG_RW_TRIM || c.discard_every) && !c.can_discard) {
+        sg_errf(err, "the backend does not offer discard");
+        return -1;
+    }
+    if (c.flush_every && !c.can_flush) {
+        sg_errf(err, "the backend does not offer flush");
+        return -1;
+    }
+    if (c.verify && c.region_blocks > (1ull << 28) && (c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW)) {
+        sg_errf(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
+                (unsigned long long)c.region_blocks);
+        return -1;
+    }
+    unsigned dp, parts, ipp;
+    geometry(&c, &dp, &parts, &ipp, err);
+    struct slot *slots = calloc(c.iodepth, sizeof(*slots));
+    unsigned *readbacks = calloc(c.iodepth, sizeof(*readbacks));
+    int mixed = c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW;
+    uint16_t *gens = c.verify && mixed ? calloc(c.region_blocks, sizeof(*gens)) : NULL;
+    int ok = slots && readbacks && (gens || !(c.verify && mixed));
+    for (unsigned i = 0; ok && i < c.iodepth; i++) {
+        slots[i].page0 = (uint64_t)i * (dp + parts * ipp);
+        slots[i].part_done = calloc(parts, 1);
+        ok = slots[i].part_done != NULL;
+    }
+    if (!ok) {
+        for (unsigned i = 0; slots && i < c.iodepth; i++)
+            free(slots[i].part_done);
+        free(slots);
+        free(readbacks);
+        free(gens);
+        sg_errf(err, "out of memory");
+        return -1;
+    }
+    q->cfg = c;
+    q->data_pages = dp;
+    q->parts = parts;
+    q->ind_per_part = ipp;
+    q->slot_pages = dp + parts * ipp;
+    q->mixed = mixed;
+    q->random = c.rw == XB_SG_RW_RANDREAD || c.rw == XB_SG_RW_RANDWRITE || c.rw == XB_SG_RW_RANDRW;
+    q->verify_gens = gens != NULL;
+    q->slots = slots;
+    q->readbacks = readbacks;
+    q->gens = gens;
+    if (c.persistent) /* granted once, writable, reused by every request */
+        for (uint64_t i = 0; i < need; i++)
+            sg_grant(d, c.pool_ref + (uint32_t)i, c.pool_frame + i, c.backend_domid, 0);
+    return 0;
 }
 
 /* ---- the ring ---- */
@@ -525,6 +551,12 @@ static int issue_next(struct xb_sg_queue *q, unsigned idx, uint64_t now)
         return 0;
     if (c->verify && block_busy(q, block))
         return 0; /* deterministic order: wait for the block rather than skip it */
+    if (kind == K_READ && q->verify_gens && q->recent_n) {
+        /* Read something this run wrote, so the read has an expected content to be checked against. */
+        block = q->recent[sg_mix64(c->seed ^ sg_mix64(k ^ 0xbeef)) % q->recent_n];
+        if (block_busy(q, block))
+            return 0;
+    }
     s->kind = kind;
     s->block = block;
     s->readback = 0;
@@ -586,6 +618,31 @@ static const char *kind_name(int kind)
     return names[kind];
 }
 
+struct sector_text {
+    char text[128];
+};
+
+/* What a sector that failed verification holds, for the error message. */
+static struct sector_text describe_sector(const uint8_t *p)
+{
+    struct sector_text t;
+    int zero = 1, poison = 1;
+    for (unsigned i = 0; i < 512; i++) {
+        zero &= p[i] == 0;
+        poison &= p[i] == 0xdb;
+    }
+    uint64_t w[2];
+    memcpy(w, p, sizeof(w));
+    if (zero)
+        snprintf(t.text, sizeof(t.text), "found zeros");
+    else if (poison)
+        snprintf(t.text, sizeof(t.text), "the buffer was not written by the backend");
+    else
+        snprintf(t.text, sizeof(t.text), "found a sector tagged offset %llu seed %llu generation %u",
+                 (unsigned long long)w[0], (unsigned long long)(w[1] >> 32), (unsigned)(w[1] & 0xffffffffu));
+    return t;
+}
+
 static void complete(struct xb_sg_queue *q, unsigned idx, uint64_t now)
 {
     struct slot *s = &q->slots[idx];
@@ -620,8 +677,13 @@ static void complete(struct xb_sg_queue *q, unsigned idx, uint64_t now)
         return;
     }
     if (s->kind == K_WRITE) {
-        if (q->verify_gens)
+        if (q->verify_gens) {
             q->gens[rel] = (uint16_t)s->gen;
+            q->recent[q->recent_pos] = s->block;
+            q->recent_pos = (q->recent_pos + 1) % RECENT;
+            if (q->recent_n < RECENT)
+                q->recent_n++;
+        }
         else if (c->verify) { /* write/randwrite: read the block back before the slot is free */
             s->pending_readback = 1;
             q->readbacks[q->nreadbacks++] = idx;
@@ -640,11 +702,9 @@ static void complete(struct xb_sg_queue *q, unsigned idx, uint64_t now)
             return;
         }
         q->st.verify_errors++;
-        const uint64_t *w = (const uint64_t *)(slot_buf(q, s) + bad);
-        fail(q, "verify error at byte offset %llu (%s): expected generation %u, found a sector tagged offset %llu "
-                "generation %u",
-             (unsigned long long)(off + (uint64_t)bad), s->readback ? "read-back of a write" : "read", s->gen,
-             (unsigned long long)w[0], (unsigned)(w[1] & 0xffffffffu));
+        fail(q, "verify error at byte offset %llu (%s, seed %llu generation %u expected): %s",
+             (unsigned long long)(off + (uint64_t)bad), s->readback ? "read-back of a write" : "read",
+             (unsigned long long)c->seed, s->gen, describe_sector(slot_buf(q, s) + bad).text);
     }
 }
 
@@ -760,6 +820,10 @@ int xb_sg_queue_start(struct xb_sg_queue *q, char *err)
         sg_errf(err, "queue already started");
         return -1;
     }
+    if (q->cfg.rw >= 0 && !q->slots) {
+        sg_errf(err, "queue has no workload (xb_sg_queue_setup)");
+        return -1;
+    }
     int rc = pthread_create(&q->thread, NULL, queue_main, q);
     if (rc) {
         sg_errf(err, "pthread_create: %s", strerror(rc));
@@ -798,13 +862,12 @@ void xb_sg_queue_free(struct xb_sg_queue *q)
         xb_sg_queue_stop(q, 1);
         xb_sg_queue_join(q);
     }
-    if (q->sring) {
+    if (q->sring)
         for (unsigned i = 0; i < q->cfg.ring_pages; i++)
             sg_revoke(q->d, q->cfg.ring_ref + i);
-        if (q->slots)
-            for (uint64_t i = 0; i < (uint64_t)q->cfg.iodepth * q->slot_pages; i++)
-                sg_revoke(q->d, q->cfg.pool_ref + (uint32_t)i);
-    }
+    if (q->slots)
+        for (uint64_t i = 0; i < (uint64_t)q->cfg.iodepth * q->slot_pages; i++)
+            sg_revoke(q->d, q->cfg.pool_ref + (uint32_t)i);
     if (q->slots)
         for (unsigned i = 0; i < q->cfg.iodepth; i++)
             free(q->slots[i].part_done);

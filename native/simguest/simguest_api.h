@@ -98,8 +98,11 @@ uint32_t xb_sg_ring_entries(int abi, unsigned ring_pages);
 /* Pages the queue's pool needs for this config (0 with an error in err if it cannot work). */
 uint64_t xb_sg_pool_pages(const struct xb_sg_queue_config *cfg, char *err);
 
-/* Grants and initialises the ring; takes ownership of the event-channel fds even on failure. */
+/* From the ring half of cfg (abi .. backend_domid): initialises and grants the ring, before the frontend
+ * publishes it. Takes ownership of the event-channel fds, also on failure. */
 struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_queue_config *cfg, char *err);
+/* From the rest of cfg, once the backend is connected: the page pool and the workload. */
+int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cfg, char *err);
 int xb_sg_queue_start(struct xb_sg_queue *q, char *err);
 /* Waits for the thread (call without the GIL; cffi releases it). 0 ok, -1 the queue failed. */
 int xb_sg_queue_join(struct xb_sg_queue *q);

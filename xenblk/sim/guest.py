@@ -21,7 +21,15 @@ from typing import Any
 from xenblk.errors import XenblkError
 from xenblk.sim.broker import DEFAULT_GNTTAB_ENTRIES, DEFAULT_MEM_PAGES, BrokerClient, read_host_json
 from xenblk.sim.guest_frontend import CONNECTED, Frontend, FrontendOptions
-from xenblk.sim.guest_native import GuestDomain, GuestError, GuestQueue, close_fds, new_config, pool_pages
+from xenblk.sim.guest_native import (
+    GuestDomain,
+    GuestError,
+    GuestQueue,
+    close_fds,
+    error_message,
+    new_config,
+    pool_pages,
+)
 from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, split
 from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
 from xenblk.xenstore import XenStore
@@ -41,9 +49,12 @@ class GuestOptions:
 @dataclass
 class Disk:
     frontend: Frontend
-    queues: list[GuestQueue] = field(default_factory=list)
     error: str | None = None
     stats: list[Any] = field(default_factory=list)
+
+    @property
+    def queues(self) -> list[GuestQueue]:
+        return self.frontend.queues
 
     def fail(self, message: str) -> None:
         if self.error is None:
@@ -94,8 +105,8 @@ def _plan_queues(disk: Disk, domain: GuestDomain, w: Workload) -> None:
     regions = split(nblocks, n.queues)
     ios = split(w.total_ios(fe.disk.bytes), n.queues)
     start = 0
-    for q, setup in enumerate(fe.setups):
-        cfg = new_config(setup)
+    for q, gq in enumerate(fe.queues):
+        cfg = new_config(gq.setup)
         fill_workload(cfg, w, region_start=start, region_blocks=regions[q], total_ios=ios[q])
         start += regions[q]
         cfg.use_indirect = 1 if n.indirect_segments else 0
@@ -110,8 +121,7 @@ def _plan_queues(disk: Disk, domain: GuestDomain, w: Workload) -> None:
         if need:
             cfg.pool_frame, cfg.pool_ref = domain.alloc(need, f"{fe.vdev} queue {q} buffers")
             cfg.pool_pages = need
-        setup.consumed = True  # GuestQueue owns the fds from here, also if it raises
-        disk.queues.append(GuestQueue(domain, cfg))
+        gq.configure(cfg)
 
 
 async def _watch_backend(disk: Disk) -> None:
@@ -160,13 +170,7 @@ async def run_guest(opts: GuestOptions) -> tuple[dict[str, Any], list[str]]:
         await _run(disks, domain, opts.workload)
     finally:
         for d in disks:
-            with contextlib.suppress(Exception):
-                await d.frontend.close()
-            for q in d.queues:
-                q.free()
-            for s in d.frontend.setups:
-                if not s.consumed:
-                    close_fds(s.evt_recv_fd, s.evt_send_fd)
+            await d.frontend.close()
         if domain is not None:
             domain.close()
         if xs is not None:
@@ -221,7 +225,7 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
         d.stats = [q.stats() for q in d.queues]
         for s in d.stats:
             if s.failed:
-                d.fail(bytes(s.error).split(b"\0", 1)[0].decode(errors="replace"))
+                d.fail(error_message(s))
                 break
 
 
@@ -247,6 +251,6 @@ def _print_table(doc: dict[str, Any]) -> None:
             f"  {d['vdev']:<6} {d.get('sectors', 0) * 512 / 2**20:8.1f} MiB  {n.get('protocol', '-')} "
             f"ring {n.get('ring_pages', '-')}p x{n.get('queues', '-')}  {d['ios']} I/Os in {d['seconds']} s: "
             f"{d['iops']:.0f} IOPS {d['mbps']:.1f} MB/s  lat us mean {lat['mean']} p50 {lat['p50']} p99 {lat['p99']} "
-            f"p99.9 {lat['p99.9']}  errors {d['errors']} verify {d['verify_errors']}"
-            + (f"  ERROR: {d['error']}" if "error" in d else "")
+            f"p99.9 {lat['p99.9']}  flushes {d['flushes']} discards {d['discards']}  errors {d['errors']} "
+            f"verify errors {d['verify_errors']}" + (f"  ERROR: {d['error']}" if "error" in d else "")
         )

@@ -13,10 +13,11 @@ from typing import Any
 
 from xenblk.errors import XenblkError
 from xenblk.sim.broker import BrokerClient
-from xenblk.sim.guest_native import GuestDomain, QueueSetup, close_fds
+from xenblk.sim.guest_native import GuestDomain, GuestQueue, QueueSetup, close_fds
 from xenblk.xenstore import Transaction, XenStore
 
 INITIALISING, INIT_WAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = 1, 2, 3, 4, 5, 6
+_RING_KEYS = {"ring-page-order", "multi-queue-num-queues", "event-channel", "protocol", "feature-persistent"}
 
 
 class ConnectError(XenblkError):
@@ -104,7 +105,7 @@ class Frontend:
     backend_id: int = 0
     negotiated: Negotiated | None = None
     disk: DiskInfo | None = None
-    setups: list[QueueSetup] = field(default_factory=list)
+    queues: list[GuestQueue] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     connected: bool = False
 
@@ -178,7 +179,8 @@ class Frontend:
                 close_fds(*fds)
                 raise ConnectError("the broker sent no event-channel fds")
             self.ports.append(int(reply["port"]))
-            self.setups.append(QueueSetup(o.abi, pages, frame, ref, self.devid, self.backend_id, fds[0], fds[1]))
+            setup = QueueSetup(o.abi, pages, frame, ref, self.devid, self.backend_id, fds[0], fds[1])
+            self.queues.append(GuestQueue(self.domain, setup))  # the ring is granted before it is published
         self.negotiated = Negotiated(
             protocol=o.abi,
             ring_pages=pages,
@@ -190,17 +192,22 @@ class Frontend:
         )
 
         async def publish(t: Transaction) -> None:
+            # A previous connection may have left other ring keys (more pages, more queues): a backend
+            # must not read those, so they go first.
+            for key in await t.directory(self.path):
+                if key in _RING_KEYS or key.startswith(("ring-ref", "queue-")):
+                    await t.rm(f"{self.path}/{key}")
             if pages > 1:
                 await t.write(f"{self.path}/ring-page-order", str(order))
             if nq > 1:
                 await t.write(f"{self.path}/multi-queue-num-queues", str(nq))
-            for q, s in enumerate(self.setups):
+            for q, gq in enumerate(self.queues):
                 base = self.path if nq == 1 else f"{self.path}/queue-{q}"
                 if pages == 1:
-                    await t.write(f"{base}/ring-ref", str(s.ring_ref))
+                    await t.write(f"{base}/ring-ref", str(gq.setup.ring_ref))
                 else:
                     for i in range(pages):
-                        await t.write(f"{base}/ring-ref{i}", str(s.ring_ref + i))
+                        await t.write(f"{base}/ring-ref{i}", str(gq.setup.ring_ref + i))
                 await t.write(f"{base}/event-channel", str(self.ports[q]))
             await t.write(f"{self.path}/protocol", o.abi)
             await t.write(f"{self.path}/feature-persistent", "1" if o.persistent else "0")
@@ -233,7 +240,8 @@ class Frontend:
             n.indirect_segments = min(n.backend_max_indirect, 8 * 512)
 
     async def close(self) -> None:
-        """Closing, wait for the backend to let go, Closed. Safe on a half-connected frontend."""
+        """Closing, wait for the backend to let go, Closed, then revoke the rings. Safe on a half-connected
+        frontend; the queues' threads must have ended."""
         xs = self.xs
         if self.backend:
             with contextlib.suppress(XenblkError, TimeoutError):
@@ -242,6 +250,9 @@ class Frontend:
                 await xs.write(f"{self.path}/state", str(CLOSED))
                 if state == CLOSING:
                     await self._wait_backend(lambda s: s in (CLOSED, None), "Closed (6)")
+        for gq in self.queues:
+            gq.free()
+        self.queues.clear()
         for port in self.ports:
             with contextlib.suppress(XenblkError):
                 await asyncio.to_thread(self.broker.call, {"op": "evtchn_close", "domid": self.domid, "port": port})

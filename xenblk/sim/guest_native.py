@@ -79,7 +79,6 @@ class QueueSetup:
     backend_domid: int
     evt_recv_fd: int
     evt_send_fd: int
-    consumed: bool = False  # the fds now belong to a GuestQueue
 
 
 def ring_entries(abi: str, ring_pages: int) -> int:
@@ -109,16 +108,23 @@ def pool_pages(cfg: Any) -> int:
 
 
 class GuestQueue:
-    """One queue; owns its event-channel fds from construction on (also when it raises)."""
+    """One queue: its ring is initialised and granted at construction (before the frontend publishes
+    it); `setup()` adds the page pool and workload once the backend is connected. Owns the event
+    channel's fds from construction on, also when it raises."""
 
-    def __init__(self, domain: GuestDomain, cfg: Any) -> None:
+    def __init__(self, domain: GuestDomain, setup: QueueSetup) -> None:
         err = _err_buf()
-        self._cfg = cfg
-        ptr = lib.xb_sg_queue_new(domain.ptr, cfg, err)
+        self.setup = setup
+        ptr = lib.xb_sg_queue_new(domain.ptr, new_config(setup), err)
         if ptr == ffi.NULL:
             raise GuestError(_msg(err))
         self.ptr = ptr
         self.started = False
+
+    def configure(self, cfg: Any) -> None:
+        err = _err_buf()
+        if lib.xb_sg_queue_setup(self.ptr, cfg, err) != 0:
+            raise GuestError(_msg(err))
 
     def start(self) -> None:
         err = _err_buf()
@@ -142,6 +148,11 @@ class GuestQueue:
         if self.ptr is not None:
             lib.xb_sg_queue_free(self.ptr)
             self.ptr = None
+
+
+def error_message(stats: Any) -> str:
+    """The first error a queue recorded (struct xb_sg_stats.error)."""
+    return _msg(stats.error)
 
 
 def close_fds(*fds: int) -> None:
