@@ -32,7 +32,7 @@ from xenblk.sim.guest_native import (
 )
 from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, split
 from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
-from xenblk.xenstore import XenStore
+from xenblk.xenstore import NoEntry, XenStore
 
 WRITING_MODES = ("write", "randwrite", "rw", "randrw", "trim")
 
@@ -77,7 +77,11 @@ async def _disks_of(xs: XenStore, domid: int, vdevs: list[str] | None) -> list[t
     if vdevs:
         return [(v, vdev_to_devid(v)) for v in vdevs]
     found = []
-    for name in await xs.directory(f"/local/domain/{domid}/device/vbd"):
+    try:
+        names = await xs.directory(f"/local/domain/{domid}/device/vbd")
+    except NoEntry:
+        names = []
+    for name in names:
         if not name.isdigit():
             continue
         devid = int(name)

@@ -147,7 +147,9 @@ class Frontend:
         self.backend = backend
         self.backend_id = _uint(await xs.try_read(f"{self.path}/backend-id"), 0, "backend-id")
         state = _state(await xs.try_read(f"{self.path}/state"))
-        stale_error = await xs.try_read(f"{self.backend}/error")
+        # Going back to Initialising makes the backend retry, so an error it wrote before is stale until
+        # it moves; with the frontend already Initialising, a Closed backend's error is its answer.
+        stale_error = await xs.try_read(f"{self.backend}/error") if state != INITIALISING else None
         if state != INITIALISING:
             if state not in (None, CLOSED):
                 # A previous run died while connected: unplug first, as a driver unbind would.
