@@ -32,5 +32,13 @@ fuzz: setup
 bench: setup
 	$(PY) -m bench
 
+# Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/
+xen-test: setup
+	tests/xen/run.sh test
+
+# blkback vs qdisk vs xenblk inside one guest; table in bench/results/xen-<date>.txt
+xen-bench: setup
+	tests/xen/run.sh bench
+
 clean:
 	rm -rf build xenblk/_*.so .pytest_cache .mypy_cache .ruff_cache

@@ -42,7 +42,11 @@ domid=$(xl domid "$name")
 guest_ready "$name" 180
 
 step "attach ($BACKEND)"
+declare -A IMAGE FORMAT PHY
+IMAGE=([xvdb]=$IMG/raw.img [xvdc]=$IMG/disk.qcow2 [xvdd]=$lv)
+FORMAT=([xvdb]=raw [xvdc]=qcow2 [xvdd]=block)
 if [ "$BACKEND" = xenblk ]; then
+    betype=vbd3
     cat > "$OUT/xenblk.toml" << TOML
 [daemon]
 backend_types = ["vbd3"]
@@ -57,23 +61,56 @@ listen = "127.0.0.1:9469"
 allowed_dirs = ["$IMG", "/dev"]
 TOML
     start_daemon "$OUT/xenblk.toml" "$OUT/serve.log"
-    attach() { timeout 240 "$XENBLK" --config "$OUT/xenblk.toml" attach "$domid" "$@" --wait; }
-    attach "$IMG/raw.img" --vdev xvdb --format raw && ok "attach raw.img as xvdb" || bad "attach raw.img"
-    attach "$IMG/disk.qcow2" --vdev xvdc --format qcow2 && ok "attach disk.qcow2 as xvdc" || bad "attach disk.qcow2"
-    attach "$lv" --vdev xvdd && ok "attach $lv as xvdd" || bad "attach $lv"
-    "$XENBLK" --config "$OUT/xenblk.toml" list
-    betype=vbd3
 else
-    for a in "xvdb $IMG/raw.img" "xvdc $IMG/second.img" "xvdd $lv"; do
-        set -- $a
-        dev=$2
-        [ -b "$dev" ] || dev=$(losetup -f --show "$2")
-        xen-vm-guest attach-by-hand "$domid" "$1" "/local/domain/0/backend/vbd/$domid/$(devid "$1")" \
-            type=phy params="$dev" physical-device="$(stat -L -c %t:%T "$dev")" && ok "attach $2 as $1 (blkback)" ||
-            bad "attach $2 (blkback)"
-    done
     betype=vbd
+    IMAGE[xvdc]=$IMG/second.img
+    for v in xvdb xvdc xvdd; do
+        PHY[$v]=${IMAGE[$v]}
+        [ -b "${PHY[$v]}" ] || PHY[$v]=$(losetup -f --show "${IMAGE[$v]}")
+    done
 fi
+attach_disk() {
+    local v=$1
+    if [ "$BACKEND" = xenblk ]; then
+        "$XENBLK" --config "$OUT/xenblk.toml" attach "$domid" "${IMAGE[$v]}" --vdev "$v" --format "${FORMAT[$v]}" \
+            --wait --timeout 240
+    else
+        xen-vm-guest attach-by-hand "$domid" "$v" "/local/domain/0/backend/vbd/$domid/$(devid "$v")" \
+            type=phy params="${PHY[$v]}" physical-device="$(stat -L -c %t:%T "${PHY[$v]}")"
+    fi
+}
+detach_disk() {
+    local v=$1 id; id=$(devid "$1")
+    if [ "$BACKEND" = xenblk ]; then
+        "$XENBLK" --config "$OUT/xenblk.toml" detach "$domid" "$v" --timeout 60
+    else
+        xenstore-rm "/local/domain/$domid/device/vbd/$id" && xenstore-rm "/local/domain/0/backend/vbd/$domid/$id"
+    fi
+}
+for v in xvdb xvdc xvdd; do
+    attach_disk $v && ok "attach ${IMAGE[$v]} as $v ($BACKEND)" || bad "attach ${IMAGE[$v]} as $v ($BACKEND)"
+done
+[ "$BACKEND" = xenblk ] && "$XENBLK" --config "$OUT/xenblk.toml" list
+
+# The payload closes its disks (unbind), then asks for them again: the toolstack's part
+reattach_on_request() {
+    until grep -qs 'GUEST reattach-please' "$CONSOLE_DIR/guest-$name.log"; do
+        xl domid "$name" > /dev/null 2>&1 || return 0
+        sleep 1
+    done
+    step "the guest closed its disks: detach and re-attach"
+    local v st t
+    for v in xvdb xvdc xvdd; do
+        t=0
+        while st=$(xenstore-read "/local/domain/0/backend/$betype/$domid/$(devid $v)/state" 2> /dev/null) &&
+            [ "$st" != 6 ] && [ $t -lt 30 ]; do sleep 1; t=$((t + 1)); done
+        [ "$st" = 6 ] && ok "$v: backend followed the guest to Closed" || bad "$v: backend state $st after the guest closed"
+        detach_disk $v && ok "$v: detached" || bad "$v: detach"
+        attach_disk $v && ok "$v: re-attached" || bad "$v: re-attach"
+    done
+}
+reattach_on_request > "$OUT/reattach.log" 2>&1 &
+reattach_pid=$!
 
 # what the guest's blkfront negotiated, as the frontend wrote it
 sleep 2
@@ -94,6 +131,9 @@ out=$(xen-vm-guest wait "$name" --timeout 900)
 rc=$?
 printf '%s\n' "$out" > "$OUT/guest-console.txt"
 grep -E '^GUEST' <<< "$out"
+wait $reattach_pid
+cat "$OUT/reattach.log"
+fails=$((fails + $(grep -c '^DOM0 FAIL' "$OUT/reattach.log")))
 [ $rc = 0 ] && ok "guest payload passed" || bad "guest payload exit status $rc (console: guest-console.txt)"
 
 step "after the guest"
@@ -118,6 +158,7 @@ PY
     grep -ciE '"level": *"(error|critical)"|Traceback' "$OUT/serve.log" | xargs -I{} echo "serve.log: {} error lines"
 else
     xenstore-rm "/local/domain/0/backend/vbd/$domid"
+    for v in xvdb xvdc; do losetup -d "${PHY[$v]}"; done
 fi
 echo "xen-test ($BACKEND): $fails failures"
 exit $((fails > 100 ? 100 : fails))

@@ -92,6 +92,11 @@ discard_check() {
     if blkdiscard -o $((32 << 20)) -l $((8 << 20)) /dev/$d; then ok "$d: blkdiscard 8 MiB at 32 MiB"; else bad "$d: blkdiscard"; fi
 }
 
+# Detach and re-attach. The guest closes every disk (driver unbind: blkfront goes Closed and
+# the backend must follow); a bind alone cannot reconnect, because blkfront only talks to a
+# backend in InitWait while its own xenbus device is still Initialising, which a rebound
+# device is not. So, like a toolstack, the Dom0 script then detaches and re-attaches the
+# disks (new frontend nodes, new xenbus devices) when it sees "GUEST reattach-please".
 rebind_check() {
     local d dev
     for d in $disks; do
@@ -100,19 +105,20 @@ rebind_check() {
     done
     for d in $disks; do
         dev=$(basename "$(readlink /sys/block/$d/device)")
-        echo "$dev" > /sys/bus/xen/drivers/vbd/unbind || bad "unbind $dev"
+        echo "$dev" > /sys/bus/xen/drivers/vbd/unbind && ok "$d: unbind $dev" || bad "$d: unbind $dev"
     done
     sleep 1
     for d in $disks; do [ -b /dev/$d ] && bad "$d still present after unbind"; done
     for dev in $(ls /sys/bus/xen/devices | grep '^vbd-'); do
         echo "$dev" > /sys/bus/xen/drivers/vbd/bind || bad "bind $dev"
     done
-    wait_disks 120 || return
-    ok "all disks back after unbind/bind"
+    echo "GUEST reattach-please"
+    wait_disks 300 || return
+    ok "all disks back after unbind and re-attach"
     for d in $disks; do
         dd if=/dev/$d of=/tmp/back-$d bs=4096 skip=12288 count=64 iflag=direct 2> /dev/null
-        cmp -s /tmp/pat-$d /tmp/back-$d && ok "$d: data written before unbind reads back after bind" ||
-            bad "$d: data differs after unbind/bind"
+        cmp -s /tmp/pat-$d /tmp/back-$d && ok "$d: data written before the detach reads back" ||
+            bad "$d: data differs after detach and re-attach"
         negotiated "$d"
         fio_verify "$d" --verify_only
     done
