@@ -3,6 +3,7 @@
  * same seed writes the same bytes at the same offsets on any disk, and a read can tell a stale or
  * misplaced sector from the right one. Word 0 holds the offset and word 1 the generation and the
  * seed's low bits in clear (for error messages); the rest is an xorshift stream keyed by all three.
+ * Also the keyed permutation that gives the random block order of each pass.
  */
 #include <string.h>
 #include "sg_int.h"
@@ -85,30 +86,4 @@ uint64_t sg_perm_apply(const struct sg_perm *p, uint64_t i)
     while (x >= p->n) /* the domain is < 4n, so this ends after a few steps on average */
         x = feistel(p, x);
     return x;
-}
-
-/* ---- latency histogram ---- */
-
-unsigned sg_hist_index(uint64_t ns)
-{
-    if (ns < XB_SG_HIST_SUB)
-        return (unsigned)ns;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned shift = msb - 5;
-    return XB_SG_HIST_SUB + (msb - 5) * XB_SG_HIST_SUB + (unsigned)((ns >> shift) & (XB_SG_HIST_SUB - 1));
-}
-
-uint64_t xb_sg_hist_lower_ns(unsigned idx)
-{
-    if (idx < XB_SG_HIST_SUB)
-        return idx;
-    unsigned g = (idx - XB_SG_HIST_SUB) / XB_SG_HIST_SUB, sub = (idx - XB_SG_HIST_SUB) % XB_SG_HIST_SUB;
-    return (uint64_t)(XB_SG_HIST_SUB + sub) << g;
-}
-
-uint64_t xb_sg_hist_width_ns(unsigned idx)
-{
-    if (idx < XB_SG_HIST_SUB)
-        return 1;
-    return 1ull << ((idx - XB_SG_HIST_SUB) / XB_SG_HIST_SUB);
 }
