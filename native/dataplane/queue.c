@@ -466,6 +466,7 @@ static void handle_request(struct xb_queue *q, const void *raw)
     r->flush_after = 0;
     r->err = 0;
     r->nr_ext = 0;
+    r->t_storage = 0; /* 0 until storage starts: a parked barrier has not */
     q->in_flight++;
     ST_SET(q, in_flight, q->in_flight);
     if (r->p.nseg)
