@@ -1,0 +1,1 @@
+-I../dataplane ../dataplane/parse.c
