@@ -153,20 +153,29 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         q->reqs[i].next_free = q->free_reqs;
         q->free_reqs = &q->reqs[i];
     }
+    /* Room in the completion queue for every extent of every request the ring can hold, so
+     * completions never overflow into the kernel's backlog. */
+    unsigned cq = 4 * XB_URING_ENTRIES;
+    while (cq < q->ring_size * XB_MAX_EXTENTS)
+        cq *= 2;
     struct io_uring_params params;
     memset(&params, 0, sizeof(params));
     params.flags = IORING_SETUP_CQSIZE;
-    params.cq_entries = 4 * XB_URING_ENTRIES;
+    params.cq_entries = cq;
     int urc = io_uring_queue_init_params(XB_URING_ENTRIES, &q->uring, &params);
-    if (urc < 0) {
+    if (urc == -ENOSYS || urc == -EPERM) {
+        /* io_uring disabled (kernel.io_uring_disabled, seccomp): every request takes the synchronous path. */
+        q->uring_ok = 0;
+    } else if (urc < 0) {
         seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
         goto fail;
-    }
-    q->uring_ok = 1;
-    urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
-    if (urc < 0) {
-        seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
-        goto fail;
+    } else {
+        q->uring_ok = 1;
+        urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
+        if (urc < 0) {
+            seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
+            goto fail;
+        }
     }
     q->ch = ch;
     __atomic_store_n(&q->stopping, 0, __ATOMIC_RELAXED);

@@ -443,6 +443,10 @@ static void refuse(struct xb_queue *q, struct xb_req *r)
 static void handle_request(struct xb_queue *q, const void *raw)
 {
     struct xb_req *r = q->free_reqs;
+    if (!r) { /* cannot happen: consume() never takes more than ring_size unanswered requests */
+        queue_fail(q, "internal error: no free request slot");
+        return;
+    }
     q->free_reqs = r->next_free;
     r->t_recv = now_ns();
     struct xb_parse_limits lim = q->dev->lim;
@@ -561,6 +565,15 @@ static int consume(struct xb_queue *q)
     return unconsumed(q) ? 1 : 0;
 }
 
+/* Submit what is queued; 1 if some submissions are still waiting (the kernel said busy). */
+static int submit_pending(struct xb_queue *q)
+{
+    if (!q->uring_ok || io_uring_sq_ready(&q->uring) == 0)
+        return 0;
+    io_uring_submit(&q->uring);
+    return io_uring_sq_ready(&q->uring) != 0;
+}
+
 static void drain_fd(int fd)
 {
     uint64_t v;
@@ -606,6 +619,8 @@ void *xb_queue_main(void *arg)
         if (!halt)
             busy = consume(q);
         push_responses(q);
+        if (submit_pending(q))
+            busy = 1;
         halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);
         if (halt && q->in_flight == 0)
             break;
