@@ -183,8 +183,9 @@ class Device:
         self.stop()
         with self._lock:
             if self._ptr is not None:
-                lib.xb_device_free(ffi.gc(self._ptr, None))
-                self._ptr = None
+                ptr, self._ptr = self._ptr, None
+                ffi.gc(ptr, None)  # drops the destructor in place (and returns None): freed here, once
+                lib.xb_device_free(ptr)
 
     def _p(self) -> Any:
         if self._ptr is None:

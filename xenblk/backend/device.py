@@ -402,17 +402,19 @@ class DeviceTask:
         loop = asyncio.get_running_loop()
 
         def stop() -> list[Any]:
+            retired: list[Any] = []
             try:
                 running.stop()
-                return [running.stats(q) for q in range(nq)]  # the final counts, drained requests included
-            finally:
+                retired = [running.stats(q) for q in range(nq)]  # the final counts, drained requests included
+            except Exception:
+                self.log.exception("device.stop_failed")
+            try:
                 running.close()
+            except Exception:
+                self.log.exception("device.free_failed")
+            return retired
 
-        try:
-            retired = await loop.run_in_executor(None, stop)
-        except Exception:
-            self.log.exception("device.stop_failed")
-            retired = []
+        retired = await loop.run_in_executor(None, stop)
         with self._stats_lock:
             self._retired = retired
         self.log.info("device.stopped")
