@@ -1,0 +1,193 @@
+"""The product end to end on the simulated host, through the CLI only: attach a
+qcow2 over a backing file and a raw image to a simulated guest, run a verified
+workload through the real rings, scrape the metrics with promtool and a real
+Prometheus server, and check the qcow2 with qemu-img afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.e2e import Stack, free_port, stop
+
+
+def make_images(stack: Stack) -> tuple[Path, Path]:
+    base, qcow, raw = stack.images / "base.raw", stack.images / "disk.qcow2", stack.images / "data.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 8M", str(base)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow)], check=True)
+    subprocess.run(["truncate", "-s", "64M", str(raw)], check=True)
+    return qcow, raw
+
+
+def disks_of(result: Any) -> list[dict[str, Any]]:
+    disks = result.get("disks", result) if isinstance(result, dict) else result
+    return list(disks.values()) if isinstance(disks, dict) else list(disks)
+
+
+def test_verified_workload_on_qcow2_and_raw(stack: Stack) -> None:
+    qcow, raw = make_images(stack)
+    stack.attach(1, f"qcow2:{qcow}", "xvdb")
+    stack.attach(1, str(raw), "xvdc")
+    rc, result = stack.guest(1, "--rw", "randrw", "--bs", "4k", "--iodepth", "16", "--size", "16M", "--verify",
+                             "--seed", "3", "--queues", "2", "--ring-order", "2", "--indirect")  # fmt: skip
+    assert rc == 0, f"{result}\n{stack.log_tail()}"
+    disks = disks_of(result)
+    assert len(disks) == 2
+    for d in disks:
+        assert d.get("errors", 0) == 0 and d.get("verify_errors", 0) == 0, d
+    listing = json.loads(stack.xenblk("list", "--json", "--sim", str(stack.sim)).stdout)
+    assert {row["vdev"] for row in listing} >= {"xvdb", "xvdc"}
+    assert stop(stack.serve) == 0, stack.log_tail()
+    chk = subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+def _prom_query(base: str, q: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    data = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    assert data["status"] == "success", data
+    return list(data["data"]["result"])
+
+
+def test_live_scrape_passes_promtool_and_prometheus_sees_the_workload(stack: Stack, tmp_path: Path) -> None:
+    for tool in ("promtool", "prometheus"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: `make test` installs Debian's prometheus package")
+    raw = stack.images / "p.raw"
+    subprocess.run(["truncate", "-s", "64M", str(raw)], check=True)
+    stack.attach(2, str(raw), "xvdb")
+    port = free_port()
+    target = stack.metrics_url.split("//")[1].split("/")[0]
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: xenblk\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),  # noqa: SIM115
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        out: dict[str, Any] = {}
+
+        def workload() -> None:
+            out["rc"], out["result"] = stack.guest(2, "--rw", "randread", "--bs", "4k", "--iodepth", "8",
+                                                   "--runtime", "8")  # fmt: skip
+
+        t = threading.Thread(target=workload)
+        t.start()
+        time.sleep(4)
+        live = stack.scrape()
+        check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        rate: list[dict[str, Any]] = []
+        p99: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (rate and p99):
+            time.sleep(1)
+            try:
+                rate = [r for r in _prom_query(base, 'sum(rate(xenblk_requests_total{domid="2",vdev="xvdb"}[5s]))')
+                        if float(r["value"][1]) > 0]  # fmt: skip
+                p99 = [r for r in _prom_query(base, 'histogram_quantile(0.99, sum by (le) '
+                       '(rate(xenblk_request_duration_seconds_bucket{domid="2",vdev="xvdb"}[5s])))')
+                       if r["value"][1] not in ("NaN", "+Inf")]  # fmt: skip
+            except OSError:
+                continue
+        t.join(timeout=120)
+        assert out.get("rc") == 0, out
+        assert rate, "Prometheus saw no request rate for dom2/xvdb"
+        assert p99 and 0 < float(p99[0]["value"][1]) < 10, p99
+        # the counters match what the guest issued
+        issued = sum(int(d.get("ios", d.get("requests", 0))) for d in disks_of(out["result"]))
+        time.sleep(2)
+        total = _prom_query(base, 'sum(xenblk_requests_total{domid="2",vdev="xvdb"})')
+        served = float(total[0]["value"][1]) if total else 0.0
+        assert issued > 0 and served >= issued, (issued, served)
+    finally:
+        stop(prom)
+
+
+def _read(stack: Stack, domid: int, vdev: str, key: str) -> str:
+    from xenblk.sim.vdev import vdev_to_devid
+
+    return stack.xenstore("read", f"/local/domain/0/backend/vbd3/{domid}/{vdev_to_devid(vdev)}/{key}")
+
+
+def test_two_guests_several_disks_reconnect_and_detach(stack: Stack) -> None:
+    for domid in (1, 2):
+        for vdev in ("xvdb", "xvdc"):
+            img = stack.images / f"d{domid}{vdev}.raw"
+            subprocess.run(["truncate", "-s", "32M", str(img)], check=True)
+            stack.attach(domid, str(img), vdev, "--wait=initwait")
+    args = ("--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--size", "4M", "--verify", "--queues", "2")
+    guests = {domid: stack.guest_proc(domid, *args) for domid in (1, 2)}
+    for domid, g in guests.items():
+        out, err = g.communicate(timeout=300)
+        assert g.returncode == 0, f"dom{domid}: {out}{err}\n{stack.log_tail()}"
+        disks = disks_of(json.loads(out))
+        assert len(disks) == 2 and all(d["verify_errors"] == 0 and d["ios"] > 0 for d in disks), disks
+    # the guest closed its disks; run it again: Closed -> Initialising reconnects
+    rc, result = stack.guest(1, *args)
+    assert rc == 0, f"{result}\n{stack.log_tail()}"
+    assert 'xenblk_device_reconnects_total{domid="1",vdev="xvdb"} 1.0' in stack.scrape()
+    stack.xenblk("detach", "1", "xvdb", "--sim", str(stack.sim))
+    listing = json.loads(stack.xenblk("list", "--json", "--sim", str(stack.sim)).stdout)
+    assert sorted((r["domid"], r["vdev"]) for r in listing) == [(1, "xvdc"), (2, "xvdb"), (2, "xvdc")]
+
+
+def test_online_resize_through_the_cli(stack: Stack) -> None:
+    img = stack.images / "grow.raw"
+    subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
+    stack.attach(3, str(img), "xvdb")
+    guest = stack.guest_proc(3, "--idle", "--runtime", "60")
+    try:
+        stack.wait_backend(3, "xvdb", 4)
+        assert _read(stack, 3, "xvdb", "sectors") == str(16 << 11)
+        os.truncate(img, 48 << 20)
+        r = stack.xenblk("resize", "3", "xvdb", "--sim", str(stack.sim))
+        assert f"{16 << 11} -> {48 << 11} sectors" in r.stdout
+        assert _read(stack, 3, "xvdb", "sectors") == str(48 << 11)
+        assert _read(stack, 3, "xvdb", "state") == "4"
+        assert 'xenblk_device_resizes_total{domid="3",vdev="xvdb"} 1.0' in stack.scrape()
+    finally:
+        guest.terminate()
+        guest.communicate(timeout=60)
+
+
+def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
+    """A hand-written hostile frontend on the real platform: its ring-ref names a grant it never made."""
+    from xenblk.sim.broker import BrokerClient, read_host_json
+    from xenblk.sim.vdev import vdev_to_devid
+
+    good, bad = stack.images / "good.raw", stack.images / "bad.raw"
+    for p in (good, bad):
+        subprocess.run(["truncate", "-s", "16M", str(p)], check=True)
+    stack.attach(5, str(good), "xvdb")
+    guest = stack.guest_proc(5, "--rw", "randread", "--iodepth", "4", "--runtime", "6")
+    stack.wait_backend(5, "xvdb", 4)
+    stack.attach(6, str(bad), "xvdb", "--wait=initwait")
+    with BrokerClient(read_host_json(stack.sim)["broker"]) as broker:
+        reply, fds = broker.call({"op": "evtchn_alloc_unbound", "domid": 6, "remote_domid": 0})
+        for fd in fds:
+            os.close(fd)
+        f = f"/local/domain/6/device/vbd/{vdev_to_devid('xvdb')}"
+        stack.xenstore("write", f"{f}/ring-ref", "77", f"{f}/event-channel", str(reply["port"]), f"{f}/state", "3")
+    stack.wait_backend(6, "xvdb", 6)
+    error = _read(stack, 6, "xvdb", "error")
+    assert "cannot connect the rings" in error and "77" in error, error
+    out, err = guest.communicate(timeout=120)
+    assert guest.returncode == 0, out + err
+    assert all(d["errors"] == 0 and d["ios"] > 0 for d in disks_of(json.loads(out)))
+    assert stack.serve.poll() is None
