@@ -85,8 +85,22 @@ static void *flip(void *arg)
     return NULL;
 }
 
+/* Lines of /proc/self/maps: a leaked grant mapping would add one per map. */
+static unsigned count_mappings(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    CHECK(f);
+    unsigned n = 0;
+    int c;
+    while ((c = fgetc(f)) != EOF)
+        n += c == '\n';
+    fclose(f);
+    return n;
+}
+
 static void test_racing_guest(struct xb_platform *p, struct guest *g)
 {
+    unsigned mappings = count_mappings();
     struct flipper f = {.g = g};
     pthread_t t;
     CHECK(pthread_create(&t, NULL, flip, &f) == 0);
@@ -113,6 +127,7 @@ static void test_racing_guest(struct xb_platform *p, struct guest *g)
     f.stop = 1;
     pthread_join(t, NULL);
     CHECK(page_is_zero(g, 2));
+    CHECK(count_mappings() < mappings + 64); /* 25000 maps were made: a leak would add thousands */
     printf("racing guest: %u copies allowed, %u refused, frame 2 (read-only) untouched\n", ok, denied);
 }
 
