@@ -142,8 +142,12 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     c.evt_send_fd = q->cfg.evt_send_fd;
     c.handle = q->cfg.handle;
     c.backend_domid = q->cfg.backend_domid;
-    if (c.hostile != 0) {
-        sg_errf(err, "hostile modes are not implemented");
+    if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_NO_DRAIN) {
+        sg_errf(err, "unknown hostile mode %d", c.hostile);
+        return -1;
+    }
+    if (c.hostile && (c.verify || c.runtime_ns == 0)) {
+        sg_errf(err, "a hostile run needs a runtime and no verification");
         return -1;
     }
     if (c.rw < 0) {
@@ -218,6 +222,22 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     return 0;
 }
 
+/* Sleep until the backend notifies us, stop is asked for, or timeout_ms passes (-1: no timeout). */
+void sg_wait(struct xb_sg_queue *q, int64_t timeout_ms)
+{
+    struct pollfd pfd[2] = {{.fd = q->cfg.evt_recv_fd, .events = POLLIN}, {.fd = q->stop_fd, .events = POLLIN}};
+    q->st.wakeups++;
+    int r = poll(pfd, 2, timeout_ms > 60000 ? 60000 : (int)timeout_ms);
+    if (r < 0 && errno != EINTR) {
+        sg_fail(q, "poll: %s", strerror(errno));
+        __atomic_store_n(&q->abort_requested, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint64_t v;
+    if (r > 0 && (pfd[0].revents & POLLIN))
+        (void)!read(q->cfg.evt_recv_fd, &v, sizeof(v));
+}
+
 static void wait_for_backend(struct xb_sg_queue *q)
 {
     uint64_t now = now_ns();
@@ -237,17 +257,7 @@ static void wait_for_backend(struct xb_sg_queue *q)
         if (timeout_ms < 0 || t < timeout_ms)
             timeout_ms = t;
     }
-    struct pollfd pfd[2] = {{.fd = q->cfg.evt_recv_fd, .events = POLLIN}, {.fd = q->stop_fd, .events = POLLIN}};
-    q->st.wakeups++;
-    int r = poll(pfd, 2, timeout_ms > 60000 ? 60000 : (int)timeout_ms);
-    if (r < 0 && errno != EINTR) {
-        sg_fail(q, "poll: %s", strerror(errno));
-        __atomic_store_n(&q->abort_requested, 1, __ATOMIC_RELAXED);
-        return;
-    }
-    uint64_t v;
-    if (r > 0 && (pfd[0].revents & POLLIN))
-        (void)!read(q->cfg.evt_recv_fd, &v, sizeof(v));
+    sg_wait(q, timeout_ms);
 }
 
 static void *queue_main(void *arg)
@@ -255,6 +265,11 @@ static void *queue_main(void *arg)
     struct xb_sg_queue *q = arg;
     q->st.start_ns = q->last_progress_ns = now_ns();
     q->deadline_ns = q->st.start_ns + q->cfg.runtime_ns;
+    if (q->cfg.hostile && q->cfg.hostile != XB_SG_HOSTILE_REVOKE) {
+        sg_hostile_run(q);
+        q->st.end_ns = now_ns();
+        return NULL;
+    }
     for (;;) {
         if (__atomic_load_n(&q->stop_requested, __ATOMIC_RELAXED))
             q->draining = 1;

@@ -99,6 +99,10 @@ void sg_push_discard(struct xb_sg_queue *q, struct slot *s, unsigned slot_idx);
 void sg_publish(struct xb_sg_queue *q);
 int sg_consume(struct xb_sg_queue *q);
 
+/* hostile.c: the misbehaving modes that replace the workload loop */
+void sg_hostile_run(struct xb_sg_queue *q);
+void sg_wait(struct xb_sg_queue *q, int64_t timeout_ms);
+
 /* workload.c: what to issue next, and what a completion means */
 void sg_fail(struct xb_sg_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int sg_work_left(struct xb_sg_queue *q, uint64_t now);

@@ -88,6 +88,9 @@ void sg_push_rw(struct xb_sg_queue *q, struct slot *s, unsigned slot_idx, unsign
         r->sector_number = sector;
         fill_segments(q, s, first_page, n, r->seg);
     }
+    if (q->cfg.hostile == XB_SG_HOSTILE_REVOKE) /* the backend finds the data grants gone */
+        for (unsigned i = 0; i < n; i++)
+            sg_revoke(q->d, slot_ref(q, s, first_page + i));
     sg_put_request(q, req);
 }
 
@@ -185,8 +188,12 @@ int sg_consume(struct xb_sg_queue *q)
             }
             if (s->kind <= K_WRITE)
                 s->part_done[part] = 1;
-            if (status != XB_RSP_OKAY && s->status == XB_RSP_OKAY)
-                s->status = status;
+            q->st.responses++;
+            if (status != XB_RSP_OKAY) {
+                q->st.error_responses++;
+                if (s->status == XB_RSP_OKAY)
+                    s->status = status;
+            }
             n++;
             if (--s->parts_left == 0)
                 sg_complete(q, (unsigned)idx, now);

@@ -32,6 +32,15 @@ enum xb_sg_rw {
     XB_SG_RW_TRIM,
 };
 
+/* Misbehaving frontends, to show the backend survives them (the workload's own errors are then expected). */
+enum xb_sg_hostile {
+    XB_SG_HOSTILE_NONE = 0,
+    XB_SG_HOSTILE_OVERFLOW, /* publish a request producer far past what the ring holds, then wait */
+    XB_SG_HOSTILE_GARBAGE,  /* fill the ring with random requests: bad ops, segment counts, sectors, grants */
+    XB_SG_HOSTILE_REVOKE,   /* the workload, with each request's data grants revoked before it is published */
+    XB_SG_HOSTILE_NO_DRAIN, /* fill the ring once and never consume a response */
+};
+
 struct xb_sg_domain;
 struct xb_sg_queue;
 
@@ -70,7 +79,7 @@ struct xb_sg_queue_config {
     unsigned flush_every;     /* a FLUSH after every N writes; 0 = never */
     unsigned discard_every;   /* a DISCARD instead of every N-th I/O; 0 = never */
     uint64_t io_timeout_ns;   /* fail if in-flight I/O sees no response for this long */
-    int hostile;              /* reserved for hostile-guest modes; must be 0 */
+    int hostile;              /* enum xb_sg_hostile */
 };
 
 struct xb_sg_stats {
@@ -79,6 +88,7 @@ struct xb_sg_stats {
     uint64_t errors, verify_errors;
     uint64_t verified_reads, unverified_reads;
     uint64_t requests;        /* ring requests pushed */
+    uint64_t responses, error_responses; /* ring responses consumed, those with a non-OK status */
     uint64_t notifies;        /* notifications sent to the backend */
     uint64_t wakeups;         /* waits for the backend */
     uint64_t start_ns, end_ns;

@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
 
 
 def _register_guest(ssub: Any) -> None:
-    from xenblk.sim.guest_workload import RW_MODES
+    from xenblk.sim.guest_workload import HOSTILE_MODES, RW_MODES
 
     g = ssub.add_parser(
         "guest",
@@ -56,6 +56,13 @@ def _register_guest(ssub: Any) -> None:
     g.add_argument("--idle", action="store_true", help="connect, do no I/O, stay until --runtime or SIGTERM")
     g.add_argument("--timeout", type=float, default=30.0, help="seconds for each handshake step (default 30)")
     g.add_argument("--io-timeout", type=float, default=30.0, help="seconds without a response = failure")
+    g.add_argument(
+        "--hostile",
+        choices=list(HOSTILE_MODES),
+        default=None,
+        help="misbehave for --runtime (default 2 s): overflow the request producer, send garbage requests, revoke "
+        "grants of in-flight requests, or never drain responses; the run succeeds if the handshake did",
+    )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=run_guest)
 
@@ -78,7 +85,7 @@ def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
         rw=None if args.idle else args.rw,
         bs=parse_size(args.bs),
         iodepth=args.iodepth,
-        runtime=args.runtime,
+        runtime=args.runtime if args.runtime is not None or args.hostile is None else 2.0,
         size=parse_size(args.size) if args.size is not None else None,
         verify=args.verify,
         seed=args.seed,
@@ -86,6 +93,7 @@ def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
         flush_every=args.flush_every,
         discard_every=args.discard_every,
         io_timeout=args.io_timeout,
+        hostile=args.hostile,
     )
     frontend = FrontendOptions(
         abi=args.abi,

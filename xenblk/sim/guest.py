@@ -30,7 +30,7 @@ from xenblk.sim.guest_native import (
     new_config,
     pool_pages,
 )
-from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, split
+from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, hostile_record, split
 from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
 from xenblk.xenstore import NoEntry, XenStore
 
@@ -49,7 +49,9 @@ class GuestOptions:
 @dataclass
 class Disk:
     frontend: Frontend
+    hostile: str | None = None
     error: str | None = None
+    backend_left: str | None = None  # the state a backend went to during a hostile run
     stats: list[Any] = field(default_factory=list)
 
     @property
@@ -68,6 +70,10 @@ class Disk:
         if fe.negotiated is not None:
             rec["negotiated"] = fe.negotiated.as_json()
         rec.update(disk_record(self.stats))
+        if self.hostile is not None:
+            rec["hostile"] = hostile_record(self.hostile, self.stats)
+            if self.backend_left is not None:
+                rec["hostile"]["backend_state"] = self.backend_left
         if self.error is not None:
             rec["error"] = self.error
         return rec
@@ -137,7 +143,12 @@ async def _watch_backend(disk: Disk) -> None:
             state = await fe.xs.try_read(path)
             if state != str(CONNECTED):
                 err = await fe.xs.try_read(f"{fe.backend}/error")
-                disk.fail(f"backend left Connected during the workload (state {state})" + (f": {err}" if err else ""))
+                if disk.hostile is not None:  # provoking that is the point of a hostile run
+                    disk.backend_left = state
+                else:
+                    disk.fail(
+                        f"backend left Connected during the workload (state {state})" + (f": {err}" if err else "")
+                    )
                 for q in disk.queues:
                     q.stop(abort=True)
                 return
@@ -170,7 +181,7 @@ async def run_guest(opts: GuestOptions) -> tuple[dict[str, Any], list[str]]:
         xs = await XenStore.open(host["xenstored_path"], timeout=max(10.0, opts.frontend.timeout))
         for vdev, devid in await _disks_of(xs, opts.domid, opts.vdevs):
             fe = Frontend(xs, broker, domain, opts.domid, devid, vdev, opts.frontend)
-            disks.append(Disk(fe))
+            disks.append(Disk(fe, hostile=opts.workload.hostile))
         await _run(disks, domain, opts.workload)
     finally:
         for d in disks:

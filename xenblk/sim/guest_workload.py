@@ -18,6 +18,12 @@ RW_MODES = {
     "randrw": lib.XB_SG_RW_RANDRW,
     "trim": lib.XB_SG_RW_TRIM,
 }
+HOSTILE_MODES = {
+    "overflow": lib.XB_SG_HOSTILE_OVERFLOW,
+    "garbage": lib.XB_SG_HOSTILE_GARBAGE,
+    "revoke": lib.XB_SG_HOSTILE_REVOKE,
+    "no-drain": lib.XB_SG_HOSTILE_NO_DRAIN,
+}
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
@@ -47,6 +53,7 @@ class Workload:
     flush_every: int = 0
     discard_every: int = 0
     io_timeout: float = 30.0
+    hostile: str | None = None
 
     def check(self) -> None:
         if self.rw is not None and self.rw not in RW_MODES:
@@ -67,6 +74,11 @@ class Workload:
             raise WorkloadError("--verify has nothing to check with --rw trim")
         if self.verify and self.discard_every and self.rw not in ("rw", "randrw"):
             raise WorkloadError("--discard-every with --verify needs --rw rw or randrw (discarded blocks are unknown)")
+        if self.hostile is not None:
+            if self.hostile not in HOSTILE_MODES:
+                raise WorkloadError(f"unknown --hostile {self.hostile!r}: one of {', '.join(HOSTILE_MODES)}")
+            if self.verify or self.runtime is None or self.rw is None:
+                raise WorkloadError("--hostile needs a --runtime and a workload, and cannot --verify")
         if not 0 <= self.seed < 1 << 64:
             raise WorkloadError("--seed must fit in 64 bits")
 
@@ -99,6 +111,7 @@ def fill_workload(cfg: Any, w: Workload, *, region_start: int, region_blocks: in
     cfg.flush_every = w.flush_every
     cfg.discard_every = w.discard_every
     cfg.io_timeout_ns = int(w.io_timeout * 1e9)
+    cfg.hostile = HOSTILE_MODES[w.hostile] if w.hostile else 0
 
 
 _BOUNDS: list[tuple[int, int]] | None = None
@@ -133,6 +146,17 @@ def latency_summary(stats: list[Any]) -> dict[str, float]:
                 out[name] = round((lo + width / 2) / 1000, 1)
                 break
     return out
+
+
+def hostile_record(mode: str, stats: list[Any]) -> dict[str, Any]:
+    """What a hostile run did and how the backend answered."""
+    return {
+        "mode": mode,
+        "requests": sum(int(s.requests) for s in stats),
+        "responses": sum(int(s.responses) for s in stats),
+        "error_responses": sum(int(s.error_responses) for s in stats),
+        "notifies": sum(int(s.notifies) for s in stats),
+    }
 
 
 def disk_record(stats: list[Any]) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+/*
+ * Hostile frontends: what a broken or malicious guest does to its ring, so tests can show the
+ * backend refuses it cleanly, keeps its other devices serving and still tears down. Each mode runs
+ * for the configured runtime; what happened is left in the statistics (requests, responses,
+ * error_responses), and none of it is an error of the guest run itself.
+ */
+#include <string.h>
+#include <unistd.h>
+#include "queue_int.h"
+
+static int stopping(struct xb_sg_queue *q)
+{
+    return __atomic_load_n(&q->stop_requested, __ATOMIC_RELAXED) ||
+           __atomic_load_n(&q->abort_requested, __ATOMIC_RELAXED);
+}
+
+static int64_t ms_until(uint64_t deadline)
+{
+    uint64_t now = now_ns();
+    return now >= deadline ? 0 : (int64_t)((deadline - now) / 1000000u) + 1;
+}
+
+static void notify(struct xb_sg_queue *q)
+{
+    uint64_t one = 1;
+    if (write(q->cfg.evt_send_fd, &one, sizeof(one)) == sizeof(one))
+        q->st.notifies++;
+}
+
+/* Wait out the runtime without consuming anything. */
+static void hold(struct xb_sg_queue *q)
+{
+    int64_t ms;
+    while (!stopping(q) && (ms = ms_until(q->deadline_ns)) > 0)
+        sg_wait(q, ms);
+}
+
+static void overflow(struct xb_sg_queue *q)
+{
+    struct xb_sring_header *h = (struct xb_sring_header *)q->sring;
+    uint32_t bogus = q->rsp_cons + 4 * q->ring_size + 7;
+    q->st.requests += bogus - q->req_prod_pvt;
+    q->req_prod_pvt = bogus;
+    __atomic_store_n(&h->req_prod, bogus, __ATOMIC_RELEASE);
+    notify(q);
+    hold(q);
+    /* Whatever the backend answered, it is counted, never trusted. */
+    uint32_t rp = __atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE);
+    q->st.responses = rp - q->rsp_cons;
+}
+
+/* A random request: any opcode 0..7 (4 and 7 are not ops), random segment counts, sectors, grant
+ * references and sector ranges; only the id is ours, so responses can be told apart. */
+static void garbage_request(struct xb_sg_queue *q, uint64_t k, uint8_t *req)
+{
+    uint64_t x = sg_mix64(q->cfg.seed ^ sg_mix64(k + 0x6a7ba6e));
+    for (unsigned i = 0; i < 112; i += 8) {
+        x = sg_mix64(x);
+        memcpy(req + i, &x, 8);
+    }
+    req[0] = (uint8_t)(x % 8);
+    memcpy(req + (q->abi == XB_ABI_X86_64 ? 8 : 4), &k, sizeof(k));
+}
+
+static void garbage(struct xb_sg_queue *q)
+{
+    struct xb_sring_header *h = (struct xb_sring_header *)q->sring;
+    uint64_t k = 0;
+    q->last_progress_ns = now_ns();
+    while (!stopping(q) && now_ns() < q->deadline_ns) {
+        uint32_t before = q->req_prod_pvt;
+        while (q->req_prod_pvt - q->rsp_cons < q->ring_size && (!q->cfg.total_ios || k < q->cfg.total_ios)) {
+            uint8_t req[112];
+            garbage_request(q, k++, req);
+            sg_put_request(q, req);
+        }
+        if (q->req_prod_pvt != before) /* the backend's time to answer starts now */
+            q->last_progress_ns = now_ns();
+        sg_publish(q);
+        uint32_t rp = __atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(rp - q->rsp_cons) > q->req_prod_pvt - q->rsp_cons)
+            break; /* a broken answer: stop looking at the ring */
+        int answered = rp != q->rsp_cons;
+        for (; q->rsp_cons != rp; q->rsp_cons++) {
+            int16_t status;
+            memcpy(&status, (uint8_t *)xb_ring_entry(q->sring, q->abi, q->rsp_cons, q->ring_size) + 10,
+                   sizeof(status));
+            q->st.responses++;
+            q->st.error_responses += status != XB_RSP_OKAY;
+            q->last_progress_ns = now_ns();
+        }
+        if (q->cfg.total_ios && k >= q->cfg.total_ios && q->rsp_cons == q->req_prod_pvt)
+            break;
+        if (answered)
+            continue; /* room in the ring again: refill before sleeping */
+        __atomic_store_n(&h->rsp_event, q->rsp_cons + 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE) != q->rsp_cons)
+            continue;
+        /* The backend may well have stopped this ring: that is an answer too. */
+        if (now_ns() - q->last_progress_ns > q->cfg.io_timeout_ns)
+            break;
+        int64_t ms = ms_until(q->deadline_ns), idle = ms_until(q->last_progress_ns + q->cfg.io_timeout_ns);
+        sg_wait(q, idle < ms ? idle : ms);
+    }
+}
+
+static void no_drain(struct xb_sg_queue *q)
+{
+    sg_fill(q);
+    hold(q);
+}
+
+void sg_hostile_run(struct xb_sg_queue *q)
+{
+    switch (q->cfg.hostile) {
+    case XB_SG_HOSTILE_OVERFLOW: overflow(q); break;
+    case XB_SG_HOSTILE_GARBAGE: garbage(q); break;
+    case XB_SG_HOSTILE_NO_DRAIN: no_drain(q); break;
+    default: break;
+    }
+}
