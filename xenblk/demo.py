@@ -68,6 +68,17 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> N
             time.sleep(0.2)
 
 
+def wait_connected(cfg: Path, sim: Path, guest: subprocess.Popen[str], n: int, timeout: float = 60) -> None:
+    """Until `n` disks are Connected (the guest has done its handshake), so the table shows them live."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and guest.poll() is None:
+        r = subprocess.run([*XENBLK, "--config", str(cfg), "list", "--json", "--sim", str(sim)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode == 0 and sum(row["state"] == 4 for row in json.loads(r.stdout)) >= n:
+            return
+        time.sleep(0.2)
+
+
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -79,56 +90,8 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-def available_commands() -> set[str]:
-    from xenblk.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(getattr(sub, "choices", {}) or {})
-
-
 def main() -> int:
-    missing = {"serve", "attach", "list", "sim"} - available_commands()
-    if missing:
-        return partial_demo(sorted(missing))
     return full_demo()
-
-
-def partial_demo(missing: list[str]) -> int:
-    """What this build can show while parts of the product are still missing."""
-    from xenblk.sim.xenstored import Xenstored
-    from xenblk.storage import Image
-
-    print(f"demo: this build does not have `xenblk {'`, `xenblk '.join(missing)}` yet, so the end-to-end demo")
-    print("demo: (daemon + simulated guest) cannot run. Showing the parts that exist instead.")
-    work = Path(tempfile.mkdtemp(prefix="xenblk-demo."))
-    try:
-        say("the real xenstored 4.17 without a hypervisor (the simulated host's XenStore)")
-        with Xenstored(work / "xs") as xsd:
-            env = {**os.environ, "XENSTORED_PATH": str(xsd.socket_path)}
-            be = "/local/domain/0/backend/vbd3/1/51728"
-            for cmd in (["xenstore-write", f"{be}/params", "qcow2:/srv/disk.qcow2", f"{be}/state", "1"],
-                        ["xenstore-chmod", be, "n0", "r1"], ["xenstore-ls", "-fp", "/local/domain/0"]):  # fmt: skip
-                print("$ " + " ".join(cmd))
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-                print(r.stdout, end="")
-        say("storage: a qcow2 over a raw backing file, written and read through xenblk's C qcow2 driver")
-        base, qcow = work / "base.raw", work / "disk.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "raw", str(base), "64M"])
-        run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4M", str(base)])
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow), "64M"])
-        with Image.open(str(qcow), "qcow2") as img:
-            img.write(4096 + 100, b"xenblk" * 1000)  # a partial-cluster write over the backing file
-            img.flush()
-            back = img.read(4096 + 100, 6000)
-            old = img.read(1 << 20, 16)
-        print(f"read back {len(back)} bytes: {'identical' if back == b'xenblk' * 1000 else 'DIFFERENT'}; "
-              f"backing data intact: {old == bytes([0x5A]) * 16}")  # fmt: skip
-        run([*XENBLK, "image", "info", str(qcow), "--format", "qcow2"])
-        run(["qemu-img", "check", str(qcow)])
-        print("\ndemo: partial demo done (the daemon and the simulated guest are not in this build yet)")
-        return 0
-    finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 def full_demo() -> int:
@@ -141,7 +104,7 @@ def full_demo() -> int:
         f'[daemon]\nrun_dir = "{work}/run"\nstate_dir = "{work}/state"\n'
         f'[storage]\nallowed_dirs = ["{images}"]\n'
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
-        '[log]\nformat = "console"\nlevel = "warning"\n'
+        '[log]\nformat = "console"\nlevel = "info"\n'
     )
     host = serve = None
     try:
@@ -165,17 +128,19 @@ def full_demo() -> int:
         wait_http(metrics_url, serve)
 
         say("xenblk attach: write the frontend and backend nodes for guest 1")
-        run([*XENBLK, "--config", str(cfg), "attach", str(DOMID), f"qcow2:{qcow}", "--vdev", "xvdb", "--sim", str(sim)])
-        run([*XENBLK, "--config", str(cfg), "attach", str(DOMID), str(raw), "--vdev", "xvdc", "--sim", str(sim)])
+        for image, vdev in ((f"qcow2:{qcow}", "xvdb"), (str(raw), "xvdc")):
+            # --wait=initwait: returns once the daemon has opened the image and waits for the guest
+            run([*XENBLK, "--config", str(cfg), "attach", str(DOMID), image, "--vdev", vdev, "--wait=initwait",
+                 "--sim", str(sim)])  # fmt: skip
 
         say("simulated guest: blkfront handshake, then a verified random-write + read-back workload")
         guest = subprocess.Popen(
             [*XENBLK, "sim", "guest", "--dir", str(sim), "--domid", str(DOMID), "--rw", "randrw", "--bs", "4k",
-             "--iodepth", "16", "--size", "64M", "--verify", "--seed", "7", "--queues", "2", "--ring-order", "2",
-             "--indirect", "--json"],
+             "--iodepth", "16", "--size", "4G", "--runtime", "5", "--verify", "--seed", "7", "--queues", "2",
+             "--ring-order", "2", "--indirect", "--json"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(1.5)
+        wait_connected(cfg, sim, guest, 2)
         say("xenblk list, while the guest runs")
         run([*XENBLK, "--config", str(cfg), "list", "--sim", str(sim)])
         say("xenblk stats: IOPS and latency percentiles from the metrics endpoint")

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         d = by_key.get((r["domid"], r["devid"]))
         if d is not None:
             r["in_flight"] = d.get("in_flight")
+            r["format"] = d.get("format") or r["format"]  # the daemon knows what "auto" resolved to
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -52,14 +53,14 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     from xenblk.backend.states import name
 
     head = (
-        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<12} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<32} IMAGE"
+        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<12} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<42} IMAGE"
     )
     out = [head]
     for r in rows:
         state = name(r["state"]) + ("!" if r.get("error") else "")
         out.append(
             f"{r['domid']:>5} {r['vdev']:<6} {state:<12} {r['format']:<6} {_dash(r['queues']):>2} "
-            f"{_dash(r['ring_order']):>3} {_dash(r['in_flight']):>4}  {','.join(r['features']) or '-':<32} {r['image']}"
+            f"{_dash(r['ring_order']):>3} {_dash(r['in_flight']):>4}  {','.join(r['features']) or '-':<42} {r['image']}"
         )
         if r.get("error"):
             out.append(f"{'':>5} error: {r['error']}")
