@@ -94,6 +94,7 @@ class Daemon:
                 if self.use_uevents:
                     uev = UeventListener(loop, self._on_block_resize)
                     uev.start()
+                    await loop.run_in_executor(None, uev.wait_bound, 10.0)
                 self.ready.set()
                 sdnotify.notify("READY=1\nSTATUS=serving")
                 log.info("daemon.ready", backend_types=self.cfg.daemon.backend_types, devices=len(self.devices))
@@ -262,6 +263,7 @@ class Daemon:
                     await self._consider(*key)
 
     def _on_block_resize(self, major: int, minor: int) -> None:
+        log.debug("daemon.uevent_resize", device=f"{major}:{minor}")
         for dev in list(self.devices.values()):
             spec = dev.spec
             if spec is None or dev.image is None or dev.image_format != "block":

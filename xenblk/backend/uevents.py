@@ -37,10 +37,15 @@ class UeventListener:
         self._sock: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._bound = threading.Event()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._read, name="uevents", daemon=True)
         self._thread.start()
+
+    def wait_bound(self, timeout: float) -> bool:
+        """Block until the socket listens (or could not be made), so no growth before READY is missed."""
+        return self._bound.wait(timeout)
 
     def _read(self) -> None:
         # Created on this thread: pyroute2's sync socket refuses a thread whose event loop is running.
@@ -52,7 +57,9 @@ class UeventListener:
         except Exception as e:  # no netlink (a container, or sandboxing): resize still works by `xenblk resize`
             log.warning("uevents.unavailable", error=str(e))
             self._sock = None
+            self._bound.set()
             return
+        self._bound.set()
         log.debug("uevents.listening")
         while not self._stopping:
             try:
