@@ -210,3 +210,15 @@ async def test_two_guests_with_several_disks(harness: Harness) -> None:
     assert [(r["domid"], r["vdev"], r["state"], r["queues"]) for r in rows] == [(d, v, 4, 2) for d, v in disks]
     described = {(d["domid"], d["vdev"]): d for d in (await h.daemon._control({"op": "list"}))["devices"]}
     assert described[(2, "xvdd")]["state"] == 4 and described[(2, "xvdd")]["queues"] == 2
+
+
+async def test_daemon_survives_a_xenstored_restart(harness: Harness, xenstored: Xenstored) -> None:
+    h = harness
+    await h.attach(1, "xvdb")
+    await h.connect(1, "xvdb")
+    xenstored.restart()  # a crash: the store comes back empty, the devices are gone with it
+    await wait_for(lambda: _gone(h), "devices of the lost store dropped", timeout=30)
+    assert h.dp.running(1, XVDB).closed
+    await h.attach(2, "xvdb")  # the watch is registered again: new devices are served
+    await h.connect(2, "xvdb")
+    assert h.daemon.ctx is not None and h.daemon.ctx.xs.reconnects >= 1

@@ -25,12 +25,13 @@ from xenblk.backend.states import parse_state
 from xenblk.config import Config
 from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView
-from xenblk.xenstore import Transaction, XenStore, XenStoreError
+from xenblk.xenstore import Transaction, XenStore, XenStoreError, XenStoreUnavailable
 
 VDISK_CDROM = 1
 VDISK_REMOVABLE = 2
 VDISK_READONLY = 4
 HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
+RETRY_SECONDS = 0.5  # after xenstored was unreachable
 
 
 class Phase(enum.Enum):
@@ -146,9 +147,15 @@ class DeviceTask:
                 except TimeoutError:
                     pass
                 self._changed.clear()
-                async with self._lock:
-                    if await self._step():
-                        return
+                try:
+                    async with self._lock:
+                        if await self._step():
+                            return
+                except XenStoreUnavailable as e:
+                    # xenstored restarting: the client reconnects and the watches fire again; look again then.
+                    self.log.warning("device.xenstore_unavailable", error=str(e))
+                    await asyncio.sleep(RETRY_SECONDS)
+                    self._changed.set()
 
     async def _pump(self, watch: Any) -> None:
         try:
@@ -356,9 +363,11 @@ class DeviceTask:
             values["discard-secure"] = "1" if img.can_secure_discard else "0"
         try:
             await self._transact_state(values, S.CONNECTED)
-        except _Vanished:
-            await self._stop_dataplane()
-            return
+        except BaseException as e:
+            await self._stop_dataplane()  # never two data planes for one device: the next step connects again
+            if isinstance(e, _Vanished):
+                return
+            raise
         self.phase = Phase.CONNECTED
         self.log.info(
             "device.connected",
