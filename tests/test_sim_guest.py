@@ -5,6 +5,7 @@ pattern on disk, failures it must report, and what it leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import signal
@@ -219,3 +220,20 @@ async def test_backend_leaving_mid_workload_fails_the_run(
     r = await asyncio.wait_for(task, 60)
     assert r.rc == 1
     assert "backend left Connected during the workload (state 5)" in r.stderr
+
+
+async def test_a_second_guest_of_the_same_domain_is_refused(
+    backends: Backends, sim_host: SimHostProc, host_xs: XenStore, tmp_path: Path
+) -> None:
+    be = await backends(14, "xvdb", raw_image(tmp_path, "two.raw", MiB))
+    first = asyncio.create_task(run_guest_cli(sim_host, 14, "--idle", "--runtime", "30"))
+    for _ in range(200):
+        if await host_xs.try_read(f"{be.f}/state") == "4":
+            break
+        await asyncio.sleep(0.05)
+    second = await run_guest_cli(sim_host, 14, "--rw", "read")
+    assert second.rc == 1 and "another simulated guest of domain 14 is running" in second.stderr
+    assert await host_xs.read(f"{be.f}/state") == "4", "the running guest was not disturbed"
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first

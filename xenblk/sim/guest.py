@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +167,29 @@ async def run_guest(opts: GuestOptions) -> tuple[dict[str, Any], list[str]]:
     """Run the guest; the --json document and one line per failure (empty: success)."""
     opts.workload.check()
     host = read_host_json(opts.sim_dir)
+    with _domain_lock(opts.sim_dir, opts.domid):
+        return await _run_guest(opts, host)
+
+
+@contextlib.contextmanager
+def _domain_lock(sim_dir: Path, domid: int) -> Iterator[None]:
+    """One guest run per domain at a time: a run owns the domain's memory and grant table."""
+    path = sim_dir / f"guest-{domid}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise XenblkError(
+                f"another simulated guest of domain {domid} is running (pid {f.read().strip()})"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+async def _run_guest(opts: GuestOptions, host: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     broker = BrokerClient(host["broker"])
     xs: XenStore | None = None
     domain: GuestDomain | None = None
