@@ -191,3 +191,22 @@ def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
     assert guest.returncode == 0, out + err
     assert all(d["errors"] == 0 and d["ios"] > 0 for d in disks_of(json.loads(out)))
     assert stack.serve.poll() is None
+
+
+def test_sigterm_under_load_drains_and_closes_cleanly(stack: Stack) -> None:
+    qcow, _raw = make_images(stack)
+    stack.attach(1, f"qcow2:{qcow}", "xvdb")
+    guest = stack.guest_proc(1, "--rw", "randwrite", "--iodepth", "32", "--runtime", "60", "--io-timeout", "20")
+    try:
+        stack.wait_backend(1, "xvdb", 4)
+        time.sleep(1)  # under load
+        assert stop(stack.serve) == 0, stack.log_tail()
+        assert _read(stack, 1, "xvdb", "state") == "6"
+        with pytest.raises(AssertionError):
+            _read(stack, 1, "xvdb", "error")  # closed cleanly, not on an error
+        assert '"device.stopped"' in stack.serve_log.read_text()
+    finally:
+        guest.kill()
+        guest.communicate(timeout=60)
+    chk = subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
