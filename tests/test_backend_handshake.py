@@ -222,3 +222,16 @@ async def test_daemon_survives_a_xenstored_restart(harness: Harness, xenstored: 
     await h.attach(2, "xvdb")  # the watch is registered again: new devices are served
     await h.connect(2, "xvdb")
     assert h.daemon.ctx is not None and h.daemon.ctx.xs.reconnects >= 1
+
+
+async def test_a_second_daemon_refuses_to_start(harness: Harness, xenstored: Xenstored) -> None:
+    from xenblk.backend.daemon import Daemon
+    from xenblk.errors import XenblkError
+
+    second = Daemon(harness.cfg, xenstore_path=str(xenstored.socket_path), dataplane_factory=FakeDataplane,
+                    uevents=False)  # fmt: skip
+    with pytest.raises(XenblkError, match="another xenblk serve is running"):
+        await second.run()
+    # the first one's control socket is untouched
+    loop = asyncio.get_running_loop()
+    assert (await loop.run_in_executor(None, control.call, harness.cfg.daemon.run_dir, {"op": "ping"}))["ok"]

@@ -76,15 +76,17 @@ class Daemon:
         xs = await XenStore.open(self.xenstore_path, timeout=self.cfg.xenstore.timeout)
         dataplane = None
         uev: UeventListener | None = None
+        handlers = False
         try:
             dataplane = await loop.run_in_executor(None, self.dataplane_factory)
             self.ctx = DaemonContext(xs, self.cfg, dataplane, self.counters, self.cfg.daemon.domid)
-            self._start_metrics()
             self.control = ControlServer(socket_path(self.cfg.daemon.run_dir), self._control)
-            await self.control.start()
+            await self.control.start()  # first: it refuses to start next to a running daemon
+            self._start_metrics()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            handlers = True
             async with contextlib.AsyncExitStack() as stack:
                 for btype in self.cfg.daemon.backend_types:
                     w = await stack.enter_async_context(xs.watch(self._base(btype)))
@@ -115,8 +117,9 @@ class Daemon:
                 await self.control.close()
             if self.metrics is not None:
                 self.metrics.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            if handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
             await xs.close()
             if dataplane is not None:
                 dataplane.close()

@@ -291,6 +291,10 @@ class DeviceTask:
             self.image_format = str(self.image.format)
             self.sectors = int(self.image.size) // 512
             self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
+        else:
+            # Reconnecting: the image may have grown while the guest was away.
+            img = self.image
+            self.sectors = int(await asyncio.get_running_loop().run_in_executor(None, img.refresh_size)) // 512
         dp = cfg.dataplane
         self._adv = Advertised(
             max_ring_page_order=dp.max_ring_page_order,
