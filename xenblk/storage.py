@@ -200,3 +200,68 @@ def _describe(ptr: Any, path: str) -> dict[str, Any]:
             if b != ffi.NULL:
                 out["backing"] = _describe(b, backing)
     return out
+
+
+FAULT_OPS = {
+    "read": lib.XB_FAULT_READ,
+    "write": lib.XB_FAULT_WRITE,
+    "flush": lib.XB_FAULT_FLUSH,
+    "discard": lib.XB_FAULT_DISCARD,
+}
+
+
+class FaultImage(Image):
+    """TEST ONLY: an image whose ops fail on demand (native/storage/fault.c), for storage-fault tests.
+
+    Wraps a real image and forwards to it; inject_fault() makes matching calls fail with an errno
+    instead. The daemon never creates one (no config key, XenStore node or guest request leads
+    here). Faults also hold on the data plane's fast path: the wrapper refuses to map() a range a
+    live read/write fault covers, so that I/O takes the slow path and fails."""
+
+    def __init__(self, ptr: Any, path: str, inner: Any) -> None:
+        super().__init__(ptr, path)
+        self._inner = inner
+
+    @classmethod
+    def wrap(cls, image: Image) -> FaultImage:
+        """Takes ownership of `image` (it reads as closed afterwards; closing the wrapper closes it)."""
+        with image._lock:
+            inner = image._p()
+            ptr = lib.xb_fault_wrap(inner)
+            if ptr == ffi.NULL:
+                raise StorageError(f"{image.path}: cannot wrap for fault injection", 12)
+            image.ptr = None
+        return cls(ptr, image.path, inner)
+
+    @classmethod
+    def open(cls, path: str, fmt: str | None = None, *, readonly: bool = False, cache: str | None = None) -> Image:
+        return cls.wrap(Image.open(path, fmt, readonly=readonly, cache=cache))
+
+    def inject_fault(
+        self, ops: str | tuple[str, ...], errno: int, *, off: int = 0, length: int = 0, after: int = 0, count: int = 0
+    ) -> int:
+        """Fail `ops` ("read", "write", "flush", "discard"; write covers write-zeroes) touching
+        [off, off+length) (length 0: to the end) with -errno: the first `after` matching calls pass,
+        the next `count` fail (0: every one). Returns the rule's number for fault_hits()."""
+        names = (ops,) if isinstance(ops, str) else ops
+        mask = 0
+        for name in names:
+            if name not in FAULT_OPS:
+                raise StorageError(f"unknown fault op {name!r} (expected one of {', '.join(FAULT_OPS)})")
+            mask |= FAULT_OPS[name]
+        return _check(lib.xb_fault_add(self._p(), mask, errno, off, length, after, count), "fault rule", self.path)
+
+    def fault_hits(self, rule: int) -> int:
+        """How many calls rule `rule` has failed so far."""
+        return _check(lib.xb_fault_hits(self._p(), rule), "fault hits", self.path)
+
+    def clear_faults(self) -> None:
+        _check(lib.xb_fault_clear(self._p()), "fault clear", self.path)
+
+    def check(self) -> dict[str, Any]:
+        with self._lock:
+            self._p()
+            return Image(self._inner, self.path).check()
+
+    def info(self) -> dict[str, Any]:
+        return _describe(self._inner if self.ptr is not None else self._p(), self.path)
