@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -28,21 +29,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("what", nargs="?", default="all", choices=["all", "io", "scale", "profile", "list"],
                    help="all (default: io cases then scale), io, scale, profile (where a 4 KiB request's time goes), "
                    "list (print the case names)")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="short run: fewer cases, 2 s each, 10 s idle window")
+    p.add_argument(
+        "--quick", action="store_true", help="short run: fewer cases, 1 s each, 256 MiB images, 10 s idle window"
+    )
     p.add_argument("--cases", default=None, help="comma-separated globs or substrings of case names (see `list`)")
-    p.add_argument("--runtime", type=float, default=None, help="seconds per case and side (default 8, --quick 2)")
-    p.add_argument("--size-mib", type=int, default=None, help="image size in MiB (default 1024, --quick 256)")
-    p.add_argument("--idle-seconds", type=float, default=None, help="idle CPU window (default 60, --quick 10)")
+    p.add_argument(
+        "--runtime", type=float, default=None, help="seconds per case and side (default $BENCH_RUNTIME or 3, --quick 1)"
+    )
+    p.add_argument(
+        "--size-mib", type=int, default=None, help="image size in MiB (default $BENCH_SIZE_MIB or 1024, --quick 256)"
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="idle CPU window in seconds (default $BENCH_IDLE_SECONDS or 60, --quick 10)",
+    )
     p.add_argument("--scale-steps", default="1,64,256", help="disk counts to connect (8 per guest)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where images and the simulated host live; must not be tmpfs (O_DIRECT)")  # fmt: skip
     p.add_argument("--results-dir", type=Path, default=report.RESULTS, help="where <timestamp>.json and latest.json go")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, images) afterwards")
     a = p.parse_args(argv)
-    a.runtime = a.runtime if a.runtime is not None else (2.0 if a.quick else 8.0)
-    a.size_mib = a.size_mib if a.size_mib is not None else (256 if a.quick else 1024)
-    a.idle_seconds = a.idle_seconds if a.idle_seconds is not None else (10.0 if a.quick else 60.0)
+    a.runtime = _default(a.runtime, "BENCH_RUNTIME", 1.0 if a.quick else 3.0)
+    a.size_mib = int(_default(a.size_mib, "BENCH_SIZE_MIB", 256 if a.quick else 1024))
+    a.idle_seconds = _default(a.idle_seconds, "BENCH_IDLE_SECONDS", 10.0 if a.quick else 60.0)
     return a
+
+
+def _default(given: float | None, env: str, fallback: float) -> float:
+    """The command-line value, else the environment variable (for `make bench`), else the default."""
+    if given is not None:
+        return given
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return fallback
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"python -m bench: {env}={raw!r} is not a number") from None
 
 
 def _on_term(signum: int, frame: FrameType | None) -> None:

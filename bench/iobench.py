@@ -119,7 +119,8 @@ class IoBench:
             domid = next(self._domids)
             env.attach(domid, image, kind.fmt)
             try:
-                xb = env.run_guest(domid, w.rw, w.bs, w.iodepth, self.runtime, size=self.size)
+                # Time-based like fio (no --size: with both, the guest stops at whichever ends first).
+                xb = env.run_guest(domid, w.rw, w.bs, w.iodepth, self.runtime)
             finally:
                 try:
                     env.detach(domid)

@@ -113,7 +113,7 @@ def run_profile(work: Path, runtime: float, size: int, log: Log) -> dict[str, An
         log("\n[profile 1/2] 4 KiB randread, QD1, raw in page cache: latency by the data plane's own clocks")
         env.attach(1, raw, "raw")
         before = d.metrics()
-        m1: Measure = env.run_guest(1, "randread", 4096, 1, runtime, size=size)
+        m1: Measure = env.run_guest(1, "randread", 4096, 1, runtime)
         after = d.metrics()
         req = _mean_us(before, after, "xenblk_request_duration_seconds", "read")
         sto = _mean_us(before, after, "xenblk_storage_duration_seconds", "read")
@@ -135,7 +135,7 @@ def run_profile(work: Path, runtime: float, size: int, log: Log) -> dict[str, An
         env.attach(2, raw, "raw")
         data = work / "perf.data"
         guest = subprocess.Popen(
-            env.guest_argv(2, "randread", 4096, 32, runtime, size=size),
+            env.guest_argv(2, "randread", 4096, 32, runtime),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         perf: subprocess.Popen[bytes] | None = None
