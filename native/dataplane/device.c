@@ -7,6 +7,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 #include "queue.h"
+#include "slowpath.h"
 
 static void seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void seterr(char *err, const char *fmt, ...)
@@ -66,11 +67,15 @@ struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, con
     d->lim.can_flush = (img->caps & XB_CAP_FLUSH) != 0;
     d->lim.can_discard = (img->caps & XB_CAP_DISCARD) != 0;
     pthread_mutex_init(&d->lock, NULL);
+    pthread_mutex_init(&d->pool.mu, NULL);
+    pthread_cond_init(&d->pool.cv, NULL);
     for (unsigned i = 0; i < XB_MAX_QUEUES; i++) {
         d->q[i].dev = d;
         d->q[i].idx = i;
         d->q[i].cq_fd = -1;
         d->q[i].stop_fd = -1;
+        d->q[i].slow_fd = -1;
+        pthread_mutex_init(&d->q[i].done_mu, NULL);
     }
     return d;
 }
@@ -87,7 +92,9 @@ static void queue_teardown(struct xb_queue *q)
         close(q->cq_fd);
     if (q->stop_fd >= 0)
         close(q->stop_fd);
-    q->cq_fd = q->stop_fd = -1;
+    if (q->slow_fd >= 0)
+        close(q->slow_fd);
+    q->cq_fd = q->stop_fd = q->slow_fd = -1;
     if (q->reqs) {
         for (uint32_t i = 0; i < q->ring_size; i++)
             free(q->reqs[i].buf);
@@ -143,7 +150,9 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         q->indirect_buf = NULL;
     q->cq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0) {
+    q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->slow_done = NULL;
+    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
         seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
         goto fail;
     }
@@ -176,6 +185,11 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
             seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
             goto fail;
         }
+    }
+    int wrc = xb_pool_start(&d->pool);
+    if (wrc < 0) {
+        seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
+        goto fail;
     }
     q->ch = ch;
     __atomic_store_n(&q->stopping, 0, __ATOMIC_RELAXED);
@@ -221,6 +235,8 @@ int xb_device_stop(struct xb_device *d)
         q->started = 0;
         queue_teardown(q);
     }
+    /* Every queue has drained, so no worker holds a request any more. */
+    xb_pool_stop(&d->pool);
     pthread_mutex_unlock(&d->lock);
     return 0;
 }
@@ -231,6 +247,10 @@ void xb_device_free(struct xb_device *d)
         return;
     xb_device_stop(d);
     pthread_mutex_destroy(&d->lock);
+    pthread_mutex_destroy(&d->pool.mu);
+    pthread_cond_destroy(&d->pool.cv);
+    for (unsigned i = 0; i < XB_MAX_QUEUES; i++)
+        pthread_mutex_destroy(&d->q[i].done_mu);
     free(d);
 }
 

@@ -163,7 +163,9 @@ int xb_parse_request(enum xb_abi abi, const void *raw, const struct xb_parse_lim
     struct raw_fields f;
     read_fields(abi, raw, &f);
     out->id = f.id;
-    out->operation = f.operation;
+    /* Linux blkfront rejects (and disables the disk on) a response to an indirect request that
+     * does not carry the indirect_op; blkback answers with it too, refusals included. */
+    out->operation = f.operation == XB_OP_INDIRECT ? f.byte1 : f.operation;
     out->op = f.operation;
     out->discard_flag = 0;
     out->nseg = 0;

@@ -35,7 +35,7 @@ struct xb_seg {
 struct xb_parsed_req {
     /* Always set, even for a refused request: what the response carries. */
     uint64_t id;
-    uint8_t operation; /* the wire opcode (XB_OP_INDIRECT for an indirect request) */
+    uint8_t operation; /* the wire opcode; for an indirect request its indirect_op, as blkfront expects */
     /* Valid when the request is accepted. */
     uint8_t op;        /* effective XB_OP_*: the indirect_op for an indirect request */
     uint8_t discard_flag;

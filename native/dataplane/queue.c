@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "queue.h"
+#include "slowpath.h"
 
 const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1] = {
     10000ull,      20000ull,      50000ull,      100000ull,     200000ull,      500000ull,     1000000ull,
@@ -27,12 +28,7 @@ const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1] = {
                      __ATOMIC_RELAXED)
 #define ST_SET(q, field, v) __atomic_store_n(&(q)->stats.field, (uint64_t)(v), __ATOMIC_RELAXED)
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+#define now_ns xb_now_ns
 
 static unsigned lat_bucket(uint64_t ns)
 {
@@ -119,6 +115,11 @@ static void finish(struct xb_queue *q, struct xb_req *r, int16_t status, int err
     put_response(q, r->p.id, r->p.operation, status);
     uint64_t lat = now_ns() - r->t_recv;
     unsigned op = r->stat_op;
+    if (r->t_storage && r->t_storage_end >= r->t_storage) {
+        uint64_t st = r->t_storage_end - r->t_storage;
+        ST_ADD(q, op[op].storage_buckets[lat_bucket(st)], 1);
+        ST_ADD(q, op[op].storage_sum_ns, st);
+    }
     ST_ADD(q, op[op].requests, 1);
     if (status == XB_RSP_OKAY)
         ST_ADD(q, op[op].bytes, r->len);
@@ -202,15 +203,7 @@ static void storage_done(struct xb_queue *q, struct xb_req *r);
 
 static void slow_io(struct xb_queue *q, struct xb_req *r, int write)
 {
-    struct xb_image *img = q->dev->img;
-    struct iovec iov = {.iov_base = r->buf, .iov_len = r->len};
-    uint64_t off = r->p.sector << XB_SECTOR_SHIFT;
-    ssize_t n = write ? img->ops->pwritev(img, &iov, 1, off) : img->ops->preadv(img, &iov, 1, off);
-    if (n < 0)
-        r->err = (int)n;
-    else if ((size_t)n != r->len)
-        r->err = -EIO;
-    storage_done(q, r);
+    xb_slow_submit(q, r, write ? XB_SLOW_WRITE : XB_SLOW_READ);
 }
 
 static int submit_extent(struct xb_queue *q, struct xb_req *r, unsigned i, int write)
@@ -263,6 +256,7 @@ static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
             if (m < 0) {
                 unmap_extents(q, r);
                 r->err = m;
+                r->t_storage_end = now_ns();
                 storage_done(q, r);
                 return;
             }
@@ -307,9 +301,6 @@ static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
 /* The storage part of a request is over (r->err says how): copy out, flush, answer. */
 static void storage_done(struct xb_queue *q, struct xb_req *r)
 {
-    uint64_t st = now_ns() - r->t_storage;
-    ST_ADD(q, op[r->stat_op].storage_buckets[lat_bucket(st)], 1);
-    ST_ADD(q, op[r->stat_op].storage_sum_ns, st);
     if (r->err) {
         finish(q, r, XB_RSP_ERROR, err_reason_of(r->err));
         return;
@@ -321,13 +312,25 @@ static void storage_done(struct xb_queue *q, struct xb_req *r)
         }
     }
     if (r->flush_after) {
-        int rc = q->dev->img->ops->flush(q->dev->img);
-        if (rc < 0) {
-            finish(q, r, XB_RSP_ERROR, err_reason_of(rc));
-            return;
-        }
+        r->flush_after = 0;
+        xb_slow_submit(q, r, XB_SLOW_FLUSH);
+        return;
     }
     finish(q, r, XB_RSP_OKAY, -1);
+}
+
+/* Requests the slow-path workers finished for this queue. */
+static void reap_slow(struct xb_queue *q)
+{
+    struct xb_req *r = xb_slow_take_done(q);
+    while (r) {
+        struct xb_req *next = r->next_free;
+        if (r->slow_kind == XB_SLOW_DISCARD && r->err == -EOPNOTSUPP)
+            finish(q, r, XB_RSP_EOPNOTSUPP, XB_ERR_OTHER);
+        else
+            storage_done(q, r);
+        r = next;
+    }
 }
 
 static void reap_completions(struct xb_queue *q)
@@ -370,6 +373,7 @@ static void reap_completions(struct xb_queue *q)
         }
         if (--r->pending == 0) {
             unmap_extents(q, r);
+            r->t_storage_end = now_ns();
             storage_done(q, r);
         }
     }
@@ -390,9 +394,7 @@ static void start_flush(struct xb_queue *q, struct xb_req *r)
         return;
     }
     r->t_storage = now_ns();
-    int rc = q->dev->img->ops->flush(q->dev->img);
-    r->err = rc < 0 ? rc : 0;
-    storage_done(q, r);
+    xb_slow_submit(q, r, XB_SLOW_FLUSH);
 }
 
 static int fetch_indirect(struct xb_queue *q, struct xb_req *r)
@@ -471,6 +473,7 @@ static void handle_request(struct xb_queue *q, const void *raw)
     r->err = 0;
     r->nr_ext = 0;
     r->t_storage = 0; /* 0 until storage starts: a parked barrier has not */
+    r->t_storage_end = 0;
     q->in_flight++;
     ST_SET(q, in_flight, q->in_flight);
     if (r->p.nseg)
@@ -479,7 +482,6 @@ static void handle_request(struct xb_queue *q, const void *raw)
         finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
         return;
     }
-    struct xb_image *img = q->dev->img;
     switch (r->p.op) {
     case XB_OP_READ:
         start_rw(q, r, 0);
@@ -500,21 +502,10 @@ static void handle_request(struct xb_queue *q, const void *raw)
         if (q->in_flight == 1)
             start_flush(q, r);
         break;
-    case XB_OP_DISCARD: {
+    case XB_OP_DISCARD:
         r->t_storage = now_ns();
-        int rc = img->ops->discard(img, r->p.sector << XB_SECTOR_SHIFT, r->p.nr_sectors << XB_SECTOR_SHIFT,
-                                   (r->p.discard_flag & XB_DISCARD_SECURE) != 0);
-        r->err = rc < 0 ? rc : 0;
-        if (rc == -EOPNOTSUPP) {
-            uint64_t st = now_ns() - r->t_storage;
-            ST_ADD(q, op[r->stat_op].storage_buckets[lat_bucket(st)], 1);
-            ST_ADD(q, op[r->stat_op].storage_sum_ns, st);
-            finish(q, r, XB_RSP_EOPNOTSUPP, XB_ERR_OTHER);
-            break;
-        }
-        storage_done(q, r);
+        xb_slow_submit(q, r, XB_SLOW_DISCARD);
         break;
-    }
     default: /* parse only accepts the ops above */
         finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
         break;
@@ -584,14 +575,15 @@ static void drain_fd(int fd)
 void *xb_queue_main(void *arg)
 {
     struct xb_queue *q = arg;
-    struct pollfd pfd[3] = {
+    struct pollfd pfd[4] = {
         {.fd = xb_evtchn_fd(q->ch), .events = POLLIN},
         {.fd = q->cq_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
+        {.fd = q->slow_fd, .events = POLLIN},
     };
     int busy = 1; /* look at the ring once before sleeping: the guest may have queued already */
     for (;;) {
-        int rc = poll(pfd, 3, busy ? 0 : -1);
+        int rc = poll(pfd, 4, busy ? 0 : -1);
         if (rc < 0 && errno != EINTR) {
             queue_fail(q, "poll failed: %s", strerror(errno));
             break;
@@ -609,9 +601,12 @@ void *xb_queue_main(void *arg)
                 drain_fd(q->cq_fd);
             if (pfd[2].revents & POLLIN)
                 drain_fd(q->stop_fd);
+            if (pfd[3].revents & POLLIN)
+                drain_fd(q->slow_fd);
         }
         if (q->uring_ok)
             reap_completions(q);
+        reap_slow(q);
         if (q->barrier && q->in_flight == 1 && q->barrier->t_storage == 0)
             start_flush(q, q->barrier);
         int halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);

@@ -17,6 +17,11 @@
 #define XB_MAX_EXTENTS 16u        /* storage extents per request on the fast path; more goes the slow path */
 #define XB_URING_ENTRIES 256u
 #define XB_BUF_KEEP (128u * 1024u) /* a slot keeps its data buffer up to this size between requests */
+#define XB_SLOW_WORKERS 2u          /* per device: threads for the drivers' synchronous ops */
+#define XB_SLOW_STACK (1u << 20)
+
+/* What a slow-path worker does for a request. */
+enum xb_slow_kind { XB_SLOW_READ = 1, XB_SLOW_WRITE, XB_SLOW_FLUSH, XB_SLOW_DISCARD };
 
 struct xb_queue;
 
@@ -25,7 +30,8 @@ struct xb_req {
     struct xb_parsed_req p;
     struct xb_queue *q;
     uint64_t t_recv;    /* CLOCK_MONOTONIC ns when copied out of the ring */
-    uint64_t t_storage; /* when storage I/O began */
+    uint64_t t_storage; /* when storage I/O began (0: not yet) */
+    uint64_t t_storage_end; /* when the last storage step ended */
     uint8_t *buf;       /* private, page-aligned data buffer: the segments back to back */
     size_t cap;
     size_t len; /* bytes of data (nr_sectors * 512) */
@@ -37,7 +43,19 @@ struct xb_req {
     struct xb_extent ext[XB_MAX_EXTENTS];
     size_t ext_buf_off[XB_MAX_EXTENTS];
     uint64_t ext_done[XB_MAX_EXTENTS];
-    struct xb_req *next_free;
+    enum xb_slow_kind slow_kind;
+    struct xb_req *next_free; /* also links the slow-path job and done lists */
+};
+
+/* The device's slow-path workers: the drivers' synchronous calls (qcow2 allocation, flush,
+ * discard, anything not mappable) run here so a queue thread never blocks on storage. */
+struct xb_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct xb_req *head, *tail;
+    int quit;
+    unsigned nthreads;
+    pthread_t th[XB_SLOW_WORKERS];
 };
 
 struct xb_device;
@@ -59,6 +77,9 @@ struct xb_queue {
     int uring_ok;
     int cq_fd;   /* eventfd: io_uring posted completions */
     int stop_fd; /* eventfd: the control plane asks the thread to stop */
+    int slow_fd; /* eventfd: a slow-path worker finished a request of this queue */
+    pthread_mutex_t done_mu;
+    struct xb_req *slow_done; /* finished by workers, not yet answered (under done_mu) */
     /* requests */
     struct xb_req *reqs; /* ring_size slots: at most ring_size requests are unanswered */
     struct xb_req *free_reqs;
@@ -80,10 +101,13 @@ struct xb_device {
     unsigned max_work;
     struct xb_parse_limits lim; /* size_sectors is read/written atomically (online resize) */
     pthread_mutex_t lock;       /* start/stop against each other */
+    struct xb_pool pool;
     int stopped;
     struct xb_queue q[XB_MAX_QUEUES];
 };
 
 void *xb_queue_main(void *arg);
+int xb_pool_start(struct xb_pool *pool);
+void xb_pool_stop(struct xb_pool *pool);
 
 #endif
