@@ -219,8 +219,14 @@ static int write_chunk(struct qcow2 *q, const uint8_t *buf, size_t n, uint64_t o
     }
     ssize_t w = xb_pwrite_full(q->fd, c, q->cs, (uint64_t)host);
     free(c);
-    if (w < 0)
+    if (w < 0) {
+        /* Nothing refers to the cluster yet: hand it back rather than leak it (ENOSPC on a full
+         * filesystem would otherwise leak one cluster per failed write). */
+        uint64_t cl = (uint64_t)host >> q->cluster_bits;
+        if (qc_rc_set(q, cl, 0) == 0 && cl < q->free_hint)
+            q->free_hint = cl;
         return (int)w;
+    }
     if ((uint64_t)host + q->cs > q->disk_size)
         q->disk_size = (uint64_t)host + q->cs;
     /* the allocation may have evicted the table: look it up again */
