@@ -53,7 +53,11 @@ def build(name: str, force: bool = False) -> None:
     tmp = ROOT / "build" / "cffi" / name
     tmp.mkdir(parents=True, exist_ok=True)
     out = Path(mod.ffibuilder.compile(tmpdir=str(tmp), verbose=False))
-    shutil.copy2(out, target)
+    # Install as a new file, never over the old one: processes that have the old module mapped
+    # (tests, daemons running while someone rebuilds) would crash at exit on rewritten pages.
+    staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copy2(out, staged)
+    os.replace(staged, target)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest)
     print(f"built xenblk/{target.name}")
