@@ -2,6 +2,8 @@
 
 Layout of DIR (docs/DESIGN.md, "Simulated host"): `xenstored/` (its socket is the XENSTORED_PATH),
 `broker.sock`, and `host.json`, which appears only once both answer and goes away on shutdown.
+When DIR is too deep for unix socket paths, `xenstored/` and `broker.sock` go to a short
+directory under /tmp (DIR/xenstored links to it) that is removed on shutdown; host.json names them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,20 +29,22 @@ log = structlog.get_logger(__name__)
 
 # Both sockets must fit sockaddr_un.sun_path; "xenstored/socket" is the longer of the two names.
 _LONGEST_SOCKET = "xenstored/socket"
+_SHORT_BASE = "/tmp"
 
 
 class SimHost:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory).resolve()
         self.host_json = self.directory / "host.json"
-        self.broker_path = self.directory / "broker.sock"
-        longest = self.directory / _LONGEST_SOCKET
-        if len(os.fsencode(longest)) >= SUN_PATH_MAX:
-            raise XenblkError(
-                f"sim dir {self.directory} is too long: {longest} must stay under {SUN_PATH_MAX} bytes "
-                "for a unix socket; use a shorter --dir"
-            )
-        self.xenstored = Xenstored(self.directory / "xenstored")
+        # Sockets live in DIR when their paths fit sockaddr_un; otherwise in a short directory of
+        # their own under /tmp, linked from DIR/xenstored (clients take the paths from host.json).
+        self.socket_home = self.directory
+        self._short_home: Path | None = None
+        if len(os.fsencode(self.directory / _LONGEST_SOCKET)) >= SUN_PATH_MAX:
+            self._short_home = Path(tempfile.mkdtemp(prefix="xbsim-", dir=_SHORT_BASE))
+            self.socket_home = self._short_home
+        self.broker_path = self.socket_home / "broker.sock"
+        self.xenstored = Xenstored(self.socket_home / "xenstored")
         self.broker = Broker(self.broker_path, self.xenstored.socket_path)
 
     def description(self) -> dict[str, Any]:
@@ -52,7 +58,18 @@ class SimHost:
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.host_json.exists():
-            self._refuse_if_running()
+            try:
+                self._refuse_if_running()
+            except BaseException:
+                self._remove_short_home()
+                raise
+        if self._short_home is not None:
+            log.info("sim dir too long for unix sockets; sockets are elsewhere", dir=str(self._short_home))
+            link = self.directory / "xenstored"
+            if link.is_symlink():
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(self._short_home / "xenstored", target_is_directory=True)
         await asyncio.get_running_loop().run_in_executor(None, self.xenstored.start)
         try:
             await self.broker.start()
@@ -73,13 +90,17 @@ class SimHost:
             raise XenblkError(f"a sim host (pid {pid}) already runs in {self.directory}; stop it first")
         # A host killed hard leaves its xenstored (own session) running on our socket: end it.
         xsd_pid = info.get("xenstored_pid")
-        if isinstance(xsd_pid, int) and _is_xenstored(xsd_pid, self.xenstored.socket_path.parent):
+        rundir = Path(str(info.get("xenstored_path", ""))).parent
+        if isinstance(xsd_pid, int) and _is_xenstored(xsd_pid, rundir):
             log.warning("stopping the xenstored left by a killed sim host", pid=xsd_pid)
             os.kill(xsd_pid, signal.SIGKILL)
             for _ in range(100):
                 if not _alive(xsd_pid):
                     break
                 time.sleep(0.02)
+        old_home = rundir.parent
+        if old_home.parent == Path(_SHORT_BASE) and old_home.name.startswith("xbsim-") and old_home != self.socket_home:
+            shutil.rmtree(old_home, ignore_errors=True)  # the killed host's short socket directory
         self.host_json.unlink()
 
     async def stop(self) -> None:
@@ -87,6 +108,15 @@ class SimHost:
             self.host_json.unlink()
         await self.broker.close()
         self.xenstored.stop()
+        if self._short_home is not None:
+            link = self.directory / "xenstored"
+            if link.is_symlink():
+                link.unlink()
+        self._remove_short_home()
+
+    def _remove_short_home(self) -> None:
+        if self._short_home is not None:
+            shutil.rmtree(self._short_home, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
