@@ -77,7 +77,8 @@ def refused(d: GuestDisk, raw: bytes, reason: str, status: int = RSP_ERROR) -> N
     before = Path(d.path).read_bytes()  # type: ignore[attr-defined]
     rsp = d.one(raw)
     assert rsp.status == status
-    assert rsp.operation == raw[0]  # the wire opcode is echoed, as blkback does
+    # the wire opcode is echoed, for an indirect request its indirect_op (byte 1), as blkback does
+    assert rsp.operation == (raw[1] if raw[0] == OP_INDIRECT else raw[0])
     s = d.stats()
     assert s.refused(reason) == 1, s.refusals
     assert sum(s.refusals) == 1

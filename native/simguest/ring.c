@@ -178,12 +178,20 @@ int sg_consume(struct xb_sg_queue *q)
             const uint8_t *e = xb_ring_entry(q->sring, q->abi, q->rsp_cons, q->ring_size);
             uint64_t id;
             int16_t status;
-            memcpy(&id, e, sizeof(id)); /* id at 0, status at 10, in both ABIs */
+            memcpy(&id, e, sizeof(id)); /* id at 0, operation at 8, status at 10, in both ABIs */
             memcpy(&status, e + 10, sizeof(status));
             uint64_t idx = id >> 16, part = id & 0xffff;
             struct slot *s = idx < q->cfg.iodepth ? &q->slots[idx] : NULL;
             if (!s || !s->busy || part >= s->nparts || (s->kind <= K_WRITE && s->part_done[part])) {
                 sg_fail(q, "backend protocol error: response with unknown id %#llx", (unsigned long long)id);
+                return -1;
+            }
+            /* Like Linux blkfront: the operation must be the one asked for (for an indirect
+             * request its indirect_op), else the disk is unusable. */
+            static const uint8_t want_op[] = {XB_OP_READ, XB_OP_WRITE, XB_OP_FLUSH_DISKCACHE, XB_OP_DISCARD};
+            if (e[8] != want_op[s->kind]) {
+                sg_fail(q, "backend protocol error: response %#llx has operation %u instead of %u",
+                        (unsigned long long)id, e[8], want_op[s->kind]);
                 return -1;
             }
             if (s->kind <= K_WRITE)
