@@ -76,7 +76,7 @@ uint8_t *qc_cache_get(struct qcow2 *q, struct qc_cache *c, uint64_t off, int fre
         memset(victim->buf, 0, q->cs);
         victim->dirty = 1;
     } else {
-        ssize_t r = xb_pread_full(q->fd, victim->buf, q->cs, off);
+        ssize_t r = xb_pread_known(q->fd, victim->buf, q->cs, off, q->disk_size);
         if (r < 0) {
             *rc = (int)r;
             return NULL;

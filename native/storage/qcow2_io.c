@@ -83,7 +83,7 @@ static int decompress(struct qcow2 *q, uint64_t e, uint8_t *out)
     uint8_t *in = malloc(clen);
     if (!in)
         return -ENOMEM;
-    ssize_t rr = xb_pread_full(q->fd, in, clen, coff);
+    ssize_t rr = xb_pread_known(q->fd, in, clen, coff, q->disk_size);
     int ret = rr < 0 ? (int)rr : -EIO;
     if (rr >= 0 && q->ctype == 0) {
         z_stream s;
@@ -160,7 +160,7 @@ static int read_chunk(struct qcow2 *q, uint8_t *buf, size_t n, uint64_t off)
     case QC_NORMAL:
         if (qc_check_offset(q, e & QC_OFFSET_MASK))
             return -EIO;
-        ssize_t rr = xb_pread_full(q->fd, buf, n, (e & QC_OFFSET_MASK) + in);
+        ssize_t rr = xb_pread_known(q->fd, buf, n, (e & QC_OFFSET_MASK) + in, q->disk_size);
         return rr < 0 ? (int)rr : 0;
     }
     return -EIO;

@@ -56,7 +56,11 @@ static ssize_t raw_preadv(struct xb_image *img, const struct iovec *iov, int iov
                 continue;
             return -errno;
         }
-        if (r == 0) { /* past EOF (a file shrunk under us): zeros */
+        if (r == 0) {
+            /* The file shrank under us: what it held is gone, which is an error, not zeros.
+             * Past the image's size (an O_DIRECT read rounded up to a block) it reads as zeros. */
+            if (off + done < __atomic_load_n(&img->size, __ATOMIC_ACQUIRE))
+                return -EIO;
             for (int i = 0; i < n; i++)
                 memset(tmp[i].iov_base, 0, tmp[i].iov_len);
             break;

@@ -12,6 +12,9 @@ void xb_seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2,
 
 /* Full-length pread/pwrite: loop over short transfers; a read past EOF zero-fills. */
 ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off);
+/* The same, for a file known to hold at least known_end bytes: a read that meets the end of the
+ * file before known_end fails with -EIO (truncated under us); past known_end it zero-fills. */
+ssize_t xb_pread_known(int fd, void *buf, size_t len, uint64_t off, uint64_t known_end);
 ssize_t xb_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 size_t xb_iov_len(const struct iovec *iov, int iovcnt);
 /* Copy between an iovec and a flat buffer, starting `skip` bytes into the iovec. */
