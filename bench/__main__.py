@@ -34,7 +34,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--cases", default=None, help="comma-separated globs or substrings of case names (see `list`)")
     p.add_argument(
-        "--runtime", type=float, default=None, help="seconds per case and side (default $BENCH_RUNTIME or 3, --quick 1)"
+        "--runtime", type=float, default=None, help="seconds per case and side (default $BENCH_RUNTIME or 2, --quick 1)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="xenblk/fio rounds per case, alternating; the best round of each side counts (default $BENCH_ROUNDS or 2,"
+        " --quick 1)",
     )
     p.add_argument(
         "--size-mib", type=int, default=None, help="image size in MiB (default $BENCH_SIZE_MIB or 1024, --quick 256)"
@@ -51,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=report.RESULTS, help="where <timestamp>.json and latest.json go")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, images) afterwards")
     a = p.parse_args(argv)
-    a.runtime = _default(a.runtime, "BENCH_RUNTIME", 1.0 if a.quick else 3.0)
+    a.runtime = _default(a.runtime, "BENCH_RUNTIME", 1.0 if a.quick else 2.0)
+    a.rounds = int(_default(a.rounds, "BENCH_ROUNDS", 1 if a.quick else 2))
     a.size_mib = int(_default(a.size_mib, "BENCH_SIZE_MIB", 256 if a.quick else 1024))
     a.idle_seconds = _default(a.idle_seconds, "BENCH_IDLE_SECONDS", 10.0 if a.quick else 60.0)
     return a
@@ -111,8 +119,9 @@ def run_bench(a: argparse.Namespace, work: Path) -> int:
             raise BenchError(f"no case matches {a.cases!r} (python -m bench list)")
         from bench.iobench import IoBench
 
-        log(f"bench: {len(selected)} cases, {a.runtime:g}s each side, {a.size_mib} MiB images in {work}")
-        records = IoBench(work / "io", a.runtime, a.size_mib * MIB, log).run(selected)
+        log(f"bench: {len(selected)} cases, {a.rounds} x {a.runtime:g}s each side, {a.size_mib} MiB images in {work}")
+        log(f"bench: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        records = IoBench(work / "io", a.runtime, a.size_mib * MIB, log, a.rounds).run(selected)
     if a.what == "scale" or (a.what == "all" and not a.cases):
         from bench.scale import run_scale
 

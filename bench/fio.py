@@ -29,6 +29,8 @@ def fio_argv(path: Path, rw: str, bs: int, iodepth: int, runtime: float, direct:
         f"--runtime={max(1, round(runtime))}",
         "--time_based=1",
         "--ramp_time=0",
+        # fio drops the file's page cache before a job by default: the page-cache cases must stay cached.
+        f"--invalidate={int(direct)}",
         "--norandommap=1",
         "--randrepeat=0",
         "--lat_percentiles=1",
