@@ -249,6 +249,20 @@ def test_answers_out_of_order(make_disk: MakeDisk, abi: str) -> None:
 
 
 @pytest.mark.parametrize("abi", ABIS)
+def test_ring_indexes_wrap(make_disk: MakeDisk, abi: str) -> None:
+    """A ring whose indexes cross 2**32 (attached mid-life): every request is taken and answered once."""
+    d = make_disk(abi, ring_start=2**32 - 40)
+    items = [(OP_WRITE, i * 8, pattern_bytes(i * PAGE, PAGE, 3)) for i in range(100)]
+    assert all(st == RSP_OKAY for st, _ in d.finish_batch(d.start_batch(0, items)))
+    reads = d.finish_batch(d.start_batch(0, [(OP_READ, i * 8, PAGE) for i in range(100)]))
+    assert [data for _, data in reads] == [pattern_bytes(i * PAGE, PAGE, 3) for i in range(100)]
+    assert d.rings[0].req_prod_pvt < 200  # wrapped
+    s = d.stats()
+    assert s.op_named("write").requests == 100 and s.op_named("read").requests == 100
+    assert d.dev.queue_failed(0) is None and s.ring_protocol_errors == 0
+
+
+@pytest.mark.parametrize("abi", ABIS)
 def test_resize(make_disk: MakeDisk, abi: str) -> None:
     d = make_disk(abi)
     path = Path(d.path)  # type: ignore[attr-defined]
