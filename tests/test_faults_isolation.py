@@ -1,0 +1,42 @@
+"""The fault-injection layer is for tests only: no daemon code path (config, XenStore `params`,
+guest request) can create a FaultImage or set a fault rule."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import xenblk
+from xenblk import storage
+from xenblk.backend.imagespec import ImageSpecError, parse_params
+
+PACKAGE = Path(xenblk.__file__).parent
+
+
+def test_only_the_storage_module_names_the_fault_layer() -> None:
+    pattern = re.compile(r"FaultImage|xb_fault_|inject_fault|XB_FAULT_")
+    users = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "storage.py" or p.parent != PACKAGE
+        if pattern.search(p.read_text(errors="replace"))
+    )
+    assert users == []
+
+
+@pytest.mark.parametrize("params", ["fault:/srv/x.raw", "faulty:/srv/x.raw", "FaultImage:/srv/x.raw"])
+def test_params_cannot_name_it(params: str) -> None:
+    with pytest.raises(ImageSpecError):
+        parse_params(params, "w")
+
+
+def test_no_image_format_opens_it(tmp_path: Path) -> None:
+    assert set(storage.FORMATS) == {"raw", "block", "qcow2"}
+    p = tmp_path / "x.raw"
+    p.write_bytes(bytes(4096))
+    with pytest.raises(storage.StorageError, match="unknown image format"):
+        storage.Image.open(str(p), "fault")
+    with storage.Image.open(str(p)) as img:
+        assert not isinstance(img, storage.FaultImage)
