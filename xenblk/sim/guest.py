@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -231,10 +232,9 @@ async def _connect(disk: Disk, domain: GuestDomain, w: Workload) -> None:
 
 
 async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
-    await asyncio.gather(*(_connect(d, domain, w) for d in disks))
-    live = [d for d in disks if d.error is None]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    live: list[Disk] = []
 
     def on_signal() -> None:
         stop.set()
@@ -242,14 +242,18 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
             for q in d.queues:
                 q.stop()
 
+    # From the start: a signal during the handshake still ends with every disk closed.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    watchers = [asyncio.create_task(_watch_backend(d)) for d in live]
+    watchers: list[asyncio.Task[None]] = []
     try:
+        await asyncio.gather(*(_connect(d, domain, w) for d in disks))
+        live[:] = [d for d in disks if d.error is None]
+        watchers = [asyncio.create_task(_watch_backend(d)) for d in live]
         if w.rw is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), w.runtime)
-        else:
+        elif not stop.is_set():
             for d in live:
                 for q in d.queues:
                     q.start()
@@ -271,8 +275,6 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
 
 
 def main(opts: GuestOptions, as_json: bool) -> int:
-    import json
-
     doc, failures = asyncio.run(run_guest(opts))
     if as_json:
         print(json.dumps(doc, indent=2))
