@@ -92,6 +92,9 @@ def test_live_scrape_passes_promtool_and_prometheus_sees_the_workload(stack: Sta
         live = stack.scrape()
         check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+        rows = json.loads(stack.xenblk("stats", "--json", "--interval", "0.5").stdout)
+        row = next(r for r in rows if (r["domid"], r["vdev"]) == ("2", "xvdb"))
+        assert row["state"] == 4 and row["iops"] > 0 and row["p99_us"] is not None and row["errors"] == 0, row
         rate: list[dict[str, Any]] = []
         p99: list[dict[str, Any]] = []
         deadline = time.monotonic() + 30
