@@ -261,3 +261,26 @@ async def test_unknown_mode_is_refused(harness: Harness) -> None:
     h = harness
     await h.attach(1, "xvdb", mode="x")
     await _closed_with(h, 1, "xvdb", "mode is 'x'")
+
+
+async def test_junk_frontend_state_while_connected(harness: Harness) -> None:
+    h = harness
+    await _bystander(h)
+    await h.attach(1, "xvdb")
+    await h.connect(1, "xvdb")
+    await h.xs.write(f"{h.f(1, 'xvdb')}/state", "connected")
+    await _closed_with(h, 1, "xvdb", "frontend state is not a XenbusState")
+    assert h.dp.running(1, XVDB).closed
+    await _assert_bystander_fine(h)
+
+
+async def test_forced_removal_during_close_leaves_no_ghost_backend(harness: Harness) -> None:
+    h = harness
+    await h.attach(1, "xvdb")
+    await h.connect(1, "xvdb")
+    b, f = h.b(1, "xvdb"), h.f(1, "xvdb")
+    await h.xs.write(f"{f}/state", "6")
+    await h.xs.rm(b)
+    await h.xs.rm(f)
+    await wait_for(lambda: _no_device(h, 1, "xvdb"), "device task ended")
+    assert await h.xs.try_read(b) is None and await h.xs.try_read(f"{b}/state") is None

@@ -89,6 +89,7 @@ class DeviceTask:
         self.crashed = False  # the task died of a bug: not served again until re-attached or restarted
         self._resume_on: set[int] = set()
         self._seen_other_than_1 = False
+        self.frontend_connected = False  # the daemon has seen F=4 since this connection began
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
         self.guest_log = RateLimitedLog(self.log)
         self.task: asyncio.Task[None] | None = None
@@ -225,6 +226,8 @@ class DeviceTask:
                 self._enter_closed(resume_on=set(), fs=fs)
             elif fs is None:
                 await self._close_with_error("frontend state node disappeared while connected", fs)
+            elif fs == -1:
+                await self._close_with_error("frontend state is not a XenbusState", fs)
             elif fs != S.CONNECTED and fs != S.INITIALISED:
                 await self._close_with_error(f"frontend state went back from Connected to {state_name(fs)}", fs)
             elif fs == S.INITIALISED and self.state == S.CONNECTED and self.frontend_connected:
@@ -235,17 +238,16 @@ class DeviceTask:
                 await self._check_queues(fs)
         return False
 
-    frontend_connected = False
-
     def _enter_closed(self, resume_on: set[int], fs: int | None) -> None:
         self.phase = Phase.CLOSED
         self._resume_on = resume_on
         self._seen_other_than_1 = fs != S.INITIALISING
 
     async def _write_state(self, state: int) -> None:
-        await self.ctx.xs.write(f"{self.bpath}/state", str(int(state)))
-        self.log.info("device.state", state=state_name(state), previous=state_name(self.state))
-        self.state = int(state)
+        # In a transaction that checks B still exists: a plain write after `detach --force` removed B
+        # would create B/state (and B) again.
+        with contextlib.suppress(_Vanished):
+            await self._transact_state({}, state)
 
     async def _transact_state(self, values: dict[str, str], state: int, remove: tuple[str, ...] = ()) -> None:
         async def body(t: Transaction) -> None:
