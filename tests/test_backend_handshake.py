@@ -235,3 +235,19 @@ async def test_a_second_daemon_refuses_to_start(harness: Harness, xenstored: Xen
     # the first one's control socket is untouched
     loop = asyncio.get_running_loop()
     assert (await loop.run_in_executor(None, control.call, harness.cfg.daemon.run_dir, {"op": "ping"}))["ok"]
+
+
+async def test_every_configured_backend_type_is_served(xenstored: Xenstored, xs: XenStore, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.raw").write_bytes(b"\0" * (1 << 20))
+    cfg = backend_config(tmp_path, images)
+    cfg.daemon.backend_types = ["vbd3", "vbd"]
+    dp = FakeDataplane()
+    async with run_daemon(xenstored, cfg, dp) as (daemon, _):
+        for btype in ("vbd", "vbd3"):
+            await toolstack.attach(xs, self_domid=0, domid=1, btype=btype, vdev="xvdb" if btype == "vbd" else "xvdc",
+                                   params=str(images / "a.raw"), mode="r", cdrom=False)  # fmt: skip
+        await wait_state(xs, f"/local/domain/0/backend/vbd/1/{XVDB}", 2)
+        await wait_state(xs, f"/local/domain/0/backend/vbd3/1/{vdev_to_devid('xvdc')}", 2)
+        assert {(d.btype, d.vdev) for d in daemon.devices.values()} == {("vbd", "xvdb"), ("vbd3", "xvdc")}
