@@ -1,4 +1,4 @@
-"""python -m bench [io|scale|profile|all] [--quick] [--cases PATTERNS] [--runtime S]"""
+"""python -m bench [all|io|scrape|profile|scale|list] [--quick] [--cases PATTERNS] [--runtime S]"""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "io", "scale", "profile", "list"],
-                   help="all (default: io cases then scale), io, scale, profile (where a 4 KiB request's time goes), "
-                   "list (print the case names)")  # fmt: skip
+    p.add_argument("what", nargs="?", default="all", choices=["all", "io", "scrape", "scale", "profile", "list"],
+                   help="all (default: io, scrape, profile, scale; with --cases only io), io (xenblk vs fio), "
+                   "scrape (metrics scrape every 1 s vs none), profile (where a 4 KiB request's time goes), "
+                   "scale, list (case names)")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="short run: fewer cases, 1 s each, 256 MiB images, 10 s idle window"
     )
@@ -93,11 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="xenblk-bench.", dir=a.workdir))
     t0 = time.monotonic()
     try:
-        if a.what == "profile":
-            from bench.profile import run_profile
-
-            run_profile(work, a.runtime, a.size_mib * MIB, log)
-            return 0
         return run_bench(a, work)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -110,33 +106,77 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench: {time.monotonic() - t0:.0f}s in all")
 
 
+def parts_of(a: argparse.Namespace) -> list[str]:
+    """`all` is every part; with --cases only the I/O cases (the rest do not take a case filter)."""
+    if a.what != "all":
+        return [a.what]
+    return ["io"] if a.cases else ["io", "scrape", "profile", "scale"]
+
+
+def _part(name: str, fn: Any, errors: dict[str, str]) -> Any:
+    """Run one part; a failure is recorded and the other parts still run."""
+    try:
+        return fn()
+    except BenchError as e:
+        errors[name] = str(e)
+        log(f"  {name} FAILED: {e}")
+        return None
+
+
 def run_bench(a: argparse.Namespace, work: Path) -> int:
+    parts = parts_of(a)
     records: list[dict[str, Any]] = []
     scale: dict[str, Any] | None = None
-    selected = casemod.select(a.cases, a.quick)
-    if a.what in ("all", "io"):
+    scrape: dict[str, Any] | None = None
+    prof: dict[str, Any] | None = None
+    errors: dict[str, str] = {}
+    load0 = os.getloadavg()
+    log(f"bench: {', '.join(parts)}; load average {' '.join(f'{x:.2f}' for x in load0)} on {os.cpu_count()} CPUs")
+    if "io" in parts:
+        selected = casemod.select(a.cases, a.quick)
         if not selected:
             raise BenchError(f"no case matches {a.cases!r} (python -m bench list)")
         from bench.iobench import IoBench
 
         log(f"bench: {len(selected)} cases, {a.rounds} x {a.runtime:g}s each side, {a.size_mib} MiB images in {work}")
-        log(f"bench: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         records = IoBench(work / "io", a.runtime, a.size_mib * MIB, log, a.rounds).run(selected)
-    if a.what == "scale" or (a.what == "all" and not a.cases):
+    if "scrape" in parts:
+        from bench.scrape import run_scrape
+
+        # A few scrapes per round: at least 3 s each unless --quick.
+        runtime, rounds = (a.runtime, 2) if a.quick else (max(a.runtime, 3.0), 3)
+        scrape = _part("scrape", lambda: run_scrape(work / "scrape", runtime, a.size_mib * MIB, rounds, log), errors)
+    if "profile" in parts:
+        from bench.profile import run_profile
+
+        runtime = a.runtime if a.quick else max(a.runtime, 3.0)
+        prof = _part("profile", lambda: run_profile(work / "profile", runtime, a.size_mib * MIB, log), errors)
+    if "scale" in parts:
         from bench.scale import run_scale
 
         steps = [int(s) for s in a.scale_steps.split(",") if s.strip()]
         scale = run_scale(work / "scale", steps, a.idle_seconds, log)
-    tgts = report.targets(records, scale)
+        if scale.get("error"):
+            errors["scale"] = scale["error"]
+    tgts = report.targets(records, scale, scrape)
+    meta = report.meta({k: str(v) for k, v in vars(a).items()})
+    meta["load_avg_start"] = load0
     doc = {
-        "meta": report.meta({k: str(v) for k, v in vars(a).items()}),
+        "meta": meta,
         "cases": records,
+        "scrape": scrape,
+        "profile": prof,
         "scale": scale,
         "targets": [t.__dict__ for t in tgts],
+        "errors": errors,
     }
     path = report.write(doc, a.results_dir)
     if records:
         log("\n" + report.table(records))
+    if scrape:
+        from bench.scrape import scrape_line
+
+        log("\n" + scrape_line(scrape))
     if scale:
         from bench.scale import scale_table
 
@@ -144,11 +184,12 @@ def run_bench(a: argparse.Namespace, work: Path) -> int:
     log("\nTargets (printed, not asserted):")
     for t in tgts:
         log("  " + t.line())
-    log(f"\nbench: results in {path} and {a.results_dir / 'latest.json'}")
-    failed = [r["case"] for r in records if r.get("error")]
+    log(f"\nbench: load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    log(f"bench: results in {path} and {a.results_dir / 'latest.json'}")
+    failed = [r["case"] for r in records if r.get("error")] + sorted(errors)
     if failed:
-        log(f"bench: {len(failed)} case(s) failed: {', '.join(failed)}")
-    return 1 if failed or (scale or {}).get("error") else 0
+        log(f"bench: {len(failed)} failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

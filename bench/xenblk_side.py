@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,9 @@ class SimEnv:
     def __init__(self, work: Path, images: Path, *, log_level: str = "warning") -> None:
         self.work = work
         self.images = images
+        # Unix socket paths are short (108 bytes): the simulated host's directory and the daemon's run_dir live
+        # in a short directory of their own (created on entry, removed on exit); logs stay under `work`.
+        self.short: Path | None = None
         self.sim = work / "sim"
         self.log_level = log_level
         self.host: Proc | None = None
@@ -70,6 +75,8 @@ class SimEnv:
 
     def __enter__(self) -> SimEnv:
         self.work.mkdir(parents=True, exist_ok=True)
+        self.short = Path(tempfile.mkdtemp(prefix="xbb.", dir="/tmp"))
+        self.sim = self.short / "sim"
         try:
             self.start_host()
         except BaseException:
@@ -87,6 +94,9 @@ class SimEnv:
             if self.host is not None:
                 self.host.stop()
                 self.host = None
+            if self.short is not None:
+                shutil.rmtree(self.short, ignore_errors=True)
+                self.short = None
 
     # -- the simulated host ------------------------------------------------------------------------------------------
     def start_host(self) -> None:
@@ -103,7 +113,7 @@ class SimEnv:
         cfg = self.work / f"xenblk-{n}.toml"
         dp = "".join(f"{k} = {json.dumps(v)}\n" for k, v in dataplane.items())
         cfg.write_text(
-            f'[daemon]\nrun_dir = "{self.work}/run"\nstate_dir = "{self.work}/state-{n}"\n'
+            f'[daemon]\nrun_dir = "{self.short}/run"\nstate_dir = "{self.work}/state-{n}"\n'
             f'[storage]\nallowed_dirs = ["{self.images}"]\ncache = "{cache}"\n'
             f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
             f'[log]\nformat = "console"\nlevel = "{self.log_level}"\n' + (f"[dataplane]\n{dp}" if dp else "")
@@ -194,7 +204,9 @@ def parse_guest(out: str) -> Measure:
     if not nbytes and seconds:
         nbytes = int(mbps * 1e6 * seconds)
     errors = sum(int(_num(d, "errors", "io_errors") or 0) for d in disks)
+    mean = _num(lat, "mean")
     return Measure(
+        extra={"mean_us": mean} if mean is not None else {},
         iops=iops,
         mbps=mbps,
         p50_us=_num(lat, "p50", "50"),
