@@ -175,7 +175,9 @@ int sg_consume(struct xb_sg_queue *q)
         if (!now)
             now = now_ns();
         for (; q->rsp_cons != rp; q->rsp_cons++) {
-            const uint8_t *e = xb_ring_entry(q->sring, q->abi, q->rsp_cons, q->ring_size);
+            /* One copy of the entry, then only the copy: the backend may rewrite the ring meanwhile. */
+            uint8_t e[16];
+            memcpy(e, xb_ring_entry(q->sring, q->abi, q->rsp_cons, q->ring_size), sizeof(e));
             uint64_t id;
             int16_t status;
             memcpy(&id, e, sizeof(id)); /* id at 0, operation at 8, status at 10, in both ABIs */
