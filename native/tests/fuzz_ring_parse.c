@@ -32,7 +32,7 @@ static uint64_t le(const uint8_t *p, unsigned n)
     return v;
 }
 
-static void check_accepted(const struct xb_parsed_req *r, const struct xb_parse_limits *lim)
+static void check_accepted(const struct xb_parsed_req *r, const struct xb_parse_limits *lim, int indirect)
 {
     check(r->op == XB_OP_READ || r->op == XB_OP_WRITE || r->op == XB_OP_WRITE_BARRIER ||
           r->op == XB_OP_FLUSH_DISKCACHE || r->op == XB_OP_DISCARD);
@@ -48,7 +48,7 @@ static void check_accepted(const struct xb_parsed_req *r, const struct xb_parse_
         check(lim->can_flush);
     else
         check(r->nseg > 0);
-    unsigned max = r->operation == XB_OP_INDIRECT ? lim->max_indirect_segments : XB_MAX_SEGMENTS_PER_REQUEST;
+    unsigned max = indirect ? lim->max_indirect_segments : XB_MAX_SEGMENTS_PER_REQUEST;
     check(r->nseg <= max && r->nseg <= XB_MAX_INDIRECT_SEGMENTS);
     check(r->sector % lim->logical_sectors == 0);
     uint64_t sum = 0;
@@ -86,9 +86,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check(res == XB_PARSE_OK || res == XB_PARSE_NEED_INDIRECT || res == XB_PARSE_REFUSED);
     /* The id the response will carry is the one the guest wrote, whatever else is wrong. */
     check(r->id == le(entry + (abi == XB_ABI_X86_64 ? 8 : 4), 8));
-    check(r->operation == entry[0]);
+    /* The response echoes the opcode; for an indirect request its indirect_op (Linux blkfront checks). */
+    int indirect = entry[0] == XB_OP_INDIRECT;
+    check(r->operation == (indirect ? entry[1] : entry[0]));
     if (res == XB_PARSE_NEED_INDIRECT) {
-        check(r->operation == XB_OP_INDIRECT);
+        check(indirect);
         check(r->nr_indirect_pages >= 1 && r->nr_indirect_pages <= XB_MAX_INDIRECT_PAGES_PER_REQUEST);
         check((size_t)r->nseg <= (size_t)r->nr_indirect_pages * XB_SEGS_PER_INDIRECT_FRAME);
         size_t psz = (size_t)r->nr_indirect_pages * XB_PAGE_SIZE;
@@ -100,7 +102,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(pages);
     }
     if (res == XB_PARSE_OK)
-        check_accepted(r, &lim);
+        check_accepted(r, &lim, indirect);
     else
         check(r->refusal < XB_REFUSE_REASONS && (r->rsp_status == XB_RSP_ERROR || r->rsp_status == XB_RSP_EOPNOTSUPP));
     free(r);

@@ -1,5 +1,6 @@
 /*
  * xb_parse_request / xb_parse_indirect: every validation rule, in both ABIs,
+ * and the operation each response echoes (an indirect request's indirect_op),
  * on ring entries built byte by byte with the explicit layouts of xb_blkif.h.
  * Built with ASan+UBSan: a parse that reads past the entry or an indirect page
  * fails here.
@@ -191,7 +192,7 @@ static void test_abi(void)
     EXPECT(refused(parse(rw(XB_OP_WRITE_BARRIER, 1, 18, 0, segs, 1), &ro), XB_REFUSE_READONLY, XB_RSP_ERROR, 18, 2));
     EXPECT(refused(parse(discard(18, 0, 8, 0), &ro), XB_REFUSE_READONLY, XB_RSP_ERROR, 18, XB_OP_DISCARD));
     EXPECT(refused(parse(indirect(XB_OP_WRITE, 4, 18, 0, 1), &ro), XB_REFUSE_READONLY, XB_RSP_ERROR, 18,
-                   XB_OP_INDIRECT));
+                   XB_OP_WRITE));
 
     /* what the image cannot do */
     struct xb_parse_limits noflush = base_lim;
@@ -209,23 +210,25 @@ static void test_abi(void)
 
     /* indirect header */
     EXPECT(parse(indirect(XB_OP_READ, 64, 21, 16, 555), &lim) == XB_PARSE_NEED_INDIRECT);
-    EXPECT(out.op == XB_OP_READ && out.operation == XB_OP_INDIRECT && out.id == 21 && out.sector == 16 &&
+    EXPECT(out.op == XB_OP_READ && out.operation == XB_OP_READ && out.id == 21 && out.sector == 16 &&
            out.nseg == 64 && out.nr_indirect_pages == 1 && out.indirect_grefs[0] == 555);
-    EXPECT(refused(parse(indirect(XB_OP_READ, 65, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 6));
-    EXPECT(refused(parse(indirect(XB_OP_READ, 0, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 6));
-    EXPECT(refused(parse(indirect(XB_OP_WRITE, 0xffff, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 6));
+    EXPECT(refused(parse(indirect(XB_OP_READ, 65, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 0));
+    EXPECT(refused(parse(indirect(XB_OP_READ, 0, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 0));
+    EXPECT(refused(parse(indirect(XB_OP_WRITE, 0xffff, 22, 0, 1), &lim), XB_REFUSE_NSEG, XB_RSP_ERROR, 22, 1));
     EXPECT(refused(parse(indirect(XB_OP_FLUSH_DISKCACHE, 4, 23, 0, 1), &lim), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 23,
-                   6));
-    EXPECT(refused(parse(indirect(XB_OP_INDIRECT, 4, 23, 0, 1), &lim), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 23, 6));
-    EXPECT(refused(parse(indirect(XB_OP_DISCARD, 4, 23, 0, 1), &lim), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 23, 6));
+                   XB_OP_FLUSH_DISKCACHE));
+    EXPECT(refused(parse(indirect(XB_OP_INDIRECT, 4, 23, 0, 1), &lim), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 23,
+                   XB_OP_INDIRECT));
+    EXPECT(refused(parse(indirect(XB_OP_DISCARD, 4, 23, 0, 1), &lim), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 23,
+                   XB_OP_DISCARD));
     struct xb_parse_limits noind = base_lim;
     noind.max_indirect_segments = 0;
-    EXPECT(refused(parse(indirect(XB_OP_READ, 4, 24, 0, 1), &noind), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 24, 6));
+    EXPECT(refused(parse(indirect(XB_OP_READ, 4, 24, 0, 1), &noind), XB_REFUSE_INDIRECT, XB_RSP_ERROR, 24, 0));
     struct xb_parse_limits maxind = base_lim;
     maxind.max_indirect_segments = XB_MAX_INDIRECT_SEGMENTS;
     EXPECT(parse(indirect(XB_OP_WRITE, 256, 25, 0, 9), &maxind) == XB_PARSE_NEED_INDIRECT &&
            out.nr_indirect_pages == 1);
-    EXPECT(refused(parse(indirect(XB_OP_WRITE, 257, 25, 0, 9), &maxind), XB_REFUSE_NSEG, XB_RSP_ERROR, 25, 6));
+    EXPECT(refused(parse(indirect(XB_OP_WRITE, 257, 25, 0, 9), &maxind), XB_REFUSE_NSEG, XB_RSP_ERROR, 25, 1));
 
     /* indirect segments, from a private page of exactly the size the parser may read */
     struct xb_blkif_segment *page = malloc(XB_PAGE_SIZE);
