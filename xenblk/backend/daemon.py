@@ -166,6 +166,8 @@ class Daemon:
         self.metrics = MetricsServer(self._disk_views, self.counters)
         bound = self.metrics.start(*addr)
         log.info("daemon.metrics", url=f"http://{bound[0]}:{bound[1]}/metrics")
+        if not _is_loopback(addr[0]):
+            log.warning("daemon.metrics_exposed", listen=addr[0], hint="metrics.listen is not a loopback address")
 
     def _restart_metrics_if_changed(self) -> None:
         want = self._metrics_address()
@@ -309,3 +311,14 @@ class Daemon:
                 raise XenblkError("resize needs an integer domid and a vdev")
             return {"ok": True, **(await self.find(domid, vdev).resize())}
         raise XenblkError(f"unknown control request {op!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
