@@ -237,3 +237,10 @@ async def test_a_second_guest_of_the_same_domain_is_refused(
     first.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await first
+
+
+async def test_fewer_ios_than_queues_ends(backends: Backends, sim_host: SimHostProc, tmp_path: Path) -> None:
+    await backends(15, "xvdb", raw_image(tmp_path, "few.raw", MiB))
+    r = await run_guest_cli(sim_host, 15, "--rw", "randwrite", "--size", "8k", "--queues", "4", "--verify", timeout=60)
+    assert r.rc == 0, r.stderr
+    assert r.disk("xvdb")["writes"] == 2 and r.disk("xvdb")["verified_reads"] == 2

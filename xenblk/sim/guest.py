@@ -123,6 +123,8 @@ def _plan_queues(disk: Disk, domain: GuestDomain, w: Workload) -> None:
         cfg = new_config(gq.setup)
         fill_workload(cfg, w, region_start=start, region_blocks=regions[q], total_ios=ios[q])
         start += regions[q]
+        if w.rw is not None and ios[q] == 0 and w.total_ios(fe.disk.bytes) > 0:
+            cfg.rw = -1  # fewer I/Os than queues: this one has none (0 would mean "until the runtime")
         cfg.use_indirect = 1 if n.indirect_segments else 0
         cfg.max_segs = n.indirect_segments or 11
         cfg.persistent = 1 if n.persistent else 0
