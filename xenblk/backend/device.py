@@ -122,6 +122,7 @@ class DeviceTask:
         xs = self.ctx.xs
         frontend = await xs.try_read(f"{self.bpath}/frontend")
         dev = await xs.try_read(f"{self.bpath}/dev")
+        self.state = max(parse_state(await xs.try_read(f"{self.bpath}/state")) or 0, 0)  # as found
         if dev:
             self.vdev = dev[:32]
         self.log = self.log.bind(vdev=self.vdev)
