@@ -50,6 +50,7 @@ class Daemon:
         config_path: Path | None = None,
         metrics_listen: str | None = None,
         uevents: bool = True,
+        log_overrides: tuple[str | None, str | None] = (None, None),
     ) -> None:
         self.cfg = cfg
         self.xenstore_path = xenstore_path
@@ -57,6 +58,7 @@ class Daemon:
         self.config_path = config_path
         self.metrics_listen_override = metrics_listen
         self.use_uevents = uevents
+        self.log_overrides = log_overrides  # --log-format/--log-level win over the file, also on reload
         self.counters = DaemonCounters()
         self.devices: dict[Key, DeviceTask] = {}
         self.ctx: DaemonContext | None = None
@@ -146,7 +148,8 @@ class Daemon:
         except XenblkError as e:
             log.error("daemon.reload_failed", error=str(e))
             return
-        xlog.configure(new.log.format, new.log.level)
+        fmt, level = self.log_overrides
+        xlog.configure(fmt or new.log.format, level or new.log.level)
         for section in ("log", "storage", "dataplane", "metrics"):
             setattr(self.cfg, section, getattr(new, section))
         self._restart_metrics_if_changed()

@@ -48,5 +48,6 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         config_path=args.config,
         metrics_listen=args.metrics_listen,
         uevents=not args.no_uevents,
+        log_overrides=(args.log_format, args.log_level),
     )
     return uvloop.run(daemon.run())
