@@ -251,3 +251,13 @@ async def test_every_configured_backend_type_is_served(xenstored: Xenstored, xs:
         await wait_state(xs, f"/local/domain/0/backend/vbd/1/{XVDB}", 2)
         await wait_state(xs, f"/local/domain/0/backend/vbd3/1/{vdev_to_devid('xvdc')}", 2)
         assert {(d.btype, d.vdev) for d in daemon.devices.values()} == {("vbd", "xvdb"), ("vbd3", "xvdc")}
+
+
+async def test_cdrom_read_only_info_bits(harness: Harness) -> None:
+    h = harness
+    await toolstack.attach(h.xs, self_domid=0, domid=1, btype="vbd3", vdev="xvdd", params=str(h.image("cd.iso")),
+                           mode="r", cdrom=True)  # fmt: skip
+    await h.connect(1, "xvdd")
+    b = h.b(1, "xvdd")
+    assert await h.xs.read(f"{b}/info") == "5"  # VDISK_CDROM | VDISK_READONLY
+    assert await h.xs.read(f"{b}/feature-discard") == "0"  # nothing to discard on a read-only disk
