@@ -96,11 +96,6 @@ def test_unlinked_image_keeps_serving(guest_disks: MakeGuestDisk, tmp_path: Path
     assert not any(t.startswith(str(path)) for t in _fd_targets().values()), "the image's fd outlived close()"
 
 
-# The data plane's io_uring path still reads a truncated file's end as zeros (native/dataplane/queue.c
-# reap_completions); the storage drivers' slow path already answers EIO.
-DATAPLANE_EOF_ZEROS = pytest.mark.xfail(strict=True, reason="data plane fast path zero-fills at EOF")
-
-
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_truncated_image_sync_api(tmp_path: Path, qemu_tools: None, fmt: str) -> None:
     """The drivers themselves (the slow path): data cut off by a truncation is an EIO, not zeros."""
@@ -116,7 +111,6 @@ def test_truncated_image_sync_api(tmp_path: Path, qemu_tools: None, fmt: str) ->
             assert img.read(MiB, 4096) == pattern_bytes(MiB, 4096, 1)
 
 
-@DATAPLANE_EOF_ZEROS
 @pytest.mark.parametrize("abi", ABIS)
 def test_truncated_raw_image(guest_disks: MakeGuestDisk, tmp_path: Path, abi: str) -> None:
     path = _image(tmp_path, "raw")
@@ -149,7 +143,6 @@ def test_truncated_raw_image(guest_disks: MakeGuestDisk, tmp_path: Path, abi: st
     assert other.stats().errors == [0] * len(ERRORS)
 
 
-@DATAPLANE_EOF_ZEROS
 def test_truncated_qcow2_image(guest_disks: MakeGuestDisk, tmp_path: Path, qemu_tools: None) -> None:
     """Cut below the data clusters (the tables stay): reads of data that was there answer RSP_ERROR."""
     path = _image(tmp_path, "qcow2")

@@ -357,10 +357,9 @@ static void reap_completions(struct xb_queue *q)
         } else {
             r->ext_done[i] += (uint64_t)res;
             if (r->ext_done[i] < r->ext[i].len) {
-                if (res == 0 && !write) {
-                    /* Past the end of the file: the rest reads as zeros. */
-                    memset(r->buf + r->ext_buf_off[i] + r->ext_done[i], 0, r->ext[i].len - r->ext_done[i]);
-                } else if (res == 0) {
+                if (res == 0) {
+                    /* End of file inside the extent: the image was cut under us (the drivers' slow
+                     * path says EIO too); zeros would be silently wrong data. */
                     if (!r->err)
                         r->err = -EIO;
                 } else if (submit_extent(q, r, i, write) == 0) {
