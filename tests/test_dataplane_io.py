@@ -31,7 +31,7 @@ from tests.fixtures.ring import (
     pattern_bytes,
     rw_request,
 )
-from xenblk import storage
+from xenblk import dataplane, storage
 from xenblk.platform import Platform
 
 MiB = 1 << 20
@@ -320,3 +320,68 @@ def test_devices_of_two_guests(make_disk: MakeDisk, sim_platform: Platform, tmp_
         d2.stop()
         img2.close()
         g2.close()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_full_indirect_requests(make_disk: MakeDisk, abi: str) -> None:
+    """256 segments (1 MiB) per request, the most xenblk advertises, several in flight."""
+    d = make_disk(abi, ring_pages=2)
+    items = [(OP_WRITE, (i * MiB) // 512, pattern_bytes(i * MiB, MiB, 11)) for i in range(4)]
+    assert all(st == RSP_OKAY for st, _ in d.finish_batch(d.start_batch(0, items, indirect=True)))
+    reads = d.finish_batch(d.start_batch(0, [(OP_READ, (i * MiB) // 512, MiB) for i in range(4)], indirect=True))
+    assert [data for _, data in reads] == [pattern_bytes(i * MiB, MiB, 11) for i in range(4)]
+    s = d.stats()
+    assert s.seg_buckets[-1] == 8  # all in the "<= 256 segments" bucket
+    assert s.op_named("write").bytes == 4 * MiB and s.op_named("read").bytes == 4 * MiB
+
+
+def test_device_config_errors(sim_platform: Platform, test_guest: TestGuest, tmp_path: Path) -> None:
+    img = storage.Image.open(str(make_raw_image(tmp_path / "c.raw", SIZE, pattern=False)))
+    try:
+        bad = [
+            ({"abi": "x86_16-abi"}, "protocol"),
+            ({"ring_pages": 3}, "power of two"),
+            ({"ring_pages": 32}, "power of two"),
+            ({"nr_queues": 0}, "queues"),
+            ({"nr_queues": 17}, "queues"),
+            ({"max_indirect_segments": 257}, "max_indirect_segments"),
+        ]
+        for kw, words in bad:
+            with pytest.raises(dataplane.DataplaneError, match=words):
+                dataplane.Device(sim_platform, img, dataplane.DeviceConfig(domid=test_guest.domid, handle=1, **kw))
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_start_queue_errors(sim_platform: Platform, test_guest: TestGuest, tmp_path: Path, abi: str) -> None:
+    """A ring the guest did not grant (or granted read-only), the wrong number of refs, a queue
+    that does not exist or is started twice: each a DataplaneError, nothing left running."""
+    img = storage.Image.open(str(make_raw_image(tmp_path / "q.raw", SIZE, pattern=False)))
+    dev = dataplane.Device(
+        sim_platform, img, dataplane.DeviceConfig(domid=test_guest.domid, handle=1, abi=abi, ring_pages=2, nr_queues=2)
+    )
+    g = test_guest
+    try:
+        frames = g.alloc_frames(2)
+        good = [g.grant(f) for f in frames]
+        ro = [g.grant(frames[0]), g.grant(frames[1], readonly=True)]
+        _, ch = g.channel()
+        with pytest.raises(dataplane.DataplaneError, match="map"):
+            dev.start_queue(0, [good[0], 7777], ch)
+        with pytest.raises(dataplane.DataplaneError, match="map"):
+            dev.start_queue(0, ro, ch)
+        assert dev.stats(0).grant_map_failures == 2
+        with pytest.raises(dataplane.DataplaneError, match="refs"):
+            dev.start_queue(0, good[:1], ch)
+        with pytest.raises(dataplane.DataplaneError, match="does not exist"):
+            dev.start_queue(2, good, ch)
+        dev.start_queue(0, good, ch)
+        with pytest.raises(dataplane.DataplaneError, match="already started"):
+            dev.start_queue(0, good, ch)
+        dev.stop()
+        with pytest.raises(dataplane.DataplaneError, match="stopped"):
+            dev.start_queue(1, good, ch)
+    finally:
+        dev.close()
+        img.close()
