@@ -156,7 +156,7 @@ int sg_consume(struct xb_sg_queue *q)
 {
     struct xb_sring_header *h = hdr(q);
     int n = 0;
-    uint64_t now = 0;
+    uint64_t now;
     for (;;) {
         uint32_t rp = __atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE);
         if ((uint32_t)(rp - q->rsp_cons) > (uint32_t)(q->req_prod_pvt - q->rsp_cons)) {
@@ -172,8 +172,7 @@ int sg_consume(struct xb_sg_queue *q)
                 return n;
             continue;
         }
-        if (!now)
-            now = now_ns();
+        now = now_ns(); /* one clock read per batch of responses */
         for (; q->rsp_cons != rp; q->rsp_cons++) {
             /* One copy of the entry, then only the copy: the backend may rewrite the ring meanwhile. */
             uint8_t e[16];
