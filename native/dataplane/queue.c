@@ -173,13 +173,23 @@ static int ensure_buf(struct xb_req *r, size_t len)
     return 0;
 }
 
-/* Grant copy every segment between the guest pages and the packed private buffer, in one batch. */
-static int copy_segments(struct xb_queue *q, struct xb_req *r, uint8_t dir)
+static void batch_run(struct xb_queue *q);
+
+/* Queue the grant copy of every segment of r between the guest pages and its packed private
+ * buffer; batch_run() does it, together with the other requests' copies, and moves r on. */
+static void copy_later(struct xb_queue *q, struct xb_req *r, uint8_t dir)
 {
+    if (q->batch_n + r->p.nseg > XB_COPY_BATCH)
+        batch_run(q);
+    struct xb_copy_job *j = &q->jobs[q->jobs_n++];
+    j->r = r;
+    j->first = q->batch_n;
+    j->n = r->p.nseg;
+    j->dir = dir;
     size_t off = 0;
     for (unsigned i = 0; i < r->p.nseg; i++) {
         const struct xb_seg *s = &r->p.seg[i];
-        struct xb_copy_seg *c = &q->copy[i];
+        struct xb_copy_seg *c = &q->batch[q->batch_n++];
         uint16_t len = (uint16_t)(((unsigned)s->last_sect - s->first_sect + 1u) << XB_SECTOR_SHIFT);
         c->gref = s->gref;
         c->domid = q->dev->cfg.domid;
@@ -190,16 +200,50 @@ static int copy_segments(struct xb_queue *q, struct xb_req *r, uint8_t dir)
         c->local = r->buf + off;
         off += len;
     }
-    if (xb_grant_copy(q->dev->p, q->copy, r->p.nseg) == 0)
-        return 0;
-    unsigned failed = 0;
-    for (unsigned i = 0; i < r->p.nseg; i++)
-        failed += q->copy[i].status != 0;
-    ST_ADD(q, grant_copy_failures, failed ? failed : 1);
-    return -EIO;
 }
 
 static void storage_done(struct xb_queue *q, struct xb_req *r);
+static void start_rw(struct xb_queue *q, struct xb_req *r, int write);
+
+/* Run the gathered grant copies, then move each request on: a write to storage, a read to its
+ * answer; a request whose copy failed is answered with an error (a write never reaches storage). */
+static void batch_run(struct xb_queue *q)
+{
+    while (q->jobs_n) {
+        unsigned nj = q->jobs_n, ns = q->batch_n;
+        int rc = xb_grant_copy(q->dev->p, q->batch, ns);
+        unsigned total = 0;
+        for (unsigned k = 0; k < nj; k++) {
+            struct xb_copy_job *j = &q->jobs[k];
+            j->failed = 0;
+            for (unsigned i = j->first; rc != 0 && i < j->first + j->n; i++)
+                j->failed += q->batch[i].status != 0;
+            total += j->failed;
+        }
+        for (unsigned k = 0; k < nj; k++) {
+            struct xb_copy_job *j = &q->jobs[k];
+            if (rc != 0 && total == 0)
+                j->failed = j->n; /* the call failed without a per-segment status: trust nothing */
+            if (j->failed)
+                ST_ADD(q, grant_copy_failures, j->failed);
+        }
+        /* Moving requests on may queue new copies (a read answered at once): work on a snapshot. */
+        memcpy(q->jobs_run, q->jobs, nj * sizeof(q->jobs[0]));
+        q->jobs_n = 0;
+        q->batch_n = 0;
+        for (unsigned k = 0; k < nj; k++) {
+            struct xb_copy_job *j = &q->jobs_run[k];
+            if (j->dir == XB_COPY_FROM_GUEST) {
+                if (j->failed)
+                    refuse_taken(q, j->r, XB_REFUSE_GRANT);
+                else
+                    start_rw(q, j->r, 1);
+            } else {
+                finish(q, j->r, j->failed ? XB_RSP_ERROR : XB_RSP_OKAY, j->failed ? XB_ERR_GRANT : -1);
+            }
+        }
+    }
+}
 
 static void slow_io(struct xb_queue *q, struct xb_req *r, int write)
 {
@@ -306,10 +350,8 @@ static void storage_done(struct xb_queue *q, struct xb_req *r)
         return;
     }
     if (r->p.op == XB_OP_READ) {
-        if (copy_segments(q, r, XB_COPY_TO_GUEST) < 0) {
-            finish(q, r, XB_RSP_ERROR, XB_ERR_GRANT);
-            return;
-        }
+        copy_later(q, r, XB_COPY_TO_GUEST);
+        return;
     }
     if (r->flush_after) {
         r->flush_after = 0;
@@ -383,13 +425,10 @@ static void reap_completions(struct xb_queue *q)
 /* A FLUSH or BARRIER, or the data part of one, now that nothing else is in the way. */
 static void start_flush(struct xb_queue *q, struct xb_req *r)
 {
+    r->started = 1;
     if (r->p.nseg) {
-        if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
-            refuse_taken(q, r, XB_REFUSE_GRANT);
-            return;
-        }
         r->flush_after = 1;
-        start_rw(q, r, 1);
+        copy_later(q, r, XB_COPY_FROM_GUEST);
         return;
     }
     r->t_storage = now_ns();
@@ -471,7 +510,8 @@ static void handle_request(struct xb_queue *q, const void *raw)
     r->flush_after = 0;
     r->err = 0;
     r->nr_ext = 0;
-    r->t_storage = 0; /* 0 until storage starts: a parked barrier has not */
+    r->t_storage = 0;
+    r->started = 0;
     r->t_storage_end = 0;
     q->in_flight++;
     ST_SET(q, in_flight, q->in_flight);
@@ -486,11 +526,7 @@ static void handle_request(struct xb_queue *q, const void *raw)
         start_rw(q, r, 0);
         break;
     case XB_OP_WRITE:
-        if (copy_segments(q, r, XB_COPY_FROM_GUEST) < 0) {
-            refuse_taken(q, r, XB_REFUSE_GRANT);
-            break;
-        }
-        start_rw(q, r, 1);
+        copy_later(q, r, XB_COPY_FROM_GUEST);
         break;
     case XB_OP_FLUSH_DISKCACHE:
         start_flush(q, r);
@@ -606,12 +642,14 @@ void *xb_queue_main(void *arg)
         if (q->uring_ok)
             reap_completions(q);
         reap_slow(q);
-        if (q->barrier && q->in_flight == 1 && q->barrier->t_storage == 0)
+        if (q->barrier && q->in_flight == 1 && !q->barrier->started)
             start_flush(q, q->barrier);
+        batch_run(q);
         int halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);
         busy = 0;
         if (!halt)
             busy = consume(q);
+        batch_run(q);
         push_responses(q);
         if (submit_pending(q))
             busy = 1;

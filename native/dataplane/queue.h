@@ -17,6 +17,7 @@
 #define XB_MAX_EXTENTS 16u        /* storage extents per request on the fast path; more goes the slow path */
 #define XB_URING_ENTRIES 256u
 #define XB_BUF_KEEP (128u * 1024u) /* a slot keeps its data buffer up to this size between requests */
+#define XB_COPY_BATCH 1024u         /* grant-copy segments gathered across requests into one call */
 #define XB_SLOW_WORKERS 2u          /* per device: threads for the drivers' synchronous ops */
 #define XB_SLOW_STACK (1u << 20)
 
@@ -39,6 +40,7 @@ struct xb_req {
     int err;          /* first failure, a negative errno */
     int flush_after;  /* FLUSH/BARRIER carrying data: flush once the write is done */
     uint8_t stat_op;  /* XB_STAT_* */
+    int started;      /* a barrier's own work has begun */
     unsigned nr_ext;
     struct xb_extent ext[XB_MAX_EXTENTS];
     size_t ext_buf_off[XB_MAX_EXTENTS];
@@ -56,6 +58,14 @@ struct xb_pool {
     int quit;
     unsigned nthreads;
     pthread_t th[XB_SLOW_WORKERS];
+};
+
+/* One request's segments inside the queue's grant-copy batch. */
+struct xb_copy_job {
+    struct xb_req *r;
+    unsigned first, n; /* its segments in the batch */
+    unsigned failed;   /* filled in when the batch ran */
+    uint8_t dir;       /* XB_COPY_* */
 };
 
 struct xb_device;
@@ -85,7 +95,12 @@ struct xb_queue {
     struct xb_req *free_reqs;
     unsigned in_flight;
     struct xb_req *barrier; /* a barrier waiting for the queue to drain, or running: the ring waits */
-    struct xb_copy_seg copy[XB_MAX_INDIRECT_SEGMENTS];
+    struct xb_copy_seg copy[XB_MAX_INDIRECT_PAGES_PER_REQUEST]; /* indirect pages */
+    /* Data copies of all requests ready in one pass, done as one grant-copy call (one
+     * hypercall on real Xen): writes before they go to storage, reads after. */
+    struct xb_copy_seg batch[XB_COPY_BATCH];
+    struct xb_copy_job jobs[XB_COPY_BATCH], jobs_run[XB_COPY_BATCH];
+    unsigned batch_n, jobs_n;
     uint8_t *indirect_buf; /* XB_MAX_INDIRECT_PAGES_PER_REQUEST private pages */
     /* control */
     int stopping;               /* atomic */
