@@ -188,9 +188,10 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     geometry(&c, &dp, &parts, &ipp, err);
     struct slot *slots = calloc(c.iodepth, sizeof(*slots));
     unsigned *readbacks = calloc(c.iodepth, sizeof(*readbacks));
+    unsigned *free_stack = calloc(c.iodepth, sizeof(*free_stack));
     int mixed = c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW;
     uint16_t *gens = c.verify && mixed ? calloc(c.region_blocks, sizeof(*gens)) : NULL;
-    int ok = slots && readbacks && (gens || !(c.verify && mixed));
+    int ok = slots && readbacks && free_stack && (gens || !(c.verify && mixed));
     for (unsigned i = 0; ok && i < c.iodepth; i++) {
         slots[i].page0 = (uint64_t)i * (dp + parts * ipp);
         slots[i].part_done = calloc(parts, 1);
@@ -201,6 +202,7 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
             free(slots[i].part_done);
         free(slots);
         free(readbacks);
+        free(free_stack);
         free(gens);
         sg_errf(err, "out of memory");
         return -1;
@@ -215,6 +217,10 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     q->verify_gens = gens != NULL;
     q->slots = slots;
     q->readbacks = readbacks;
+    q->free_stack = free_stack;
+    for (unsigned i = 0; i < c.iodepth; i++) /* slot 0 on top */
+        free_stack[i] = c.iodepth - 1 - i;
+    q->nfree = c.iodepth;
     q->gens = gens;
     if (c.persistent) /* granted once, writable, reused by every request */
         for (uint64_t i = 0; i < need; i++)
@@ -351,6 +357,7 @@ void xb_sg_queue_free(struct xb_sg_queue *q)
             free(q->slots[i].part_done);
     free(q->slots);
     free(q->readbacks);
+    free(q->free_stack);
     free(q->gens);
     close_fd(&q->stop_fd);
     close_fd(&q->cfg.evt_recv_fd);

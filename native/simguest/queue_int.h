@@ -38,6 +38,8 @@ struct xb_sg_queue {
     unsigned slot_pages;
     int mixed, random, verify_gens;
     struct slot *slots;
+    unsigned *free_stack;    /* idle slots; the top is used next */
+    unsigned nfree;
     unsigned *readbacks;     /* slots waiting to issue their read-back */
     unsigned nreadbacks;
     uint16_t *gens;          /* per block of the region: the generation last written (mixed + verify) */

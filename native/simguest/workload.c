@@ -55,12 +55,15 @@ static int block_busy(struct xb_sg_queue *q, uint64_t block)
     return 0;
 }
 
+/* The slot the next I/O would use (the top of the free stack, taken by take_slot), or -1. */
 static int free_slot(struct xb_sg_queue *q)
 {
-    for (unsigned i = 0; i < q->cfg.iodepth; i++)
-        if (!q->slots[i].busy && !q->slots[i].pending_readback)
-            return (int)i;
-    return -1;
+    return q->nfree ? (int)q->free_stack[q->nfree - 1] : -1;
+}
+
+static void take_slot(struct xb_sg_queue *q)
+{
+    q->nfree--;
 }
 
 static void start_slot(struct xb_sg_queue *q, unsigned idx, uint64_t now)
@@ -153,6 +156,7 @@ void sg_fill(struct xb_sg_queue *q)
             if (idx < 0 || ring_free(q) < 1)
                 break;
             q->flush_pending = 0;
+            take_slot(q);
             q->slots[idx].kind = K_FLUSH;
             start_slot(q, (unsigned)idx, now);
             continue;
@@ -162,6 +166,7 @@ void sg_fill(struct xb_sg_queue *q)
         int idx = free_slot(q);
         if (idx < 0 || !issue_next(q, (unsigned)idx, now))
             break;
+        take_slot(q);
     }
     sg_publish(q);
 }
@@ -197,7 +202,17 @@ static struct sector_text describe_sector(const uint8_t *p)
     return t;
 }
 
+static void account(struct xb_sg_queue *q, unsigned idx, uint64_t now);
+
 void sg_complete(struct xb_sg_queue *q, unsigned idx, uint64_t now)
+{
+    account(q, idx, now);
+    if (!q->slots[idx].pending_readback)
+        q->free_stack[q->nfree++] = idx;
+}
+
+/* Statistics, verification and what comes next for the I/O that just completed in slot idx. */
+static void account(struct xb_sg_queue *q, unsigned idx, uint64_t now)
 {
     struct slot *s = &q->slots[idx];
     const struct xb_sg_queue_config *c = &q->cfg;
