@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from xenblk.sim.broker import DEFAULT_GNTTAB_ENTRIES, DEFAULT_MEM_PAGES, Broker, BrokerClient, BrokerError
+from xenblk.sim.xenstored import Xenstored
 from xenblk.xenstore import NoEntry, Perm, XenStore
 
 
@@ -212,3 +213,15 @@ def test_broker_refuses_a_too_long_socket_path() -> None:
     b = Broker("/tmp/" + "d" * 120 + "/broker.sock", "/tmp/x")
     with pytest.raises(BrokerError, match="too long"):
         asyncio.run(b.start())
+
+
+async def test_create_after_a_xenstored_restart_writes_the_nodes_again(broker: Broker, xenstored: Xenstored) -> None:
+    with client(broker) as c:
+        close_all((await call(c, op="create_domain", domid=8, mem_pages=1, gnttab_entries=1))[1])
+        xenstored.restart()
+        reply, fds = await call(c, op="create_domain", domid=8)
+        close_all(fds)
+    assert reply["mem_pages"] == 1, "the same domain, not a new one"
+    async with XenStore.open(str(xenstored.socket_path), timeout=10.0) as xs:
+        assert await xs.read("/local/domain/8/domid") == "8"
+        assert await xs.get_perms("/local/domain/8") == [Perm("n", 8), Perm("r", 0)]

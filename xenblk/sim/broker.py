@@ -228,7 +228,13 @@ class Broker:
                 dom.close()
                 raise
             log.info("sim domain created", domid=domid, mem_pages=mem_pages, gnttab_entries=entries)
+        elif await self._xs_missing(dom):
+            await self._introduce(dom)  # xenstored was restarted (its store starts empty): the toolstack's nodes again
         return self._domain_reply(dom)
+
+    async def _xs_missing(self, dom: _Domain) -> bool:
+        assert self._xs is not None
+        return await self._xs.try_read(f"/local/domain/{dom.domid}/domid") is None
 
     async def _introduce(self, dom: _Domain) -> None:
         assert self._xs is not None
