@@ -106,14 +106,10 @@ static int issue_next(struct xb_sg_queue *q, unsigned idx, uint64_t now)
     uint32_t need = kind == K_DISCARD ? 1 : q->parts;
     if (ring_free(q) < need)
         return 0;
+    if (kind == K_READ && q->verify_gens && q->recent_n) /* read something this run wrote: it can be checked */
+        block = q->recent[sg_mix64(c->seed ^ sg_mix64(k ^ 0xbeef)) % q->recent_n];
     if (c->verify && block_busy(q, block))
         return 0; /* deterministic order: wait for the block rather than skip it */
-    if (kind == K_READ && q->verify_gens && q->recent_n) {
-        /* Read something this run wrote, so the read has an expected content to be checked against. */
-        block = q->recent[sg_mix64(c->seed ^ sg_mix64(k ^ 0xbeef)) % q->recent_n];
-        if (block_busy(q, block))
-            return 0;
-    }
     s->kind = kind;
     s->block = block;
     s->readback = 0;
