@@ -5,9 +5,11 @@ up to what was issued, online resize, and a stop that drains what is in flight."
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -385,3 +387,36 @@ def test_start_queue_errors(sim_platform: Platform, test_guest: TestGuest, tmp_p
     finally:
         dev.close()
         img.close()
+
+
+def test_stats_while_stopping_and_after_close(make_disk: MakeDisk) -> None:
+    """Statistics are readable from another thread while stop() drains, and after stop();
+    after close() every call says the device is closed, and stop() stays harmless."""
+    d = make_disk(ring_pages=4)
+    ring = d.rings[0]
+    for i in range(ring.size):
+        _frames, refs = d.data_pages(b"S" * PAGE, readonly=True)
+        ring.put(rw_request("x86_64-abi", OP_WRITE, 100 + i, i * 8, [(refs[0], 0, 7)]))
+    ring.push(force_kick=True)
+    seen: list[int] = []
+    stop_reader = threading.Event()
+
+    def reader() -> None:
+        while not stop_reader.is_set():
+            seen.append(d.dev.stats(0).op_named("write").requests)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    d.stop()
+    stop_reader.set()
+    t.join()
+    final = d.dev.stats(0).op_named("write").requests
+    assert seen and all(a <= b for a, b in itertools.pairwise(seen)) and seen[-1] <= final
+    assert len(ring.take_responses()) == final
+    d.dev.close()
+    d.dev.close()
+    d.dev.stop()
+    with pytest.raises(dataplane.DataplaneError, match="closed"):
+        d.dev.stats(0)
+    with pytest.raises(dataplane.DataplaneError, match="closed"):
+        d.dev.queue_failed(0)

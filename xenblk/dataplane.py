@@ -153,7 +153,8 @@ class Device:
             raise DataplaneError(_errmsg(err, f"device {cfg.handle} of domain {cfg.domid}: cannot create"))
         self._ptr: Any = ffi.gc(ptr, lib.xb_device_free)
         self._channels: dict[int, EventChannel] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # start/stop
+        self._free_lock = threading.Lock()  # readers against close(): stats never block on a drain
         self._stopped = False
 
     def start_queue(self, q: int, ring_refs: list[int], evtchn: EventChannel) -> None:
@@ -163,7 +164,7 @@ class Device:
         with self._lock:
             if self._stopped:
                 raise DataplaneError(f"device {self.cfg.handle} of domain {self.cfg.domid}: stopped")
-            rc = lib.xb_device_start_queue(self._ptr, q, refs, len(ring_refs), evtchn._p(), err)
+            rc = lib.xb_device_start_queue(self._p(), q, refs, len(ring_refs), evtchn._p(), err)
             if rc < 0:
                 raise DataplaneError(_errmsg(err, f"device {self.cfg.handle} queue {q}: cannot start"))
             self._channels[q] = evtchn
@@ -172,7 +173,8 @@ class Device:
         """Stop taking requests, wait for in-flight I/O and answer it, unmap the rings, close the
         event channels. Blocks (without the GIL) until done; idempotent."""
         with self._lock:
-            lib.xb_device_stop(self._ptr)
+            if self._ptr is not None:  # None: closed, so already stopped
+                lib.xb_device_stop(self._ptr)
             self._stopped = True
             channels, self._channels = self._channels, {}
         for ch in channels.values():
@@ -181,7 +183,7 @@ class Device:
     def close(self) -> None:
         """stop(), then free the C device (stats are gone after this)."""
         self.stop()
-        with self._lock:
+        with self._free_lock:
             if self._ptr is not None:
                 ptr, self._ptr = self._ptr, None
                 ffi.gc(ptr, None)  # drops the destructor in place (and returns None): freed here, once
@@ -193,18 +195,22 @@ class Device:
         return self._ptr
 
     def stats(self, q: int) -> QueueStats:
+        """A snapshot of queue q's counters; safe from any thread, also while stop() drains."""
         out = ffi.new("struct xb_queue_stats *")
-        if lib.xb_device_get_stats(self._p(), q, out) < 0:
+        with self._free_lock:
+            rc = lib.xb_device_get_stats(self._p(), q, out)
+        if rc < 0:
             raise DataplaneError(f"device {self.cfg.handle}: no queue {q}")
         return QueueStats.from_c(out)
 
     def queue_failed(self, q: int) -> str | None:
         """Why queue q stopped on its own (a guest protocol error), or None while it is healthy."""
         err = ffi.new("char[]", lib.XB_ERRLEN)
-        if lib.xb_device_queue_failed(self._p(), q, err):
-            return _errmsg(err, "queue failed")
-        return None
+        with self._free_lock:
+            failed = lib.xb_device_queue_failed(self._p(), q, err)
+        return _errmsg(err, "queue failed") if failed else None
 
     def set_size(self, nbytes: int) -> None:
         """Online resize: requests from now on are checked against the new size."""
-        lib.xb_device_set_size(self._p(), nbytes)
+        with self._free_lock:
+            lib.xb_device_set_size(self._p(), nbytes)
