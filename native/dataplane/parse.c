@@ -48,6 +48,10 @@ static int check_segs(struct xb_parsed_req *out, const struct xb_parse_limits *l
             return refuse(out, (enum xb_refusal)(r - 1), XB_RSP_ERROR);
     }
     out->nr_sectors = total;
+    /* A flush or barrier without data names no sectors: like blkback, its sector_number is not
+     * looked at (Linux sends an empty flush with sector_number (sector_t)-1). */
+    if (out->nseg == 0)
+        return XB_PARSE_OK;
     return check_range(out, lim);
 }
 

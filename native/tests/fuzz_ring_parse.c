@@ -38,7 +38,10 @@ static void check_accepted(const struct xb_parsed_req *r, const struct xb_parse_
           r->op == XB_OP_FLUSH_DISKCACHE || r->op == XB_OP_DISCARD);
     check(!lim->readonly || r->op == XB_OP_READ);
     uint64_t end = r->sector + r->nr_sectors;
-    check(end >= r->sector && end <= lim->size_sectors);
+    /* Only a flush or barrier without data may name no sectors, and then its sector is ignored. */
+    int empty_flush = r->nr_sectors == 0 && r->nseg == 0 &&
+                      (r->op == XB_OP_FLUSH_DISKCACHE || r->op == XB_OP_WRITE_BARRIER);
+    check(empty_flush || (end >= r->sector && end <= lim->size_sectors));
     if (r->op == XB_OP_DISCARD) {
         check(lim->can_discard);
         check(!(r->discard_flag & XB_DISCARD_SECURE) || lim->secure_discard);
@@ -50,7 +53,7 @@ static void check_accepted(const struct xb_parsed_req *r, const struct xb_parse_
         check(r->nseg > 0);
     unsigned max = indirect ? lim->max_indirect_segments : XB_MAX_SEGMENTS_PER_REQUEST;
     check(r->nseg <= max && r->nseg <= XB_MAX_INDIRECT_SEGMENTS);
-    check(r->sector % lim->logical_sectors == 0);
+    check(empty_flush || r->sector % lim->logical_sectors == 0);
     uint64_t sum = 0;
     for (unsigned i = 0; i < r->nseg; i++) {
         check(r->seg[i].first_sect <= r->seg[i].last_sect && r->seg[i].last_sect < 8);

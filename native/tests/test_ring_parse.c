@@ -144,6 +144,13 @@ static void test_abi(void)
     EXPECT(out.nr_sectors == 4 && out.seg[0].first_sect == 2 && out.seg[1].last_sect == 7);
     EXPECT(parse(rw(XB_OP_FLUSH_DISKCACHE, 0, 4, 0, segs, 0), &lim) == XB_PARSE_OK && out.nr_sectors == 0);
     EXPECT(parse(rw(XB_OP_WRITE_BARRIER, 0, 5, 0, segs, 0), &lim) == XB_PARSE_OK && out.op == XB_OP_WRITE_BARRIER);
+    /* an empty flush names no sectors: Linux puts (sector_t)-1 there */
+    EXPECT(parse(rw(XB_OP_FLUSH_DISKCACHE, 0, 4, UINT64_MAX, segs, 0), &lim) == XB_PARSE_OK && out.nr_sectors == 0);
+    struct xb_parse_limits lim4 = base_lim;
+    lim4.logical_sectors = 8;
+    EXPECT(parse(rw(XB_OP_WRITE_BARRIER, 0, 5, 3, segs, 0), &lim4) == XB_PARSE_OK);
+    EXPECT(refused(parse(rw(XB_OP_FLUSH_DISKCACHE, 1, 4, UINT64_MAX - 3, segs, 1), &lim), XB_REFUSE_RANGE,
+                   XB_RSP_ERROR, 4, XB_OP_FLUSH_DISKCACHE));
     EXPECT(parse(discard(6, 100, 1948, 0), &lim) == XB_PARSE_OK && out.nr_sectors == 1948 && out.discard_flag == 0);
 
     /* opcode whitelist */
