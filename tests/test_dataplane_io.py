@@ -5,6 +5,7 @@ up to what was issued, online resize, and a stop that drains what is in flight."
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
@@ -423,3 +424,23 @@ def test_stats_while_stopping_and_after_close(make_disk: MakeDisk) -> None:
         d.dev.stats(0)
     with pytest.raises(dataplane.DataplaneError, match="closed"):
         d.dev.queue_failed(0)
+
+
+@pytest.mark.parametrize("abi", ABIS)
+@pytest.mark.parametrize("op", [OP_FLUSH, OP_WRITE_BARRIER])
+def test_flush_with_data_flushes_before_writing(guest_disks: Any, tmp_path: Path, abi: str, op: int) -> None:
+    """A FLUSH or BARRIER carrying data (Linux: a FUA write after a preflush) makes what was
+    answered before durable *before* it writes: when that first flush fails, the data is not
+    written at all; when it works, data is written and flushed again (two flushes)."""
+    path = make_raw_image(tmp_path / "f.raw", SIZE, pattern=False)
+    d, img = guest_disks(path, "raw", faults=True, abi=abi)
+    _frames, refs = d.data_pages(b"J" * 2 * PAGE, readonly=True)
+    rule = img.inject_fault("flush", errno.EIO, count=1)
+    assert d.one(rw_request(abi, op, 31, 64, [(r, 0, 7) for r in refs])).status != RSP_OKAY
+    assert img.fault_hits(rule) == 1
+    assert Path(path).read_bytes()[64 * 512 : 64 * 512 + 2 * PAGE] == bytes(2 * PAGE)
+    rule = img.inject_fault("flush", errno.EIO, count=1, after=1)  # the second flush fails
+    assert d.one(rw_request(abi, op, 32, 64, [(r, 0, 7) for r in refs])).status != RSP_OKAY
+    assert img.fault_hits(rule) == 1
+    assert Path(path).read_bytes()[64 * 512 : 64 * 512 + 2 * PAGE] == b"J" * 2 * PAGE
+    assert d.one(rw_request(abi, op, 33, 64, [(r, 0, 7) for r in refs])).status == RSP_OKAY

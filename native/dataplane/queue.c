@@ -234,10 +234,15 @@ static void batch_run(struct xb_queue *q)
         for (unsigned k = 0; k < nj; k++) {
             struct xb_copy_job *j = &q->jobs_run[k];
             if (j->dir == XB_COPY_FROM_GUEST) {
-                if (j->failed)
+                if (j->failed) {
                     refuse_taken(q, j->r, XB_REFUSE_GRANT);
-                else
+                } else if (j->r->flush_after) {
+                    j->r->flush_after = 0;
+                    j->r->t_storage = now_ns();
+                    xb_slow_submit(q, j->r, XB_SLOW_FLUSH_WRITE);
+                } else {
                     start_rw(q, j->r, 1);
+                }
             } else {
                 finish(q, j->r, j->failed ? XB_RSP_ERROR : XB_RSP_OKAY, j->failed ? XB_ERR_GRANT : -1);
             }
@@ -342,7 +347,7 @@ static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
     slow_io(q, r, write);
 }
 
-/* The storage part of a request is over (r->err says how): copy out, flush, answer. */
+/* The storage part of a request is over (r->err says how): copy out, answer. */
 static void storage_done(struct xb_queue *q, struct xb_req *r)
 {
     if (r->err) {
@@ -351,11 +356,6 @@ static void storage_done(struct xb_queue *q, struct xb_req *r)
     }
     if (r->p.op == XB_OP_READ) {
         copy_later(q, r, XB_COPY_TO_GUEST);
-        return;
-    }
-    if (r->flush_after) {
-        r->flush_after = 0;
-        xb_slow_submit(q, r, XB_SLOW_FLUSH);
         return;
     }
     finish(q, r, XB_RSP_OKAY, -1);

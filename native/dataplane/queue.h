@@ -22,7 +22,7 @@
 #define XB_SLOW_STACK (1u << 20)
 
 /* What a slow-path worker does for a request. */
-enum xb_slow_kind { XB_SLOW_READ = 1, XB_SLOW_WRITE, XB_SLOW_FLUSH, XB_SLOW_DISCARD };
+enum xb_slow_kind { XB_SLOW_READ = 1, XB_SLOW_WRITE, XB_SLOW_FLUSH, XB_SLOW_DISCARD, XB_SLOW_FLUSH_WRITE };
 
 struct xb_queue;
 
@@ -38,7 +38,7 @@ struct xb_req {
     size_t len; /* bytes of data (nr_sectors * 512) */
     unsigned pending; /* io_uring operations outstanding */
     int err;          /* first failure, a negative errno */
-    int flush_after;  /* FLUSH/BARRIER carrying data: flush once the write is done */
+    int flush_after;  /* FLUSH/BARRIER carrying data: once copied in, a worker flushes, writes, flushes */
     uint8_t stat_op;  /* XB_STAT_* */
     int started;      /* a barrier's own work has begun */
     unsigned nr_ext;

@@ -27,14 +27,19 @@ static void run(struct xb_req *r)
             r->err = (int)n;
         else if ((size_t)n != r->len)
             r->err = -EIO;
-        if (!r->err && r->flush_after) {
-            r->flush_after = 0;
-            rc = img->ops->flush(img);
-            r->err = rc < 0 ? rc : 0;
-        }
         break;
     case XB_SLOW_FLUSH:
         rc = img->ops->flush(img);
+        r->err = rc < 0 ? rc : 0;
+        break;
+    case XB_SLOW_FLUSH_WRITE:
+        /* A FLUSH or BARRIER carrying data: what was answered before is made durable first, then
+         * the data is written and made durable too (preflush + FUA), like a journal commit needs. */
+        rc = img->ops->flush(img);
+        if (rc == 0) {
+            n = img->ops->pwritev(img, &iov, 1, off);
+            rc = n < 0 ? (int)n : (size_t)n != r->len ? -EIO : img->ops->flush(img);
+        }
         r->err = rc < 0 ? rc : 0;
         break;
     case XB_SLOW_DISCARD:
