@@ -39,7 +39,7 @@ step "guest"
 dm=/usr/libexec/xen-qemu-system-i386
 cat "$dm" $(ldd "$dm" | grep -o '/[^ ]*') > /dev/null
 name=xbbench
-guest_start "$name" "$INITRD" 2 "xbmode=bench xbdisks=xvdb,xvdc,xvdd xbruntime=$RUNTIME" \
+guest_start "$name" "$INITRD" 2 "xbmode=bench xbdisks=xvdb,xvdc,xvdd xbruntime=$RUNTIME xbreload=0" \
     "'phy:$loop,xvdb,w'" "'format=raw,vdev=xvdc,access=rw,backendtype=qdisk,target=$IMG/qdisk.img'" || bad "xl create"
 domid=$(xl domid "$name")
 guest_ready "$name" 240

@@ -52,7 +52,12 @@ on_crash = "destroy"
 disk = [ $disks ]
 CFG
     rm -f "$CONSOLE_DIR/guest-$name.log"
-    xl create -q "$cfg" && echo "guest $name started, domid $(xl domid "$name")"
+    xl create -q "$cfg" || return 1
+    echo "guest $name started, domid $(xl domid "$name")"
+    # a live copy of the console in the shared log dir, to watch a run from the host
+    if [ -n "${XEN_TEST_OUT:-}" ]; then
+        tail -F -n +1 "$CONSOLE_DIR/guest-$name.log" 2> /dev/null | sed -u 's/\r$//' > "$XEN_TEST_OUT/guest-$name-live.log" &
+    fi
 }
 
 # guest_ready NAME TIMEOUT: wait for the payload's "GUEST ready" line (blkfront reloaded)

@@ -7,29 +7,34 @@
 #   xbmode=test|bench       test: verify, discard, unbind/bind; bench: the fio table jobs
 #   xbqueues=N              test: the number of blk-mq queues every disk must have
 #   xbruntime=S             bench: seconds per fio job (default 5)
+#   xbreload=0|1            reload blkfront with bigger limits first (default 1); 0 when disks are
+#                           attached at guest creation: a closed blkfront device cannot reconnect
 #
 # It reloads blkfront with 4-page rings, up to 4 queues and 64 indirect segments allowed
 # (with persistent grants blkfront preallocates a page per grant: (segments + 1) x ring
 # slots x queues x disks; 16-page rings with 256 segments OOM a 512 MB guest), prints "GUEST ready" (the Dom0 script attaches the disks only then), waits for
 # the disks, and prints one "GUEST ok: ..." or "GUEST FAIL: ..." line per check.
 # Exit status: the number of failures (0 = all passed).
-mode=test disks=xvdb queues=1 runtime=5
+mode=test disks=xvdb queues=1 runtime=5 reload=1
 for a in $(cat /proc/cmdline); do
     case $a in
         xbdisks=*) disks=$(echo "${a#*=}" | tr , ' ') ;;
         xbmode=*) mode=${a#*=} ;;
         xbqueues=*) queues=${a#*=} ;;
         xbruntime=*) runtime=${a#*=} ;;
+        xbreload=*) reload=${a#*=} ;;
     esac
 done
 fail=0
 ok() { echo "GUEST ok: $*"; }
 bad() { echo "GUEST FAIL: $*"; fail=$((fail + 1)); }
 
-mod=$(grep blkfront /lib/modules/order)
-rmmod xen_blkfront 2> /dev/null
-insmod "/lib/modules/$mod" max_ring_page_order=2 max_queues=4 max_indirect_segments=64 ||
-    bad "insmod blkfront max_ring_page_order=2 max_queues=4 max_indirect_segments=64"
+if [ "$reload" = 1 ]; then
+    mod=$(grep blkfront /lib/modules/order)
+    rmmod xen_blkfront 2> /dev/null
+    insmod "/lib/modules/$mod" max_ring_page_order=2 max_queues=4 max_indirect_segments=64 ||
+        bad "insmod blkfront max_ring_page_order=2 max_queues=4 max_indirect_segments=64"
+fi
 echo "GUEST ready mode=$mode disks=$disks vcpus=$(nproc)"
 
 # wait_disks TIMEOUT: every disk in $disks present (block node and a non-zero size)
