@@ -58,9 +58,14 @@ async def test_garbage_requests_are_each_refused(backends: Backends, sim_host: S
     _be, disk, stats = await hostile_next_to_a_good_guest(backends, sim_host, tmp_path, "garbage")
     h = disk["hostile"]
     assert h["requests"] > 32 * 10, "the backend kept answering, so the guest kept sending"
-    assert h["responses"] == h["error_responses"] > 0
+    assert h["error_responses"] > 0
     refused = sum(stats[0].refusals)
-    assert refused >= h["responses"]
+    assert refused >= h["error_responses"]
+    # The only garbage that is a valid request: an empty FLUSH or BARRIER (it names no sectors, so,
+    # as in blkback, its random sector_number is not looked at). Each such one is answered OK.
+    ok_flushes = sum(stats[0].op[i].requests - stats[0].op[i].errors for i in (2, 4))
+    assert h["responses"] - h["error_responses"] <= ok_flushes
+    assert sum(stats[0].op[i].requests - stats[0].op[i].errors for i in (0, 1, 3)) == 0
     assert stats[0].ring_protocol_errors == 0
     # Random opcodes, segment counts and sectors are each caught by their own rule.
     for reason in (0, 1, 3):
