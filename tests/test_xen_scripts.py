@@ -8,6 +8,7 @@ when installed), and the bench table must come out of real fio JSON.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +25,11 @@ BASH_SCRIPTS = ["run.sh", "dom0-test.sh", "dom0-bench.sh", "dom0-lib.sh", "lvm-s
 def test_bash_syntax(name: str) -> None:
     r = subprocess.run(["bash", "-n", str(XEN / name)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["run.sh", "dom0-test.sh", "dom0-bench.sh", "lvm-storage.sh"])
+def test_entry_scripts_are_executable(name: str) -> None:
+    assert os.access(XEN / name, os.X_OK), f"tests/xen/{name} is run directly and must be executable"
 
 
 def test_guest_payload_syntax() -> None:
