@@ -140,7 +140,7 @@ bench() {
         for d in $disks; do # interleaved, so drift of the emulated machine hits all backends alike
             # shellcheck disable=SC2086
             if fio --name=$j --filename=/dev/$d --direct=1 --ioengine=libaio --time_based --runtime="$runtime" \
-                --ramp_time=1 --size=96M --output-format=json --output=/tmp/b.json; then
+                --ramp_time=1 --size=96M --eta=never --output-format=json --output=/tmp/b.json; then
                 echo "GUEST-JSON $d ${j%% *} $(tr -d '\n' < /tmp/b.json)"
             else
                 bad "$d: fio ${j%% *}"
