@@ -112,17 +112,24 @@ def run_profile(work: Path, runtime: float, size: int, log: Log) -> dict[str, An
     images.warm(raw)
     with SimEnv(work / "sim", img_dir) as env:
         d = env.start_daemon(cache="writeback")
-        for domid, (rw, op) in enumerate((("randread", "read"), ("randwrite", "write")), start=1):
-            log(f"\n[profile {domid}/3] 4 KiB {rw}, QD1, raw in page cache: latency by the data plane's own clocks")
-            result[f"qd1_{op}"] = _qd1(env, d, domid, raw, rw, op, runtime, log)
-        log("\n[profile 3/3] 4 KiB randread, QD32: daemon CPU samples by stage (perf record -e cpu-clock)")
+        steps = (("randread", "read", "writeback"), ("randwrite", "write", "writeback"), ("randread", "read", "none"))
+        for domid, (rw, op, cache) in enumerate(steps, start=1):
+            where = "raw in page cache" if cache == "writeback" else "raw with O_DIRECT (cache=none)"
+            log(f"\n[profile {domid}/4] 4 KiB {rw}, QD1, {where}: latency by the data plane's own clocks")
+            if cache != d.cache:
+                d = env.start_daemon(cache=cache)
+            key = f"qd1_{op}" + ("" if cache == "writeback" else "_direct")
+            result[key] = _qd1(env, d, domid, raw, rw, op, runtime, log)
+        d = env.start_daemon(cache="writeback")
+        log("\n[profile 4/4] 4 KiB randread, QD32, raw in page cache: daemon CPU samples by stage (perf, cpu-clock)")
         if not _perf_ok():
             log("  perf is not usable here (apt-get install linux-perf; kernel.perf_event_paranoid); skipped")
             return result
-        env.attach(3, raw, "raw")
+        images.warm(raw)
+        env.attach(4, raw, "raw")
         data = work / "perf.data"
         guest = subprocess.Popen(
-            env.guest_argv(3, "randread", 4096, 32, runtime),
+            env.guest_argv(4, "randread", 4096, 32, runtime),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         perf: subprocess.Popen[bytes] | None = None

@@ -2,9 +2,10 @@
 
 The same xenblk workload (4 KiB randread at QD32 on a raw image in the page cache: storage is
 nearly free there, so the data plane's own cost shows most) runs in alternating rounds with no
-metrics scrape and with a GET /metrics every second. A loss counts as measurable only if every
-round with scrapes is slower than every round without (the rounds do not overlap: the loss is above
-the noise of this machine at that moment) and the medians differ by more than 2 %.
+metrics scrape and with a GET /metrics every second. On a shared machine the other
+tenants' load swings a round by tens of percent, so, as for the I/O cases, the best round of each
+kind is what counts (the least disturbed one): a loss is measurable if the best round with scrapes
+is more than 2 % below the best round without. The medians and every round are kept as well.
 """
 
 from __future__ import annotations
@@ -106,8 +107,13 @@ def summarize(runs: dict[str, list[Measure]], scrapes: int, scrape_s: list[float
     change = 100.0 * (med_scrape - med_none) / med_none if med_none else 0.0
     # The noise floor: the widest spread between rounds of the same kind.
     noise = 100.0 * max(max(none) - min(none), max(with_s) - min(with_s)) / med_none if med_none else 0.0
+    best_none, best_scrape = max(none), max(with_s)
+    best_change = 100.0 * (best_scrape - best_none) / best_none if best_none else 0.0
     return {
         "workload": "raw-pagecache/randread-4k-qd32",
+        "best_none_iops": round(best_none, 1),
+        "best_scrape_iops": round(best_scrape, 1),
+        "best_change_percent": round(best_change, 2),
         "none_iops": [round(x, 1) for x in none],
         "scrape_iops": [round(x, 1) for x in with_s],
         "none_p99_us": [m.p99_us for m in runs["none"]],
@@ -118,14 +124,14 @@ def summarize(runs: dict[str, list[Measure]], scrapes: int, scrape_s: list[float
         "noise_percent": round(noise, 2),
         "scrapes": scrapes,
         "scrape_mean_ms": round(1000.0 * statistics.mean(scrape_s), 2) if scrape_s else None,
-        # Measurable: every round with scrapes slower than every round without, and by more than 2 % in median.
-        "measurable_loss": max(with_s) < min(none) and -change > MIN_LOSS_PERCENT,
+        "measurable_loss": -best_change > MIN_LOSS_PERCENT,
     }
 
 
 def scrape_line(s: dict[str, Any]) -> str:
     return (
-        f"metrics scrape every 1 s: median {s['median_scrape_iops']:.0f} vs {s['median_none_iops']:.0f} IOPS without"
-        f" ({s['change_percent']:+.1f} %; spread between rounds of a kind {s['noise_percent']:.1f} %;"
-        f" {s['scrapes']} scrapes, {s['scrape_mean_ms'] or 0:.1f} ms each)"
+        f"metrics scrape every 1 s: best round {s['best_scrape_iops']:.0f} vs {s['best_none_iops']:.0f} IOPS without"
+        f" ({s['best_change_percent']:+.1f} %); medians {s['median_scrape_iops']:.0f} vs {s['median_none_iops']:.0f}"
+        f" ({s['change_percent']:+.1f} %); spread between rounds of a kind {s['noise_percent']:.0f} %;"
+        f" {s['scrapes']} scrapes, {s['scrape_mean_ms'] or 0:.1f} ms each"
     )

@@ -47,6 +47,7 @@ class Daemon:
     proc: Proc
     config: Path
     metrics_url: str
+    cache: str
 
     @property
     def pid(self) -> int:
@@ -120,7 +121,7 @@ class SimEnv:
         )
         argv = [*XENBLK, "--config", str(cfg), "serve", "--sim", str(self.sim)]
         proc = Proc("xenblk serve", argv, self.work / f"serve-{n}.log")
-        self.daemon = Daemon(proc, cfg, f"http://127.0.0.1:{port}/metrics")
+        self.daemon = Daemon(proc, cfg, f"http://127.0.0.1:{port}/metrics", cache)
         wait_until(lambda: _http_ok(self.daemon.metrics_url), 60, "xenblk serve (metrics endpoint)", [proc])  # type: ignore[union-attr]
         return self.daemon
 
