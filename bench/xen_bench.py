@@ -43,9 +43,11 @@ def parse_console(text: str) -> dict[str, dict[str, dict[str, float]]]:
     """{job: {backend: summary}} from the GUEST-JSON lines."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for line in text.splitlines():
-        if not line.startswith("GUEST-JSON "):
+        # fio's progress output (no newline) may precede the marker on the same console line
+        at = line.find("GUEST-JSON ")
+        if at < 0:
             continue
-        _, disk, job, payload = line.split(" ", 3)
+        _, disk, job, payload = line[at:].split(" ", 3)
         # fio may print warnings before its JSON
         payload = payload[payload.index("{") :]
         out.setdefault(job, {})[BACKENDS.get(disk, disk)] = summarize(json.loads(payload))

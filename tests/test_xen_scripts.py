@@ -64,7 +64,8 @@ def test_bench_table_from_real_fio(tmp_path: Path) -> None:
     lines = ["GUEST ready mode=bench"]
     for disk in ("xvdb", "xvdc", "xvdd"):
         lines.append(f"GUEST-JSON {disk} randwrite4k-qd1 {_fio_json(tmp_path, 'randwrite', '4k')}")
-        lines.append(f"GUEST-JSON {disk} seqread1m {_fio_json(tmp_path, 'read', '1M')}")
+        # fio's progress output may precede the marker on the console line
+        lines.append(f"Jobs: 1 (f=1): [r(1)][50.0%]GUEST-JSON {disk} seqread1m {_fio_json(tmp_path, 'read', '1M')}")
     console = tmp_path / "console.txt"
     console.write_text("\n".join(lines) + "\n")
     res = xen_bench.parse_console(console.read_text())
