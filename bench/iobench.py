@@ -18,6 +18,7 @@ from bench.xenblk_side import SimEnv
 
 Log = Callable[[str], None]
 FIRST_WRITE_SCALE = 16
+DIRECT_MAX_BYTES = 11 * 4096  # BLKIF_MAX_SEGMENTS_PER_REQUEST pages
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -160,7 +161,9 @@ class IoBench:
             env.attach(domid, image, kind.fmt)
             try:
                 # Time-based like fio (no --size: with both, the guest stops at whichever ends first).
-                return env.run_guest(domid, w.rw, w.bs, w.iodepth, self.runtime)
+                # As Linux blkfront: an I/O of more than 11 segments goes as one INDIRECT request (the daemon
+                # offers them), not split over several ring requests.
+                return env.run_guest(domid, w.rw, w.bs, w.iodepth, self.runtime, indirect=w.bs > DIRECT_MAX_BYTES)
             finally:
                 try:
                     env.detach(domid)
