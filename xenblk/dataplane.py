@@ -169,6 +169,16 @@ class Device:
                 raise DataplaneError(_errmsg(err, f"device {self.cfg.handle} queue {q}: cannot start"))
             self._channels[q] = evtchn
 
+    def set_journal(self, q: int, path: str, ident: str, resume: bool) -> None:
+        """Journal queue q's ring in `path` (call before start_queue; docs/DESIGN.md, "Restart without
+        guest impact"). resume: continue from the journal a killed daemon left, which must carry the
+        same `ident` (at most 63 bytes) and fit the ring, else DataplaneError."""
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        with self._lock:
+            rc = lib.xb_device_set_journal(self._p(), q, path.encode(), ident.encode()[:63], int(resume), err)
+        if rc < 0:
+            raise DataplaneError(_errmsg(err, f"device {self.cfg.handle} queue {q}: cannot set the journal"))
+
     def stop(self) -> None:
         """Stop taking requests, wait for in-flight I/O and answer it, unmap the rings, close the
         event channels. Blocks (without the GIL) until done; idempotent."""
@@ -214,3 +224,9 @@ class Device:
         """Online resize: requests from now on are checked against the new size."""
         with self._free_lock:
             lib.xb_device_set_size(self._p(), nbytes)
+
+
+def journal_crash_at(point: int, after: int = 0) -> None:
+    """Test only: the queue thread SIGKILLs its process at journal step `point` (1 taken, 2 consumed,
+    3 response written, 4 answered, 5 counted) the `after`+1-th time it gets there; 0 disarms."""
+    lib.xb_journal_crash_at(point, after)

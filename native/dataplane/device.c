@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+#include "journal.h"
 #include "queue.h"
 #include "slowpath.h"
 
@@ -107,6 +108,7 @@ static void queue_teardown(struct xb_queue *q)
         xb_grant_unmap(d->p, q->ring_map);
     q->ring_map = NULL;
     q->sring = NULL;
+    xb_journal_detach(q); /* journal hook: the file stays (xenblk removes it once the device closed) */
     /* The channel stays the caller's (xenblk.dataplane closes it after the stop, telling the sim broker). */
     q->ch = NULL;
 }
@@ -162,6 +164,9 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         q->reqs[i].next_free = q->free_reqs;
         q->free_reqs = &q->reqs[i];
     }
+    /* journal hook: a resumed ring continues from the journal's indexes (journal.c) */
+    if (xb_journal_attach(q, err) < 0)
+        goto fail;
     /* Room in the completion queue for every extent of every request the ring can hold, so
      * completions never overflow into the kernel's backlog. */
     unsigned cq = 4 * XB_URING_ENTRIES;
@@ -249,8 +254,10 @@ void xb_device_free(struct xb_device *d)
     pthread_mutex_destroy(&d->lock);
     pthread_mutex_destroy(&d->pool.mu);
     pthread_cond_destroy(&d->pool.cv);
-    for (unsigned i = 0; i < XB_MAX_QUEUES; i++)
+    for (unsigned i = 0; i < XB_MAX_QUEUES; i++) {
         pthread_mutex_destroy(&d->q[i].done_mu);
+        xb_journal_detach(&d->q[i]); /* journal hook: set but never started */
+    }
     free(d);
 }
 

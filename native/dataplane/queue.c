@@ -13,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
+#include "journal.h"
 #include "queue.h"
 #include "slowpath.h"
 
@@ -113,6 +114,7 @@ static void release_req(struct xb_queue *q, struct xb_req *r)
 static void finish(struct xb_queue *q, struct xb_req *r, int16_t status, int err_reason)
 {
     put_response(q, r->p.id, r->p.operation, status);
+    xb_journal_answered(q, r); /* journal hook */
     uint64_t lat = now_ns() - r->t_recv;
     unsigned op = r->stat_op;
     if (r->t_storage && r->t_storage_end >= r->t_storage) {
@@ -143,6 +145,7 @@ static void refuse_taken(struct xb_queue *q, struct xb_req *r, enum xb_refusal w
 {
     ST_ADD(q, refusals[why], 1);
     put_response(q, r->p.id, r->p.operation, XB_RSP_ERROR);
+    xb_journal_answered(q, r); /* journal hook */
     q->in_flight--;
     ST_SET(q, in_flight, q->in_flight);
     if (q->barrier == r)
@@ -476,6 +479,7 @@ static void refuse(struct xb_queue *q, struct xb_req *r)
 {
     ST_ADD(q, refusals[r->p.refusal], 1);
     put_response(q, r->p.id, r->p.operation, r->p.rsp_status);
+    xb_journal_answered(q, r); /* journal hook */
     release_req(q, r);
 }
 
@@ -575,7 +579,9 @@ static int consume(struct xb_queue *q)
         uint8_t raw[sizeof(union xb_blkif_x86_64_request)];
         /* The one read of this entry: everything after works on the private copy (XSA-155). */
         memcpy(raw, xb_ring_entry(q->sring, q->dev->cfg.abi, q->req_cons, q->ring_size), esz);
+        xb_journal_take(q, raw, q->req_cons); /* journal hook: before the request is acted on */
         q->req_cons++;
+        xb_journal_consumed(q); /* journal hook */
         n++;
         handle_request(q, raw);
     }
@@ -617,6 +623,10 @@ void *xb_queue_main(void *arg)
         {.fd = q->slow_fd, .events = POLLIN},
     };
     int busy = 1; /* look at the ring once before sleeping: the guest may have queued already */
+    /* journal hook: after a daemon restart, the requests it took and did not answer, again */
+    uint8_t replay[sizeof(union xb_blkif_x86_64_request)];
+    while (xb_journal_next_replay(q, replay))
+        handle_request(q, replay);
     for (;;) {
         int rc = poll(pfd, 4, busy ? 0 : -1);
         if (rc < 0 && errno != EINTR) {

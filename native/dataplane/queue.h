@@ -25,6 +25,7 @@
 enum xb_slow_kind { XB_SLOW_READ = 1, XB_SLOW_WRITE, XB_SLOW_FLUSH, XB_SLOW_DISCARD, XB_SLOW_FLUSH_WRITE };
 
 struct xb_queue;
+struct xb_journal;
 
 /* One request taken from the ring and not answered yet. */
 struct xb_req {
@@ -107,6 +108,7 @@ struct xb_queue {
     int failed;                 /* atomic; set once, with fail_msg */
     char fail_msg[XB_ERRLEN];
     struct xb_queue_stats stats; /* written by the queue thread only */
+    struct xb_journal *journal;  /* journal hook: restart without guest impact (journal.c); NULL: none */
 };
 
 struct xb_device {
