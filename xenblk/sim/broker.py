@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import json
@@ -38,6 +39,9 @@ MAX_GNTTAB_ENTRIES = 1 << 20
 DOMID_FIRST_RESERVED = 0x7FF0  # Xen: DOMID_SELF and friends start here
 MAX_PORTS_PER_DOMAIN = 4096
 MAX_LINE = 64 * 1024
+# The client connection a request came on: ports bound over it are closed when it ends (as Xen
+# closes a process's event channels when it dies), so a restarted backend can bind them again.
+_connection: contextvars.ContextVar[object | None] = contextvars.ContextVar("_connection", default=None)
 SUN_PATH_MAX = 108
 
 
@@ -75,6 +79,7 @@ class _Channel:
     to_local: int  # eventfd: written by the remote side, read by `domid`
     remote_port: int | None = None
     local_open: bool = True
+    bound_by: object | None = None  # the client connection that bound the remote side
 
     def close_fds(self) -> None:
         for fd in (self.to_remote, self.to_local):
@@ -163,6 +168,7 @@ class Broker:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        _connection.set(task)
         # Every reply goes out through this dup with sendmsg (fds ride on it); the transport only reads.
         out: socket.socket = writer.get_extra_info("socket").dup()
         try:
@@ -180,6 +186,7 @@ class Broker:
             log.debug("broker client dropped", error=str(e) or type(e).__name__)
         finally:
             self._clients.discard(task)
+            self._release_bindings(task)
             out.close()
             writer.close()
 
@@ -305,6 +312,7 @@ class Broker:
         port = ports.free_port()
         ch.remote_port = port
         ports.by_port[port] = (ch, False)
+        ch.bound_by = _connection.get()
         return {"ok": True, "port": port}, [ch.to_remote, ch.to_local]
 
     async def _close(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -315,6 +323,14 @@ class Broker:
         self._close_port(domid, port)
         return {"ok": True}, []
 
+    def _release_bindings(self, conn: object) -> None:
+        """The client is gone (a killed daemon): the ports it bound and did not close are unbound
+        again, so the guest's ports can be bound anew; the guest keeps its end and its eventfds."""
+        for domid, ports in self.ports.items():
+            for port, (ch, unbound_side) in list(ports.by_port.items()):
+                if not unbound_side and ch.bound_by is conn:
+                    self._close_port(domid, port)
+
     def _close_port(self, domid: int, port: int) -> None:
         ch, unbound_side = self.ports[domid].by_port.pop(port)
         if unbound_side:
@@ -322,6 +338,7 @@ class Broker:
         else:
             # Like Xen: the allocating side's port becomes unbound again and can be bound anew.
             ch.remote_port = None
+            ch.bound_by = None
         if not ch.local_open and ch.remote_port is None:
             ch.close_fds()
 
