@@ -121,6 +121,11 @@ def parse_frontend(keys: Mapping[str, str | None], limits: Limits) -> FrontendCo
             raise FrontendError(f"frontend {prefix or ''}ring refs repeat a grant: {refs}")
         port = _uint(keys, prefix + "event-channel", 1, MAX_EVTCHN_PORT)
         queues.append(QueueKeys(tuple(refs), port))
+    # Across queues too: two queues on one ring page would both consume (and answer) its requests.
+    all_refs = [ref for qk in queues for ref in qk.ring_refs]
+    shared = sorted({ref for ref in all_refs if all_refs.count(ref) > 1})
+    if shared:
+        raise FrontendError(f"frontend queues share ring grants: {shared}")
     ports = [qk.event_channel for qk in queues]
     if len(set(ports)) != len(ports):
         raise FrontendError(f"frontend queues share an event channel: {ports}")
