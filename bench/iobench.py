@@ -112,14 +112,19 @@ class IoBench:
 
     def _run_case(self, env: SimEnv, case: Case) -> dict[str, Any]:
         """`rounds` x (xenblk, then fio), alternating so both sides see the same background load; the best
-        round of each side is the case's measure (the least disturbed one), every round's IOPS is kept."""
+        round of each side is the case's measure (the least disturbed one), every round's IOPS is kept.
+        qcow2 cases also run the workload on the raw twin through xenblk in each round: their targets are
+        ratios to raw, which must be measured under the same load, not minutes apart."""
         kind = case.image
         xbs: list[Measure] = []
+        raws: list[Measure] = []  # qcow2 cases: the same workload on the raw twin through xenblk, same daemon
         refs: list[Measure] = []
         errors: list[str] = []
         for _ in range(self.rounds):
             try:
                 xbs.append(self._xenblk_round(env, case))
+                if kind.fmt == "qcow2":
+                    raws.append(self._xenblk_round(env, case, raw_twin=True))
             except BenchError as e:
                 errors.append(f"xenblk: {e}")
                 break
@@ -144,21 +149,28 @@ class IoBench:
         if ref is not None and len(refs) > 1:
             ref.extra["rounds_iops"] = [round(m.iops, 1) for m in refs]
         rec = make_record(case, xb, ref, "; ".join(errors) or None)
+        if raws and xb is not None:
+            raw = best(raws)
+            raw.extra["rounds_iops"] = [round(m.iops, 1) for m in raws]
+            rec["xenblk_raw"] = raw.as_dict()
+            rec["vs_raw"] = _ratio(xb.iops, raw.iops)
         rec["load_avg"] = [round(x, 2) for x in os.getloadavg()]
         self.log("  " + _line(rec))
         return rec
 
-    def _xenblk_round(self, env: SimEnv, case: Case) -> Measure:
+    def _xenblk_round(self, env: SimEnv, case: Case, raw_twin: bool = False) -> Measure:
+        """One xenblk run of the case; with `raw_twin`, of the same workload on the raw image instead."""
         kind, w = case.image, case.work
-        image = self.image_for(case)
+        image = self.raw() if raw_twin else self.image_for(case)
+        fmt, fresh = ("raw", False) if raw_twin else (kind.fmt, kind.fresh)
         try:
-            if kind.cache == "writeback" and not kind.fresh:
+            if kind.cache == "writeback" and not fresh:
                 images.warm(image)
             if env.daemon is None or not env.daemon.proc.alive():
                 self.log("  (restarting the daemon)")
                 env.start_daemon(cache=kind.cache)
             domid = next(self._domids)
-            env.attach(domid, image, kind.fmt)
+            env.attach(domid, image, fmt)
             try:
                 # Time-based like fio (no --size: with both, the guest stops at whichever ends first).
                 # As Linux blkfront: an I/O of more than 11 segments goes as one INDIRECT request (the daemon
@@ -170,7 +182,7 @@ class IoBench:
                 except BenchError as e:
                     self.log(f"  (detach failed: {str(e).splitlines()[0]})")
         finally:
-            if kind.fresh:
+            if fresh:
                 image.unlink(missing_ok=True)
 
     def _fio_key(self, case: Case) -> tuple[str, str]:
@@ -198,6 +210,8 @@ def _line(rec: dict[str, Any]) -> str:
         f"{rec['case']:<32} xenblk {f(rec['xenblk_iops']):>8} IOPS p50 {f(xl.get('p50'))}us"
         f" | fio {f(rec['fio_iops']):>8} IOPS p50 {f(fl.get('p50'))}us | ratio {f(rec['ratio'], '.2f')}"
     )
+    if rec.get("vs_raw") is not None:
+        s += f" | vs raw {rec['vs_raw']:.2f}"
     if rec["error"]:
         s += f"\n    ERROR {rec['error'][:600]}"
     return s

@@ -22,7 +22,7 @@ def _f(v: float | None, fmt: str = ".0f") -> str:
 def table(records: list[dict[str, Any]]) -> str:
     head = (
         f"{'case':<32} {'xenblk IOPS':>11} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} {'CPU s/GiB':>9}"
-        f" | {'fio IOPS':>9} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} | {'ratio':>5}"
+        f" | {'fio IOPS':>9} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} | {'ratio':>5} {'vs raw':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
@@ -32,10 +32,11 @@ def table(records: list[dict[str, Any]]) -> str:
             f" {_f(x.get('p99_us')):>6} {_f(x.get('p999_us')):>7} {_f(x.get('cpu_s_per_gib'), '.2f'):>9}"
             f" | {_f(f.get('iops')):>9} {_f(f.get('mbps'), '.1f'):>7} {_f(f.get('p50_us')):>6}"
             f" {_f(f.get('p99_us')):>6} {_f(f.get('p999_us')):>7} | {_f(r.get('ratio'), '.2f'):>5}"
-            + ("  (failed)" if r.get("error") else "")
+            f" {_f(r.get('vs_raw'), '.2f'):>6}" + ("  (failed)" if r.get("error") else "")
         )
     lines.append("latencies in microseconds (xenblk: guest-side, submit to response; fio: io_uring total latency);")
-    lines.append("CPU s/GiB: the xenblk daemon process (all threads) per GiB moved; ratio = xenblk IOPS / fio IOPS")
+    lines.append("CPU s/GiB: the xenblk daemon process (all threads) per GiB moved; ratio = xenblk IOPS / fio IOPS;")
+    lines.append("vs raw (qcow2): xenblk IOPS / xenblk IOPS on the raw twin, measured in the same rounds")
     return "\n".join(lines)
 
 
@@ -89,6 +90,9 @@ def targets(
         pairs = []
         for n, r in rc.items():
             if n.startswith(kind + "/"):
+                if r.get("vs_raw") is not None:  # measured against raw in the same rounds
+                    pairs.append((r["vs_raw"], r["workload"]))
+                    continue
                 raw = rc.get("raw-pagecache/" + r["workload"])
                 if raw and raw.get("xenblk_iops") and r.get("xenblk_iops") is not None:
                     pairs.append((r["xenblk_iops"] / raw["xenblk_iops"], r["workload"]))

@@ -3,6 +3,7 @@ for the run, `xenblk attach`, and the simulated guest as the load generator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -96,6 +97,10 @@ class SimEnv:
                 self.host.stop()
                 self.host = None
             if self.short is not None:
+                # Keep the simulated host's logs (xenstored's among them) with the others, for --keep.
+                for log in self.short.glob("sim/**/*.log"):
+                    with contextlib.suppress(OSError):
+                        shutil.copy(log, self.work / f"sim-{log.parent.name}-{log.name}")
                 shutil.rmtree(self.short, ignore_errors=True)
                 self.short = None
 

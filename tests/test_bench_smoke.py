@@ -96,6 +96,9 @@ def test_io_cases_write_well_formed_records(tmp_path: Path) -> None:
         assert rec["ratio"] == round(rec["xenblk_iops"] / rec["fio_iops"], 3)
         assert set(rec["xenblk_lat_us"]) == set(rec["fio_lat_us"]) == {"p50", "p99", "p99.9"}
         assert rec["xenblk"]["cpu_s_per_gib"] is not None
+    first = doc["cases"][2]  # qcow2: also measured on the raw twin through xenblk, in the same rounds
+    _measured(first["xenblk_raw"])
+    assert first["vs_raw"] == round(first["xenblk_iops"] / first["xenblk_raw"]["iops"], 3)
     direct = doc["cases"][1]
     assert direct["xenblk"]["bytes"] % 4096 == 0 and direct["fio"]["bytes"] % 4096 == 0
 
