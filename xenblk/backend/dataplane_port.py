@@ -4,7 +4,11 @@ machine on a fake that implements `DataplanePort`)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from xenblk.backend.frontend import FrontendConfig
@@ -39,24 +43,66 @@ class RunningDevice(Protocol):
 
 class DataplanePort(Protocol):
     def connect(
-        self, domid: int, devid: int, image: Any, fe: FrontendConfig, adv: Advertised, readonly: bool
+        self,
+        domid: int,
+        devid: int,
+        image: Any,
+        fe: FrontendConfig,
+        adv: Advertised,
+        readonly: bool,
+        *,
+        journal: str | None = None,
+        resume: bool = False,
     ) -> RunningDevice:
-        """Map the rings, bind the event channels, start every queue; raises XenblkError with a one-line reason."""
+        """Map the rings, bind the event channels, start every queue; raises XenblkError with a one-line reason.
+
+        journal: a name for this device's ring journals (docs/DESIGN.md, "Restart without guest
+        impact"); resume: carry on the rings a killed daemon left from their journals instead of
+        starting fresh ones (raises if a journal is missing or does not fit)."""
         ...
 
     def close(self) -> None: ...
 
 
-class RealDataplane:
-    """The product's data plane on the real or simulated platform."""
+def journal_paths(journal_dir: str, name: str, queues: int) -> list[Path]:
+    return [Path(journal_dir) / f"{name}-q{q}.journal" for q in range(queues)]
 
-    def __init__(self, sim_dir: str | None, self_domid: int) -> None:
+
+def journal_ident(domid: int, devid: int, q: int, fe: FrontendConfig, image: Any) -> str:
+    """What a queue's journal belongs to: the frontend's ring and channel as now in XenStore, and
+    the image file (a journal is only resumed for exactly these)."""
+    st = os.stat(image.path)
+    qk = fe.queues[q]
+    desc = (
+        f"{domid}/{devid}/{q}/{len(fe.queues)}/{fe.protocol}/{fe.ring_pages}/{list(qk.ring_refs)}/"
+        f"{qk.event_channel}/{image.path}/{st.st_dev}/{st.st_ino}/{image.format}"
+    )
+    return hashlib.sha256(desc.encode()).hexdigest()[:63]
+
+
+class RealDataplane:
+    """The product's data plane on the real or simulated platform. With `journal_dir`, every
+    queue's ring is journaled there, so a restarted daemon can resume it."""
+
+    def __init__(self, sim_dir: str | None, self_domid: int, journal_dir: str | None = None) -> None:
         from xenblk.platform import open_platform
 
         self.platform = open_platform(sim_dir, self_domid)
+        self.journal_dir = journal_dir
+        if journal_dir is not None:
+            os.makedirs(journal_dir, mode=0o700, exist_ok=True)
 
     def connect(
-        self, domid: int, devid: int, image: Any, fe: FrontendConfig, adv: Advertised, readonly: bool
+        self,
+        domid: int,
+        devid: int,
+        image: Any,
+        fe: FrontendConfig,
+        adv: Advertised,
+        readonly: bool,
+        *,
+        journal: str | None = None,
+        resume: bool = False,
     ) -> RunningDevice:
         from xenblk.dataplane import Device, DeviceConfig
 
@@ -72,15 +118,26 @@ class RealDataplane:
             secure_discard=bool(image.can_secure_discard) and not readonly,
             max_work_per_wake=adv.max_work_per_wake,
         )
+        from xenblk.dataplane import DataplaneError
+
+        paths: list[Path] = []
+        if journal is not None and self.journal_dir is not None:
+            paths = journal_paths(self.journal_dir, journal, len(fe.queues))
+        if resume:
+            missing = [str(p) for p in paths if not p.is_file()] if paths else ["(journaling is off)"]
+            if missing:
+                raise DataplaneError(f"no journal to resume from: {', '.join(missing)}")
         self.platform.attach_domain(domid)  # reference-counted by the platform, one per device
         try:
             dev = Device(self.platform, image, cfg)
         except BaseException:
             self.platform.detach_domain(domid)
             raise
-        running = _Running(self.platform, domid, dev)
+        running = _Running(self.platform, domid, dev, paths)
         try:
             for q, qk in enumerate(fe.queues):
+                if paths:
+                    dev.set_journal(q, str(paths[q]), journal_ident(domid, devid, q, fe, image), resume)
                 ch = self.platform.bind_evtchn(domid, qk.event_channel)
                 try:
                     dev.start_queue(q, list(qk.ring_refs), ch)
@@ -98,10 +155,11 @@ class RealDataplane:
 
 
 class _Running:
-    def __init__(self, platform: Any, domid: int, dev: Any) -> None:
+    def __init__(self, platform: Any, domid: int, dev: Any, journals: list[Path]) -> None:
         self._platform = platform
         self._domid = domid
         self._dev = dev
+        self._journals = journals
         self._closed = False
 
     def stop(self) -> None:
@@ -115,6 +173,10 @@ class _Running:
             self._dev.close()
         finally:
             self._platform.detach_domain(self._domid)
+            # Drained and answered: nothing left to resume (a stale journal must never match a later ring).
+            for p in self._journals:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     def stats(self, q: int) -> Any:
         return self._dev.stats(q)

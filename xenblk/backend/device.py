@@ -193,9 +193,12 @@ class DeviceTask:
             return False  # closed with an error at start; only removal or shutdown from here
         fs = s.fstate
         if self.phase is Phase.NEW:
+            if s.bstate == S.CONNECTED and fs in (S.INITIALISED, S.CONNECTED) and await self._resume(fs):
+                return False
             if s.bstate in (S.INITIALISED, S.CONNECTED, S.CLOSING) and fs in (S.INITIALISED, S.CONNECTED, S.CLOSING):
-                # A previous daemon left this device connected without closing it: the guest's rings are
-                # from then. Close, and serve it again once the frontend has closed or restarted.
+                # A previous daemon left this device connected without closing it, and its rings cannot be
+                # resumed (no journal, or not for these rings). Close, and serve it again once the frontend
+                # has closed or restarted.
                 self.log.info("device.stale_connection", backend=state_name(s.bstate), frontend=state_name(fs))
                 await self._write_state(S.CLOSED)
                 self._enter_closed(resume_on={S.INITIALISING, S.CLOSED}, fs=fs)
@@ -273,27 +276,99 @@ class DeviceTask:
             await self._transact_state({"error": reason[:1000]}, S.CLOSED)
         self._enter_closed(resume_on=set(), fs=fs)
 
+    async def _open_image(self) -> None:
+        """Check params and open the image (raises ImageSpecError)."""
+        cfg = self.ctx.cfg
+        xs = self.ctx.xs
+        params = await xs.try_read(f"{self.bpath}/params")
+        mode = await xs.try_read(f"{self.bpath}/mode")
+        self.cdrom = (await xs.try_read(f"{self.bpath}/device-type")) == "cdrom"
+        self.spec = parse_params(params, mode)
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        self.image = await loop.run_in_executor(
+            None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache)
+        )
+        self.image_format = str(self.image.format)
+        self.sectors = int(self.image.size) // 512
+        self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
+
+    async def _resume(self, fs: int) -> bool:
+        """A previous daemon died with this device Connected: carry on its rings from their journals,
+        writing nothing the guest could notice. False (nothing changed) when that cannot be done."""
+        xs = self.ctx.xs
+        cfg = self.ctx.cfg
+        try:
+            await self._open_image()
+        except ImageSpecError as e:
+            self.log.warning("device.resume_impossible", error=str(e))
+            return False
+
+        async def node(key: str, default: int) -> int:
+            v = await xs.try_read(f"{self.bpath}/{key}")
+            try:
+                return int(v) if v is not None else default
+            except ValueError:
+                return default
+
+        # What the guest negotiated against is what the previous daemon advertised, not today's config.
+        dp = cfg.dataplane
+        adv = Advertised(
+            max_ring_page_order=await node("max-ring-page-order", dp.max_ring_page_order),
+            max_queues=await node("multi-queue-max-queues", dp.max_queues),
+            max_indirect_segments=await node("feature-max-indirect-segments", 0),
+            persistent=await node("feature-persistent", 0) == 1,
+            max_work_per_wake=dp.max_work_per_wake,
+        )
+        limits = Limits(adv.max_ring_page_order, adv.max_queues, adv.persistent)
+        fpath = self.fpath
+
+        async def read(t: Transaction) -> FrontendConfig:
+            return await read_frontend(t, fpath, limits)
+
+        spec = self.spec
+        assert spec is not None
+        readonly = spec.readonly or bool(self.image.readonly)
+        try:
+            fe = await xs.transact(read)
+            running = await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: self.ctx.dataplane.connect(
+                    self.domid, self.devid, self.image, fe, adv, readonly, journal=self._journal_name, resume=True
+                ),
+            )
+        except XenblkError as e:
+            self.log.info("device.resume_impossible", error=str(e))
+            return False
+        with self._stats_lock:
+            self._running = running
+            self._retired = []
+        self._adv = adv
+        self.frontend = fe
+        self.connections += 1
+        self.state = S.CONNECTED
+        self.phase = Phase.CONNECTED
+        self.frontend_connected = fs == S.CONNECTED
+        if await xs.try_read(f"{self.bpath}/sectors") != str(self.sectors):
+            # The image changed size while no daemon ran: tell the guest as a resize does.
+            with contextlib.suppress(_Vanished):
+                await self._transact_state({"sectors": str(self.sectors)}, S.CONNECTED)
+        self.log.info("device.resumed", protocol=fe.protocol, ring_pages=fe.ring_pages, queues=len(fe.queues))
+        return True
+
+    @property
+    def _journal_name(self) -> str:
+        return f"{self.btype}-{self.domid}-{self.devid}"
+
     async def _prepare(self) -> bool:
         """Open the image (once per device), advertise the features, InitWait."""
         cfg = self.ctx.cfg
         if self.image is None:
-            xs = self.ctx.xs
-            params = await xs.try_read(f"{self.bpath}/params")
-            mode = await xs.try_read(f"{self.bpath}/mode")
-            self.cdrom = (await xs.try_read(f"{self.bpath}/device-type")) == "cdrom"
             try:
-                self.spec = parse_params(params, mode)
-                loop = asyncio.get_running_loop()
-                spec = self.spec
-                self.image = await loop.run_in_executor(
-                    None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache)
-                )
+                await self._open_image()
             except ImageSpecError as e:
                 await self._close_with_error(str(e))
                 return False
-            self.image_format = str(self.image.format)
-            self.sectors = int(self.image.size) // 512
-            self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
         else:
             # Reconnecting: the image may have grown while the guest was away.
             img = self.image
@@ -342,7 +417,10 @@ class DeviceTask:
         loop = asyncio.get_running_loop()
         try:
             running = await loop.run_in_executor(
-                None, lambda: self.ctx.dataplane.connect(self.domid, self.devid, self.image, fe, adv, readonly)
+                None,
+                lambda: self.ctx.dataplane.connect(
+                    self.domid, self.devid, self.image, fe, adv, readonly, journal=self._journal_name
+                ),
             )
         except XenblkError as e:
             await self._close_with_error(f"cannot connect the rings: {e}", fs)

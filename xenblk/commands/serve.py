@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
     daemon = Daemon(
         cfg,
         xenstore_path=xenstore_path(cfg, sim),
-        dataplane_factory=lambda: RealDataplane(sim, cfg.daemon.domid),
+        dataplane_factory=lambda: RealDataplane(sim, cfg.daemon.domid, journal_dir=cfg.daemon.state_dir),
         config_path=args.config,
         metrics_listen=args.metrics_listen,
         uevents=not args.no_uevents,
