@@ -9,6 +9,7 @@ import abc
 import asyncio
 import errno
 import os
+import socket
 import stat
 
 from xenblk.xenstore import wire
@@ -17,6 +18,7 @@ from xenblk.xenstore.errors import XenStoreUnavailable
 DEFAULT_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 _READ_CHUNK = 65536
+CONNECT_TIMEOUT = 10.0  # seconds to get past a full listen backlog
 # Write errors from the xenbus device that mean the device (not one message) is gone.
 _DEVICE_DEAD = frozenset({errno.EBADF, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EPIPE})
 
@@ -59,7 +61,7 @@ class SocketTransport(Transport):
 
     @classmethod
     async def connect(cls, path: str) -> SocketTransport:
-        reader, writer = await asyncio.open_unix_connection(path)
+        reader, writer = await asyncio.open_unix_connection(sock=await _connect_unix(path))
         return cls(path, reader, writer)
 
     async def read_exactly(self, n: int) -> bytes:
@@ -215,6 +217,32 @@ def _is_device(path: str) -> bool:
         return stat.S_ISCHR(os.stat(path).st_mode)
     except OSError:
         return path.startswith("/dev/")
+
+
+async def _connect_unix(path: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    """A connected unix socket. xenstored listens with a backlog of 1: while it is full, a non-blocking
+    connect() fails with EAGAIN, which for a unix socket is not "in progress" as for TCP (asyncio would take
+    the socket for connected and the first read would find it dead): try again until accepted or `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if loop.time() >= deadline:
+                raise ConnectionRefusedError(
+                    errno.EAGAIN, "xenstored accepts no connection (listen backlog full)"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        except BaseException:
+            sock.close()
+            raise
 
 
 async def connect(path: str | None) -> Transport:
