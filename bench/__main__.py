@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " --quick 1)",
     )
     p.add_argument(
+        "--scrape-rounds", type=int, default=3, help="rounds of each kind (no scrape, scrape) in `scrape` (default 3)"
+    )
+    p.add_argument(
         "--size-mib", type=int, default=None, help="image size in MiB (default $BENCH_SIZE_MIB or 1024, --quick 256)"
     )
     p.add_argument(
@@ -144,7 +147,7 @@ def run_bench(a: argparse.Namespace, work: Path) -> int:
         from bench.scrape import run_scrape
 
         # A few scrapes per round: at least 3 s each unless --quick.
-        runtime, rounds = (a.runtime, 2) if a.quick else (max(a.runtime, 3.0), 3)
+        runtime, rounds = (a.runtime, 2) if a.quick else (max(a.runtime, 3.0), a.scrape_rounds)
         scrape = _part("scrape", lambda: run_scrape(work / "scrape", runtime, a.size_mib * MIB, rounds, log), errors)
     if "profile" in parts:
         from bench.profile import run_profile
