@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from xenblk import log as xlog
 from xenblk.backend.frontend import FrontendConfig
 
 
@@ -90,7 +91,12 @@ class RealDataplane:
         self.platform = open_platform(sim_dir, self_domid)
         self.journal_dir = journal_dir
         if journal_dir is not None:
-            os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                # Serving matters more than surviving a kill -9: without journals a restart closes the devices.
+                xlog.get("xenblk.dataplane").warning("dataplane.no_journals", dir=journal_dir, error=str(e))
+                self.journal_dir = None
 
     def connect(
         self,
