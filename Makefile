@@ -24,7 +24,7 @@ test-c: setup
 test-py: setup
 	$(PY) -m pytest -q tests
 
-test: lint test-c test-py
+test: lint test-c test-py xen-test
 
 fuzz: setup
 	$(MAKE) -C native/tests fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-300}

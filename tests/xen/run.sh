@@ -29,7 +29,7 @@ INITRD=$OUT/guest.cpio.gz
     { cat "$OUT/initrd.log"; exit 1; }
 export XEN_TEST_OUT=$OUT XEN_TEST_INITRD=$INITRD XEN_BENCH_RUNTIME=${XEN_BENCH_RUNTIME:-5}
 rc=0
-"$XENVM/xen-vm" run --timeout "${XEN_TEST_TIMEOUT:-1200}" --mem 4096 --log "$OUT/serial.log" --share "$OUT" -- \
+"$XENVM/xen-vm" run --timeout "${XEN_TEST_TIMEOUT:-1800}" --mem 4096 --log "$OUT/serial.log" --share "$OUT" -- \
     "$ROOT/$script" 2>&1 | tee "$OUT/run.log" || rc=$?
 if [ "$WHAT" = bench ] && [ -s "$OUT/guest-console.txt" ]; then
     "$ROOT/.venv/bin/python" -m bench.xen_bench "$OUT/guest-console.txt" --runtime "${XEN_BENCH_RUNTIME:-5}" || rc=1
