@@ -377,8 +377,11 @@ def _mutate_value(rng: random.Random, key: str, value: str | None) -> str | None
 def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
     pairs = _pairs(data)
     for _ in range(rng.randint(1, 4)):
-        choice = rng.randrange(9)
-        if choice == 8:  # a fresh, well-formed params/mode pair
+        choice = rng.randrange(10)
+        if choice == 9 and pairs:  # one key's value copied to another: repeated grants and ports
+            src, dst = rng.randrange(len(pairs)), rng.randrange(len(pairs))
+            pairs[dst] = (pairs[dst][0], pairs[src][1])
+        elif choice == 8:  # a fresh, well-formed params/mode pair
             pairs = [p for p in pairs if p[0] not in ("@params", "@mode")]
             pairs += [("@params", _params_path(rng)), ("@mode", rng.choice(["r", "w", "ro", "rw", "w!"]))]
         elif choice == 0 or not pairs:
