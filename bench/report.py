@@ -153,6 +153,37 @@ def meta(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The results as a Markdown table for the README: meta line, cases, targets."""
+    m = doc["meta"]
+    load = " ".join(f"{x:.1f}" for x in m.get("load_avg_start", m["load_avg"]))
+    out = [
+        f"{m['date']}, {m['cpus']} x {m['cpu_model'] or 'CPU'}, kernel {m['kernel']}, git {m['git']}, load average"
+        f" at start {load}, at end {' '.join(f'{x:.1f}' for x in m['load_avg'])}; {m['args'].get('rounds')} x"
+        f" {m['args'].get('runtime')} s rounds per side, best round kept",
+        "",
+        "| case | xenblk IOPS | MB/s | p50/p99/p99.9 µs | CPU s/GiB | fio IOPS | fio p50/p99/p99.9 µs | ratio"
+        " | vs raw |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|",
+    ]
+
+    def lat(d: dict[str, Any] | None) -> str:
+        return "/".join(_f(d.get(k)) for k in ("p50", "p99", "p99.9")) if d else "-"
+
+    for r in doc["cases"]:
+        x = r.get("xenblk") or {}
+        out.append(
+            f"| {r['case']} | {_f(r.get('xenblk_iops'))} | {_f(x.get('mbps'))} | {lat(r.get('xenblk_lat_us'))}"
+            f" | {_f(x.get('cpu_s_per_gib'), '.2f')} | {_f(r.get('fio_iops'))} | {lat(r.get('fio_lat_us'))}"
+            f" | {_f(r.get('ratio'), '.2f')} | {_f(r.get('vs_raw'), '.2f')} |"
+        )
+    out += ["", "| target | measured | limit | |", "|---|---|---|---|"]
+    for t in doc["targets"]:
+        tag = "SKIP" if t["ok"] is None else "PASS" if t["ok"] else "MISS"
+        out.append(f"| {t['name']} | {t['value']} | {t['limit']} | {tag} |")
+    return "\n".join(out) + "\n"
+
+
 def write(doc: dict[str, Any], results_dir: Path = RESULTS) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -160,6 +191,7 @@ def write(doc: dict[str, Any], results_dir: Path = RESULTS) -> Path:
     text = json.dumps(doc, indent=2, default=_default) + "\n"
     path.write_text(text)
     (results_dir / "latest.json").write_text(text)
+    (results_dir / "latest.md").write_text(markdown(doc))
     return path
 
 
