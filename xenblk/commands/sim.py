@@ -33,7 +33,9 @@ def _register_guest(ssub: Any) -> None:
         help="a simulated blkfront: connect the disks attached to a domain and run a workload",
         description="Plays Linux blkfront's handshake for each disk of domain N, then runs the workload on every "
         "disk at once (each queue is a C thread filling its ring). Exits non-zero on a failed connect, an I/O error "
-        "or a verify error, with one line per failure on stderr.",
+        "or a verify error, with one line per failure on stderr. A disk the backend resizes while connected is read "
+        "again (its JSON record counts `resizes`); a disk detached by the toolstack (`xenblk detach`) drains, closes "
+        "and is marked `detached` (an interrupted workload fails the run; an --idle guest ends once all are gone).",
     )
     g.add_argument("--dir", required=True, metavar="DIR", help="the sim host's directory")
     g.add_argument("--domid", required=True, type=int, metavar="N")
@@ -53,7 +55,15 @@ def _register_guest(ssub: Any) -> None:
     g.add_argument("--queues", type=int, default=1, help="queues (rings) per disk, capped by the backend")
     g.add_argument("--indirect", action="store_true", help="every read/write as an INDIRECT request")
     g.add_argument("--no-persistent", action="store_true", help="do not offer persistent grants")
-    g.add_argument("--idle", action="store_true", help="connect, do no I/O, stay until --runtime or SIGTERM")
+    g.add_argument(
+        "--idle", action="store_true", help="connect, do no I/O, stay until --runtime, SIGTERM or every disk detached"
+    )
+    g.add_argument(
+        "--expect-resize",
+        action="store_true",
+        help="once connected, wait (up to --timeout) until the backend publishes a new size of every disk, then run "
+        "the workload over the resized disks",
+    )
     g.add_argument("--timeout", type=float, default=30.0, help="seconds for each handshake step (default 30)")
     g.add_argument("--io-timeout", type=float, default=30.0, help="seconds without a response = failure")
     g.add_argument(
@@ -103,5 +113,5 @@ def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
         persistent=not args.no_persistent,
         timeout=args.timeout,
     )
-    opts = GuestOptions(Path(args.dir), args.domid, args.vdev, workload, frontend)
+    opts = GuestOptions(Path(args.dir), args.domid, args.vdev, workload, frontend, expect_resize=args.expect_resize)
     return main(opts, args.json)

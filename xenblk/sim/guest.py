@@ -6,6 +6,11 @@ the disk (a contiguous range of blocks, so verification never races between queu
 thread (`guest_native`). While the workload runs it watches each backend: one that leaves Connected
 fails that disk at once. SIGTERM/SIGINT stop the workload gracefully (in-flight I/O is answered),
 and every disk is closed as a driver unbind would.
+
+Like Linux blkfront, a connected disk reacts to its backend's state: Connected written again means
+the disk may have been resized (`sectors` is read again, as blkfront_connect revalidates the size);
+Closing without an `error` node is the toolstack detaching it (`xenblk detach`): stop issuing,
+wait for the in-flight responses, then Closing and Closed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 from xenblk.errors import XenblkError
 from xenblk.sim.broker import DEFAULT_GNTTAB_ENTRIES, DEFAULT_MEM_PAGES, BrokerClient, read_host_json
-from xenblk.sim.guest_frontend import CONNECTED, Frontend, FrontendOptions
+from xenblk.sim.guest_frontend import CLOSING, CONNECTED, Frontend, FrontendOptions
 from xenblk.sim.guest_native import (
     GuestDomain,
     GuestError,
@@ -48,6 +53,7 @@ class GuestOptions:
     vdevs: list[str] | None
     workload: Workload
     frontend: FrontendOptions = field(default_factory=FrontendOptions)
+    expect_resize: bool = False  # start the workload only once every disk has been resized
 
 
 @dataclass
@@ -57,6 +63,10 @@ class Disk:
     error: str | None = None
     backend_left: str | None = None  # the state a backend went to during a hostile run
     stats: list[Any] = field(default_factory=list)
+    resizes: int = 0  # times the backend published a new size while connected
+    resized: asyncio.Event = field(default_factory=asyncio.Event)
+    detached: bool = False  # the backend went Closing (toolstack detach); the disk is closed
+    closed: bool = False
 
     @property
     def queues(self) -> list[GuestQueue]:
@@ -71,6 +81,9 @@ class Disk:
         rec: dict[str, Any] = {"vdev": fe.vdev, "devid": fe.devid}
         if fe.disk is not None:
             rec["sectors"] = fe.disk.sectors
+        rec["resizes"] = self.resizes
+        if self.detached:
+            rec["detached"] = True
         if fe.negotiated is not None:
             rec["negotiated"] = fe.negotiated.as_json()
         rec.update(disk_record(self.stats))
@@ -140,24 +153,59 @@ def _plan_queues(disk: Disk, domain: GuestDomain, w: Workload) -> None:
         gq.configure(cfg)
 
 
-async def _watch_backend(disk: Disk) -> None:
-    """Fail the disk at once if its backend leaves Connected while the workload runs."""
+async def _revalidate(disk: Disk) -> None:
+    """The backend wrote Connected again: read `sectors` again, as blkfront_connect does."""
+    fe = disk.frontend
+    if fe.disk is None:
+        return
+    try:
+        sectors = int(await fe.xs.try_read(f"{fe.backend}/sectors") or "")
+    except ValueError:
+        return  # a resize half seen or a bad value: the size in use stays
+    if sectors > 0 and sectors != fe.disk.sectors:
+        fe.disk.sectors = sectors
+        disk.resizes += 1
+        disk.resized.set()
+
+
+async def _close_detached(disk: Disk, idle: bool) -> None:
+    """The backend asked to close (toolstack detach): stop issuing, let in-flight I/O be answered,
+    then Closing and Closed, so `xenblk detach` can remove the device while other disks run on."""
+    disk.detached = True
+    for q in disk.queues:
+        q.stop()
+    for q in disk.queues:
+        await asyncio.to_thread(q.join)
+    disk.stats = [q.stats() for q in disk.queues]
+    if not idle:
+        online = await disk.frontend.xs.try_read(f"{disk.frontend.backend}/online")
+        why = "online=0: the toolstack detached it" if online == "0" else "the backend closed it"
+        disk.fail(f"detached by the backend (state 5 Closing, {why}) before the workload finished")
+    await disk.frontend.close()
+    disk.closed = True
+
+
+async def _watch_backend(disk: Disk, idle: bool) -> None:
+    """Follow the backend while connected: a resize, a detach, or a failure of the disk."""
     fe = disk.frontend
     path = f"{fe.backend}/state"
     async with fe.xs.watch(path) as w:
         async for _ in w:
             state = await fe.xs.try_read(path)
-            if state != str(CONNECTED):
-                err = await fe.xs.try_read(f"{fe.backend}/error")
-                if disk.hostile is not None:  # provoking that is the point of a hostile run
-                    disk.backend_left = state
-                else:
-                    disk.fail(
-                        f"backend left Connected during the workload (state {state})" + (f": {err}" if err else "")
-                    )
-                for q in disk.queues:
-                    q.stop(abort=True)
+            if state == str(CONNECTED):
+                await _revalidate(disk)
+                continue
+            err = await fe.xs.try_read(f"{fe.backend}/error")
+            if disk.hostile is not None:  # provoking that is the point of a hostile run
+                disk.backend_left = state
+            elif state == str(CLOSING) and not err:
+                await _close_detached(disk, idle)
                 return
+            else:
+                disk.fail(f"backend left Connected during the workload (state {state})" + (f": {err}" if err else ""))
+            for q in disk.queues:
+                q.stop(abort=True)
+            return
 
 
 def _join_all(disks: list[Disk]) -> None:
@@ -211,10 +259,11 @@ async def _run_guest(opts: GuestOptions, host: dict[str, Any]) -> tuple[dict[str
         for vdev, devid in await _disks_of(xs, opts.domid, opts.vdevs):
             fe = Frontend(xs, broker, domain, opts.domid, devid, vdev, opts.frontend)
             disks.append(Disk(fe, hostile=opts.workload.hostile))
-        await _run(disks, domain, opts.workload)
+        await _run(disks, domain, opts.workload, opts.expect_resize, opts.frontend.timeout)
     finally:
         for d in disks:
-            await d.frontend.close()
+            if not d.closed:  # a detached disk's dirs may be gone: writing its state would recreate them
+                await d.frontend.close()
         if domain is not None:
             domain.close()
         if xs is not None:
@@ -225,15 +274,31 @@ async def _run_guest(opts: GuestOptions, host: dict[str, Any]) -> tuple[dict[str
     return doc, failures
 
 
-async def _connect(disk: Disk, domain: GuestDomain, w: Workload) -> None:
+async def _connect(disk: Disk) -> None:
     try:
         await disk.frontend.connect()
+    except XenblkError as e:
+        disk.fail(str(e))
+
+
+def _plan(disk: Disk, domain: GuestDomain, w: Workload) -> None:
+    try:
         _plan_queues(disk, domain, w)
     except XenblkError as e:
         disk.fail(str(e))
 
 
-async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
+async def _wait_resized(disks: list[Disk], timeout: float) -> None:
+    waits = [asyncio.create_task(d.resized.wait()) for d in disks]
+    _done, pending = await asyncio.wait(waits, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    for d in disks:
+        if not d.resized.is_set() and not d.detached:
+            d.fail(f"--expect-resize: the backend published no new size within {timeout:g}s")
+
+
+async def _run(disks: list[Disk], domain: GuestDomain, w: Workload, expect_resize: bool, timeout: float) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     live: list[Disk] = []
@@ -247,28 +312,45 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload) -> None:
     # From the start: a signal during the handshake still ends with every disk closed.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    watched: list[Disk] = []
     watchers: list[asyncio.Task[None]] = []
     try:
-        await asyncio.gather(*(_connect(d, domain, w) for d in disks))
+        await asyncio.gather(*(_connect(d) for d in disks))
         live[:] = [d for d in disks if d.error is None]
-        watchers = [asyncio.create_task(_watch_backend(d)) for d in live]
+        watched = list(live)
+        watchers = [asyncio.create_task(_watch_backend(d, w.rw is None)) for d in watched]
+        if expect_resize and live:
+            await _wait_resized(live, timeout)
+        for d in live:
+            if d.error is None and not d.detached:
+                _plan(d, domain, w)
+        live[:] = [d for d in live if d.error is None and not d.closed]
         if w.rw is None:
+            # Idle until the runtime, a signal, or every disk has been detached.
+            stopped = asyncio.create_task(stop.wait())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), w.runtime)
+                async with asyncio.timeout(w.runtime):
+                    while not stopped.done() and (not watchers or any(not t.done() for t in watchers)):
+                        await asyncio.wait([stopped, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
         elif not stop.is_set():
             for d in live:
-                for q in d.queues:
-                    q.start()
+                if not d.detached:
+                    for q in d.queues:
+                        q.start()
             await asyncio.to_thread(_join_all, live)
     finally:
-        for t in watchers:
-            t.cancel()
+        for d, t in zip(watched, watchers, strict=True):
+            if not d.detached:  # a detach in progress finishes closing the disk
+                t.cancel()
         for t in watchers:
             with contextlib.suppress(asyncio.CancelledError, XenblkError):
                 await t
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     for d in live:
+        if d.closed:
+            continue  # its statistics were taken before it closed
         d.stats = [q.stats() for q in d.queues]
         for s in d.stats:
             if s.failed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,9 @@ class GuestQueue:
             raise GuestError(_msg(err))
         self.ptr = ptr
         self.started = False
+        # Joining is done from more than one thread (the run's join and a detach's drain); pthread_join
+        # must be called once, and free() must not race a join.
+        self._join_lock = threading.Lock()
 
     def configure(self, cfg: Any) -> None:
         err = _err_buf()
@@ -133,11 +137,14 @@ class GuestQueue:
         self.started = True
 
     def join(self) -> None:
-        """Blocks until the thread ends (the GIL is released while waiting)."""
-        lib.xb_sg_queue_join(self.ptr)
+        """Blocks until the thread ends (the GIL is released while waiting). Safe from several threads."""
+        with self._join_lock:
+            if self.ptr is not None:
+                lib.xb_sg_queue_join(self.ptr)
 
     def stop(self, abort: bool = False) -> None:
-        lib.xb_sg_queue_stop(self.ptr, 1 if abort else 0)
+        if self.ptr is not None:
+            lib.xb_sg_queue_stop(self.ptr, 1 if abort else 0)
 
     def stats(self) -> Any:
         out = ffi.new("struct xb_sg_stats *")
@@ -145,9 +152,10 @@ class GuestQueue:
         return out
 
     def free(self) -> None:
-        if self.ptr is not None:
-            lib.xb_sg_queue_free(self.ptr)
-            self.ptr = None
+        with self._join_lock:
+            if self.ptr is not None:
+                lib.xb_sg_queue_free(self.ptr)
+                self.ptr = None
 
 
 def error_message(stats: Any) -> str:
