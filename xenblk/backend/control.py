@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,28 @@ def socket_path(run_dir: str) -> Path:
     return Path(run_dir) / SOCKET_NAME
 
 
+# sun_path holds 108 bytes with its NUL; a deep run_dir (a test's tmp dir) does not fit.
+_SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def _unix_address(path: Path) -> Iterator[str]:
+    """An AF_UNIX address naming `path` whatever its length: a long one is reached through an
+    O_PATH descriptor of its directory (/proc/self/fd/N/name), which bind and connect resolve
+    like any path, without a chdir that would affect the whole process."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    try:
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        raise FileNotFoundError(e.errno, e.strerror, str(path.parent)) from None
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
@@ -46,11 +68,21 @@ class ControlServer:
             raise XenblkError(f"another xenblk serve is running (its control socket {self.path} answers)")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=MAX_LINE)
+            with _unix_address(self.path) as address:
+                sock.bind(address)
+        except OSError as e:
+            sock.close()
+            raise XenblkError(f"cannot create the control socket {self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -86,7 +118,8 @@ def _answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2)
         try:
-            s.connect(str(path))
+            with _unix_address(path) as address:
+                s.connect(address)
         except OSError:
             return False
     return True
@@ -102,7 +135,8 @@ def call(run_dir: str, request: dict[str, Any], timeout: float = 30.0) -> dict[s
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
-            s.connect(str(path))
+            with _unix_address(path) as address:
+                s.connect(address)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonNotRunning(f"xenblk serve is not running (no control socket at {path}: {e.strerror})") from None
         s.sendall(json.dumps(request).encode() + b"\n")
