@@ -6,13 +6,13 @@ An input is text, one XenStore node a line (see `decode`):
     ring-page-order=2            a key and its value (relative to F/); \\xNN in a value is that byte
     queue-1/event-channel        a key present with no value (None: read as absent)
     !limits=4,4,1                what the backend advertised (max ring order, max queues, persistent)
-    @params=qcow2:$ROOT/allowed/a.qcow2   B/params ($ROOT: the harness's scratch tree), @mode=w: B/mode
+    @params=qcow2:$ROOT/allowed/a.img   B/params ($ROOT: the harness's scratch tree), @mode=w: B/mode
 
 Invariants: `parse_frontend` returns a config whose every field lies within the advertised Limits
-and comes from the key the frontend wrote, or raises FrontendError with a one-line message, never
-anything else; the keys `read_frontend` collects are all it needs. `parse_params` returns exactly
-the spec its grammar gives (format only from the prefix, never guessed) or raises ImageSpecError;
-`is_allowed` accepts a path only if it resolves inside an allowed directory.
+and comes from the key the frontend wrote (no grant or port used twice), or raises FrontendError
+with a one-line message, never anything else; the keys `read_frontend` collects are all it needs.
+`parse_params` returns exactly the spec its grammar gives (format only from the prefix, never
+guessed) or raises ImageSpecError; `is_allowed` accepts a path only if it resolves inside an allowed directory.
 
     python fuzz_frontend_keys.py [libFuzzer flags] OUTPUT_CORPUS SEED_CORPUS...
 
