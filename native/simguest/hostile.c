@@ -4,6 +4,7 @@
  * for the configured runtime; what happened is left in the statistics (requests, responses,
  * error_responses), and none of it is an error of the guest run itself.
  */
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include "queue_int.h"
@@ -111,12 +112,73 @@ static void no_drain(struct xb_sg_queue *q)
     hold(q);
 }
 
+/* Notifications with nothing behind them, as fast as the guest can send them: the backend must
+ * not spend more than its share of a core on them, nor grow anything per notification. */
+static void flood(struct xb_sg_queue *q)
+{
+    uint64_t one = 1;
+    while (!stopping(q) && now_ns() < q->deadline_ns)
+        for (unsigned i = 0; i < 1024; i++)
+            if (write(q->cfg.evt_send_fd, &one, sizeof(one)) == sizeof(one))
+                q->st.notifies++;
+}
+
 void sg_hostile_run(struct xb_sg_queue *q)
 {
     switch (q->cfg.hostile) {
     case XB_SG_HOSTILE_OVERFLOW: overflow(q); break;
     case XB_SG_HOSTILE_GARBAGE: garbage(q); break;
     case XB_SG_HOSTILE_NO_DRAIN: no_drain(q); break;
+    case XB_SG_HOSTILE_FLOOD: flood(q); break;
     default: break;
     }
+}
+
+struct sg_rewriter {
+    struct xb_sg_queue *q;
+    pthread_t thread;
+    int stop; /* atomic */
+};
+
+/* Flip random bits of every ring entry past its first 16 bytes: the sector, segments and grant
+ * references of requests already published (and being processed). The first 16 bytes are left
+ * alone because a response reuses them (id, operation, status), and the guest must still be able
+ * to read its answers: what is tested is that the backend acts on one copy of each request. */
+static void *rewriter_main(void *arg)
+{
+    struct sg_rewriter *r = arg;
+    struct xb_sg_queue *q = r->q;
+    size_t esize = xb_ring_entry_size(q->abi);
+    uint64_t x = sg_mix64(q->cfg.seed ^ 0x7e3a1d);
+    while (!__atomic_load_n(&r->stop, __ATOMIC_RELAXED)) {
+        for (unsigned i = 0; i < 4096; i++) {
+            x = sg_mix64(x);
+            uint8_t *e = xb_ring_entry(q->sring, q->abi, (uint32_t)x, q->ring_size);
+            size_t off = 16 + (size_t)((x >> 32) % (esize - 16));
+            __atomic_fetch_xor(e + off, (uint8_t)(1u << ((x >> 8) & 7)), __ATOMIC_RELAXED);
+        }
+    }
+    return NULL;
+}
+
+struct sg_rewriter *sg_rewriter_start(struct xb_sg_queue *q)
+{
+    struct sg_rewriter *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->q = q;
+    if (pthread_create(&r->thread, NULL, rewriter_main, r)) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+void sg_rewriter_stop(struct sg_rewriter *r)
+{
+    if (!r)
+        return;
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELAXED);
+    pthread_join(r->thread, NULL);
+    free(r);
 }

@@ -142,7 +142,7 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     c.evt_send_fd = q->cfg.evt_send_fd;
     c.handle = q->cfg.handle;
     c.backend_domid = q->cfg.backend_domid;
-    if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_NO_DRAIN) {
+    if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_REWRITE) {
         sg_errf(err, "unknown hostile mode %d", c.hostile);
         return -1;
     }
@@ -271,11 +271,12 @@ static void *queue_main(void *arg)
     struct xb_sg_queue *q = arg;
     q->st.start_ns = q->last_progress_ns = now_ns();
     q->deadline_ns = q->st.start_ns + q->cfg.runtime_ns;
-    if (q->cfg.hostile && q->cfg.hostile != XB_SG_HOSTILE_REVOKE) {
+    if (q->cfg.hostile && q->cfg.hostile != XB_SG_HOSTILE_REVOKE && q->cfg.hostile != XB_SG_HOSTILE_REWRITE) {
         sg_hostile_run(q);
         q->st.end_ns = now_ns();
         return NULL;
     }
+    struct sg_rewriter *rw = q->cfg.hostile == XB_SG_HOSTILE_REWRITE ? sg_rewriter_start(q) : NULL;
     for (;;) {
         if (__atomic_load_n(&q->stop_requested, __ATOMIC_RELAXED))
             q->draining = 1;
@@ -294,6 +295,7 @@ static void *queue_main(void *arg)
             continue;
         wait_for_backend(q);
     }
+    sg_rewriter_stop(rw);
     q->st.end_ns = now_ns();
     return NULL;
 }

@@ -103,6 +103,11 @@ int sg_consume(struct xb_sg_queue *q);
 
 /* hostile.c: the misbehaving modes that replace the workload loop */
 void sg_hostile_run(struct xb_sg_queue *q);
+/* REWRITE: a thread flipping the fields of published requests while the workload runs (NULL if it
+ * could not start; stop accepts NULL). */
+struct sg_rewriter;
+struct sg_rewriter *sg_rewriter_start(struct xb_sg_queue *q);
+void sg_rewriter_stop(struct sg_rewriter *r);
 void sg_wait(struct xb_sg_queue *q, int64_t timeout_ms);
 
 /* workload.c: what to issue next, and what a completion means */

@@ -39,6 +39,8 @@ enum xb_sg_hostile {
     XB_SG_HOSTILE_GARBAGE,  /* fill the ring with random requests: bad ops, segment counts, sectors, grants */
     XB_SG_HOSTILE_REVOKE,   /* the workload, with each request's data grants revoked before it is published */
     XB_SG_HOSTILE_NO_DRAIN, /* fill the ring once and never consume a response */
+    XB_SG_HOSTILE_FLOOD,    /* kick the event channel in a tight loop with nothing to do */
+    XB_SG_HOSTILE_REWRITE,  /* the workload, while a second thread keeps flipping published requests */
 };
 
 struct xb_sg_domain;

@@ -71,7 +71,11 @@ def _register_guest(ssub: Any) -> None:
         choices=list(HOSTILE_MODES),
         default=None,
         help="misbehave for --runtime (default 2 s): overflow the request producer, send garbage requests, revoke "
-        "grants of in-flight requests, or never drain responses; the run succeeds if the handshake did",
+        "grants of in-flight requests, never drain responses, flood the event channel with notifications, or "
+        "rewrite published requests while the backend processes them; the run succeeds if the handshake did",
+    )
+    g.add_argument(
+        "--count", type=int, default=None, metavar="N", help="--hostile garbage: send N requests per disk, then stop"
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=run_guest)
@@ -104,6 +108,7 @@ def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
         discard_every=args.discard_every,
         io_timeout=args.io_timeout,
         hostile=args.hostile,
+        count=args.count,
     )
     frontend = FrontendOptions(
         abi=args.abi,

@@ -23,6 +23,8 @@ HOSTILE_MODES = {
     "garbage": lib.XB_SG_HOSTILE_GARBAGE,
     "revoke": lib.XB_SG_HOSTILE_REVOKE,
     "no-drain": lib.XB_SG_HOSTILE_NO_DRAIN,
+    "flood": lib.XB_SG_HOSTILE_FLOOD,
+    "rewrite": lib.XB_SG_HOSTILE_REWRITE,
 }
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
@@ -54,6 +56,7 @@ class Workload:
     discard_every: int = 0
     io_timeout: float = 30.0
     hostile: str | None = None
+    count: int | None = None  # requests per disk of a hostile garbage run
 
     def check(self) -> None:
         if self.rw is not None and self.rw not in RW_MODES:
@@ -79,11 +82,15 @@ class Workload:
                 raise WorkloadError(f"unknown --hostile {self.hostile!r}: one of {', '.join(HOSTILE_MODES)}")
             if self.verify or self.runtime is None or self.rw is None:
                 raise WorkloadError("--hostile needs a --runtime and a workload, and cannot --verify")
+        if self.count is not None and (self.hostile != "garbage" or self.count < 1):
+            raise WorkloadError("--count N (N >= 1) is the number of requests of --hostile garbage")
         if not 0 <= self.seed < 1 << 64:
             raise WorkloadError("--seed must fit in 64 bits")
 
     def total_ios(self, disk_bytes: int) -> int:
         """I/Os per disk; 0 = as many as fit in the runtime."""
+        if self.count is not None:
+            return self.count
         if self.size is not None:
             return max(1, self.size // self.bs)
         if self.runtime is not None:

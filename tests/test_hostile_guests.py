@@ -1,0 +1,107 @@
+"""Hostile guests against `xenblk serve` on the simulated host, through the CLI: for each way a
+frontend can misbehave on its ring, one hostile guest and one well-behaved verified guest run at
+the same time on their own disks. The hostile one is refused (errors, or its device closed with an
+`error` node), the good one's verified workload passes untouched, and the daemon is still alive,
+serving a fresh disk afterwards, with its memory bounded (issue 9, hostile guest suite).
+
+Throughput next to a hostile neighbour is measured by `python -m bench.hostile`, not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.fixtures.e2e import Stack
+from xenblk.sim.vdev import vdev_to_devid
+
+MiB = 1 << 20
+RSS_GROWTH_BOUND = 64 * MiB
+
+# mode -> extra arguments of the hostile guest
+MODES: dict[str, tuple[str, ...]] = {
+    "overflow": (),
+    "garbage": ("--count", "100000", "--runtime", "300"),
+    "revoke": ("--no-persistent",),
+    "no-drain": (),
+    "flood": (),
+    "rewrite": (),
+}
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def image(stack: Stack, name: str, size: int) -> str:
+    path = stack.images / name
+    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
+    return str(path)
+
+
+def backend_error(stack: Stack, domid: int) -> str | None:
+    try:
+        return stack.xenstore("read", f"/local/domain/0/backend/vbd3/{domid}/{vdev_to_devid('xvdb')}/error")
+    except AssertionError:
+        return None
+
+
+def check_refused(mode: str, hostile: dict[str, Any], error: str | None) -> None:
+    """What the backend did to the hostile guest, per mode."""
+    if mode == "overflow":
+        assert error and "produced past the ring" in error, error
+        assert hostile["responses"] == 0
+    elif mode == "garbage":
+        assert hostile["requests"] == 100_000, "every one of them was sent: the backend kept answering"
+        assert hostile["responses"] == hostile["requests"], "and each was answered"
+        assert hostile["error_responses"] > 99_000, "all refused but the empty flushes (valid requests)"
+    elif mode == "revoke":
+        assert hostile["responses"] == hostile["error_responses"] == hostile["requests"] > 0
+    elif mode == "no-drain":
+        assert hostile["requests"] == 8 and hostile["responses"] == 0
+    elif mode == "flood":
+        # Notifications with an empty ring are nothing to refuse: they must only cost nothing.
+        assert hostile["notifies"] > 10_000 and hostile["requests"] == 0
+    elif mode == "rewrite":
+        assert hostile["requests"] > 0
+        assert hostile["error_responses"] > 0 or error, "flipped segments and sectors were refused"
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_hostile_guest_next_to_a_good_one(stack: Stack, mode: str) -> None:
+    stack.attach(1, image(stack, "bad.raw", 8 * MiB), "xvdb")
+    stack.attach(2, image(stack, "good.raw", 16 * MiB), "xvdb")
+    pid = stack.serve.pid
+    rss_before = rss_bytes(pid)
+    bad = stack.guest_proc(1, "--rw", "randrw", "--iodepth", "8", "--hostile", mode, "--runtime", "2",
+                           "--io-timeout", "2", *MODES[mode])  # fmt: skip
+    good = stack.guest_proc(2, "--rw", "randrw", "--iodepth", "8", "--verify", "--seed", "4", "--runtime", "3",
+                            "--queues", "2")  # fmt: skip
+    try:
+        good_out, good_err = good.communicate(timeout=300)
+        bad_out, bad_err = bad.communicate(timeout=600)
+    finally:
+        for p in (bad, good):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert good.returncode == 0, f"{good_out}{good_err}\n{stack.log_tail()}"
+    (g,) = json.loads(good_out)["disks"]
+    assert g["errors"] == g["verify_errors"] == 0 and g["verified_reads"] > 0 and "error" not in g
+    assert bad.returncode == 0, f"the hostile guest's handshake worked: {bad_out}{bad_err}"
+    (b,) = json.loads(bad_out)["disks"]
+    check_refused(mode, b["hostile"], backend_error(stack, 1))
+    # The daemon is alive, its memory did not grow with what the guest sent, and it still serves.
+    assert stack.serve.poll() is None, stack.log_tail()
+    growth = rss_bytes(pid) - rss_before
+    assert growth < RSS_GROWTH_BOUND, f"xenblk serve grew by {growth / MiB:.1f} MiB during a {mode} run"
+    stack.attach(3, image(stack, "fresh.raw", 8 * MiB), "xvdb")
+    rc, result = stack.guest(3, "--rw", "randrw", "--iodepth", "4", "--verify", "--seed", "9", "--size", "2M")
+    assert rc == 0, f"{result}\n{stack.log_tail()}"
+    assert isinstance(result, dict) and result["disks"][0]["verified_reads"] > 0
