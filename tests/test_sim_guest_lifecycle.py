@@ -119,3 +119,23 @@ def test_detach_of_a_running_guest_drains_closes_and_keeps_acknowledged_data(sta
     assert bad_sectors(flat.read_bytes(), 0, [(1, 1), (2, 1)]) == []
     listing = json.loads(stack.xenblk("list", "--json", "--sim", str(stack.sim)).stdout)
     assert [(d["domid"], d["vdev"]) for d in listing] == [(4, "xvdc")]
+
+
+def test_idle_guest_ends_once_its_only_disk_is_detached(stack: Stack) -> None:
+    img = stack.images / "idle.raw"
+    subprocess.run(["truncate", "-s", "4M", str(img)], check=True)
+    stack.attach(5, str(img), "xvdb")
+    guest = stack.guest_proc(5, "--idle", "--runtime", "300")
+    try:
+        wait_frontend_connected(stack, 5, "xvdb", guest)
+        stack.xenblk("detach", "5", "xvdb", "--sim", str(stack.sim), timeout=60)
+        out, err = guest.communicate(timeout=60)
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.communicate()
+    # Nothing was interrupted: an idle disk taken away is not a failure.
+    assert guest.returncode == 0, f"{out}{err}"
+    (disk,) = json.loads(out)["disks"]
+    assert disk["detached"] is True and "error" not in disk
+    assert frontend_state(stack, 5, "xvdb") == "absent"

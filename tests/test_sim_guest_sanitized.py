@@ -85,6 +85,10 @@ async def test_guest_data_path_is_clean_under_asan_and_ubsan(
         ["--rw", "randrw", "--hostile", "revoke", "--runtime", "0.5", "--no-persistent"],
         ["--rw", "randrw", "--hostile", "no-drain", "--runtime", "0.3"],
         ["--rw", "randrw", "--hostile", "overflow", "--runtime", "0.3"],
+        ["--rw", "randrw", "--hostile", "flood", "--runtime", "0.3"],
+        ["--rw", "randrw", "--hostile", "rewrite", "--runtime", "0.5", "--iodepth", "8", "--io-timeout", "2"],
+        ["--rw", "randrw", "--hostile", "rewrite", "--runtime", "0.3", "--abi", "x86_32-abi"],
+        ["--rw", "randrw", "--hostile", "garbage", "--count", "1000", "--runtime", "30"],
     ]
     for args in runs:
         proc = await asyncio.create_subprocess_exec(
