@@ -247,3 +247,28 @@ async def test_fewer_ios_than_queues_ends(backends: Backends, sim_host: SimHostP
     r = await run_guest_cli(sim_host, 15, "--rw", "randwrite", "--size", "8k", "--queues", "4", "--verify", timeout=60)
     assert r.rc == 0, r.stderr
     assert r.disk("xvdb")["writes"] == 2 and r.disk("xvdb")["verified_reads"] == 2
+
+
+async def test_detach_during_the_handshake_fails_at_once(
+    sim_host: SimHostProc, host_xs: XenStore, tmp_path: Path
+) -> None:
+    # Attached by the toolstack, but no backend answers: the guest waits for InitWait...
+    be = MiniBackend(sim_host, 15, "xvdb", raw_image(tmp_path, "h.raw", MiB))
+    await be.attach(host_xs)
+    task = asyncio.create_task(run_guest_cli(sim_host, 15, "--rw", "read", "--timeout", "60"))
+    for _ in range(200):
+        if await host_xs.try_read(f"{be.f}/state") == "1":
+            break
+        await asyncio.sleep(0.05)
+    # ...when the toolstack detaches it: the guest gives up at once instead of timing out,
+    # and closes its side so the detach can complete.
+    await host_xs.write(f"{be.b}/online", "0")
+    await host_xs.write(f"{be.b}/state", "5")
+    for _ in range(200):
+        if await host_xs.try_read(f"{be.f}/state") == "6":
+            break
+        await asyncio.sleep(0.05)
+    assert await host_xs.try_read(f"{be.f}/state") == "6"
+    await host_xs.write(f"{be.b}/state", "6")
+    r = await asyncio.wait_for(task, 30)
+    assert r.rc == 1 and "is Closing (the disk is being detached)" in r.stderr

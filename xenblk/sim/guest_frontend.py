@@ -114,10 +114,15 @@ class Frontend:
         return f"/local/domain/{self.domid}/device/vbd/{self.devid}"
 
     async def _wait_backend(
-        self, accept: Callable[[int | None], bool], what: str, stale_error: str | None = None
+        self,
+        accept: Callable[[int | None], bool],
+        what: str,
+        stale_error: str | None = None,
+        closing_fails: bool = False,
     ) -> int | None:
         """Wait until the backend's state satisfies `accept`. A Closed backend with a fresh error (not
-        `stale_error`, unless the backend moved in between) fails at once."""
+        `stale_error`, unless the backend moved in between) fails at once; so does a Closing one
+        with `closing_fails` (a detach during the handshake: waiting on would only time out)."""
         state_path = f"{self.backend}/state"
         moved = False
         try:
@@ -126,6 +131,8 @@ class Frontend:
                     state = _state(await self.xs.try_read(state_path))
                     if accept(state):
                         return state
+                    if state == CLOSING and closing_fails:
+                        raise ConnectError(f"backend {self.backend} is Closing (the disk is being detached)")
                     if state != CLOSED:
                         moved = True
                     elif (err := await self.xs.try_read(f"{self.backend}/error")) and (moved or err != stale_error):
@@ -156,9 +163,9 @@ class Frontend:
                 await xs.write(f"{self.path}/state", str(CLOSED))
                 await self._wait_backend(lambda s: s in (CLOSED, INIT_WAIT, None), "Closed")
             await xs.write(f"{self.path}/state", str(INITIALISING))
-        await self._wait_backend(lambda s: s == INIT_WAIT, "InitWait (2)", stale_error)
+        await self._wait_backend(lambda s: s == INIT_WAIT, "InitWait (2)", stale_error, closing_fails=True)
         await self._talk_to_backend()
-        await self._wait_backend(lambda s: s == CONNECTED, "Connected (4)")
+        await self._wait_backend(lambda s: s == CONNECTED, "Connected (4)", closing_fails=True)
         await self._read_disk()
         await xs.write(f"{self.path}/state", str(CONNECTED))
         self.connected = True
