@@ -337,10 +337,8 @@ static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
                 }
                 r->pending++;
             }
-            if (r->pending) {
-                io_uring_submit(&q->uring);
-                return;
-            }
+            if (r->pending)
+                return; /* submitted with the rest of this pass by submit_pending(): one io_uring_enter per pass */
             unmap_extents(q, r);
             r->err = 0;
         } else {
