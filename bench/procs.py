@@ -110,6 +110,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in process group `pgid` (e.g. the sim host and its xenstored)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # field 5: pgrp
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size (VmRSS) in bytes."""
     with open(f"/proc/{pid}/statm") as f:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import images
-from bench.procs import BenchError, Proc, cpu_seconds, pss_bytes, rss_bytes, wait_until
+from bench.procs import BenchError, Proc, cpu_seconds, group_cpu_seconds, pss_bytes, rss_bytes, wait_until
 from bench.xenblk_side import SimEnv
 
 Log = Callable[[str], None]
@@ -57,11 +57,14 @@ def _step(env: SimEnv, work: Path, n: int, image_dir: Path, log: Log, idle_secon
     t_attach, c_attach = time.monotonic() - t0, cpu_seconds(d.pid) - c0
     guests: list[Proc] = []
     try:
-        t1, c1 = time.monotonic(), cpu_seconds(d.pid)
+        assert env.host is not None
+        t1, c1, h1 = time.monotonic(), cpu_seconds(d.pid), group_cpu_seconds(env.host.pid)
         for g in range(1, nguests + 1):
             guests.append(Proc(f"guest {g}", _hold_argv(env, g), work / f"guest-{n}-{g}.log"))
         wait_until(lambda: connected(d.metrics()) >= n, 120, f"{n} disks connected", [d.proc, *guests], 0.1)
         t_connect, c_connect = time.monotonic() - t1, cpu_seconds(d.pid) - c1
+        guests_cpu = sum(cpu_seconds(g.pid) for g in guests)  # their start-up and handshakes, on the same CPUs
+        host_cpu = group_cpu_seconds(env.host.pid) - h1  # xenstored and the grant/event broker
         time.sleep(1.0)
         rss = rss_bytes(d.pid)
         out: dict[str, Any] = {
@@ -72,13 +75,15 @@ def _step(env: SimEnv, work: Path, n: int, image_dir: Path, log: Log, idle_secon
             "seconds": round(t_connect, 3),
             # The daemon's own work for the handshakes, apart from the guests' (Python) start-up on the same CPUs.
             "connect_daemon_cpu_s": round(c_connect, 3),
+            "connect_guests_cpu_s": round(guests_cpu, 3),
+            "connect_xenstored_broker_cpu_s": round(host_cpu, 3),
             "rss_idle_mib": round(rss_idle / MIB, 1),
             "rss_mib": round(rss / MIB, 1),
             "pss_mib": round((pss_bytes(d.pid) or 0) / MIB, 1),
             "rss_per_disk_mib": round((rss - rss_idle) / n / MIB, 3),
         }
         log(f"  {n:>4} disks / {nguests:>2} guests: attach {t_attach:.2f}s, connected in {t_connect:.2f}s "
-            f"(daemon CPU {c_connect:.2f}s), "
+            f"(CPU: daemon {c_connect:.2f}s, guests {guests_cpu:.2f}s, xenstored+broker {host_cpu:.2f}s), "
             f"RSS {rss_idle / MIB:.1f} -> {rss / MIB:.1f} MiB ({out['rss_per_disk_mib']:.3f} MiB/disk)")  # fmt: skip
         if idle_seconds:
             time.sleep(2.0)
@@ -128,14 +133,16 @@ def run_scale(work: Path, steps: list[int], idle_seconds: float, log: Log) -> di
 
 def scale_table(s: dict[str, Any]) -> str:
     head = (
-        f"{'disks':>5} {'guests':>6} {'attach s':>8} {'connect s':>9} {'daemon CPU s':>12} {'RSS idle MiB':>12}"
+        f"{'disks':>5} {'guests':>6} {'attach s':>8} {'connect s':>9} {'daemon CPU s':>12} {'guests CPU s':>12}"
+        f" {'RSS idle MiB':>12}"
         f" {'RSS MiB':>8} {'MiB/disk':>8}"
     )
     lines = [head, "-" * len(head)]
     for n, r in s.get("connect", {}).items():
         lines.append(
             f"{n:>5} {r['guests']:>6} {r['attach_seconds']:>8.2f} {r['seconds']:>9.2f}"
-            f" {r['connect_daemon_cpu_s']:>12.2f} {r['rss_idle_mib']:>12.1f}"
+            f" {r['connect_daemon_cpu_s']:>12.2f} {r.get('connect_guests_cpu_s', 0.0):>12.2f}"
+            f" {r['rss_idle_mib']:>12.1f}"
             f" {r['rss_mib']:>8.1f} {r['rss_per_disk_mib']:>8.3f}"
         )
     if s.get("idle_cpu_percent") is not None:
@@ -145,7 +152,9 @@ def scale_table(s: dict[str, Any]) -> str:
         "connect s: from launching the guests (disks already attached) to every backend Connected; it includes"
     )
     lines.append("  the start-up of the simulated guests (a Python process each) on the same CPUs; daemon CPU s: the")
-    lines.append("  daemon's own CPU time over that span")
+    lines.append(
+        "  daemon's own CPU time over that span; guests CPU s: the simulated guests' processes, start-up included"
+    )
     if s.get("error"):
         lines.append(f"scale error: {s['error'][:800]}")
     return "\n".join(lines)
