@@ -7,8 +7,9 @@ guest (domain 2) and one to a hostile guest (domain 1), then per mode: the good 
 workload alone, then again while the hostile guest misbehaves for the whole run (alternated, best
 round of each kept). Prints the good guest's IOPS both ways, their ratio, the daemon's RSS growth
 and CPU seconds. Nothing is asserted: timings belong here, not in the tests
-(`tests/test_hostile_guests.py` checks the outcomes). A ratio above 1 is real on an idle machine:
-a busy neighbour keeps the daemon's threads awake, which shortens the good guest's wake-ups.
+(`tests/test_hostile_guests.py` checks the outcomes). Ratios above 1 have been seen; not explained
+yet (other load on the machine during the run alone, or a busy neighbour keeping the daemon's
+threads awake, are guesses).
 """
 
 from __future__ import annotations
