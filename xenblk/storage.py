@@ -48,9 +48,19 @@ class Image:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, fmt: str | None = None, *, readonly: bool = False, cache: str | None = None) -> Image:
+    def open(
+        cls,
+        path: str,
+        fmt: str | None = None,
+        *,
+        readonly: bool = False,
+        cache: str | None = None,
+        meta_writethrough: bool = False,
+    ) -> Image:
         """cache None: the format's default (page cache for files, O_DIRECT for block devices);
-        "none": O_DIRECT; "writeback": page cache, even for a block device."""
+        "none": O_DIRECT; "writeback": page cache, even for a block device. meta_writethrough
+        (qcow2): a write that allocates puts its metadata in the file before it returns, so a
+        killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact")."""
         if fmt is None:
             try:
                 st = os.stat(path)
@@ -68,6 +78,8 @@ class Image:
             flags |= lib.XB_OPEN_DIRECT
         elif cache == "writeback" and fmt == "block":
             flags |= lib.XB_OPEN_BUFFERED
+        if meta_writethrough:
+            flags |= lib.XB_OPEN_WRITETHROUGH_META
         err = ffi.new("char[]", lib.XB_ERRLEN)
         ptr = lib.xb_image_open(os.fsencode(path), FORMATS[fmt], flags, err)
         if ptr == ffi.NULL:
@@ -234,8 +246,16 @@ class FaultImage(Image):
         return cls(ptr, image.path, inner)
 
     @classmethod
-    def open(cls, path: str, fmt: str | None = None, *, readonly: bool = False, cache: str | None = None) -> Image:
-        return cls.wrap(Image.open(path, fmt, readonly=readonly, cache=cache))
+    def open(
+        cls,
+        path: str,
+        fmt: str | None = None,
+        *,
+        readonly: bool = False,
+        cache: str | None = None,
+        meta_writethrough: bool = False,
+    ) -> Image:
+        return cls.wrap(Image.open(path, fmt, readonly=readonly, cache=cache, meta_writethrough=meta_writethrough))
 
     def inject_fault(
         self, ops: str | tuple[str, ...], errno: int, *, off: int = 0, length: int = 0, after: int = 0, count: int = 0

@@ -160,6 +160,8 @@ struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char
     uint8_t *h = NULL;
     snprintf(q->path, sizeof(q->path), "%s", path);
     q->ro = !!(flags & XB_OPEN_RDONLY);
+    q->meta_wt = !q->ro && (flags & XB_OPEN_WRITETHROUGH_META);
+    q->wt_l1_idx = -1;
     q->fd = open(path, O_CLOEXEC | (q->ro ? O_RDONLY : O_RDWR));
     if (q->fd < 0 && !q->ro && (errno == EACCES || errno == EROFS)) {
         q->ro = 1;

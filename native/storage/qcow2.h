@@ -13,6 +13,8 @@
 #define QC_OFLAG_ZERO 1ULL
 #define QC_OFFSET_MASK 0x00fffffffffffe00ULL
 #define QC_CACHE_ENTRIES 32
+#define QC_RESERVE_MAX 64
+#define QC_RESERVE_BYTES (4ULL << 20)
 
 struct qc_cache_ent {
     uint64_t off; /* host offset of the cached cluster; 0 = unused slot */
@@ -60,6 +62,12 @@ struct qcow2 {
     uint64_t *pending; /* host clusters to decrement once the metadata dropping them is durable */
     size_t npending, cap_pending;
     uint64_t inflight; /* direct I/O extents handed out by map() and not yet unmapped */
+    /* XB_OPEN_WRITETHROUGH_META: clusters whose refcount 1 is already durable and that nothing
+     * references yet; allocations come from here, so an L2/L1 entry may be written at once. */
+    int meta_wt;
+    uint64_t reserve[QC_RESERVE_MAX]; /* cluster indices */
+    unsigned nreserve;
+    int64_t wt_l1_idx; /* L1 entry of a new L2 table not yet written through; -1 none */
     struct xb_image *backing;
     char backing_file[1024];
     char backing_fmt[32];
@@ -75,6 +83,8 @@ void qc_cache_free(struct qc_cache *c);
 uint8_t *qc_cache_get(struct qcow2 *q, struct qc_cache *c, uint64_t off, int fresh, int *rc);
 void qc_cache_mark_dirty(struct qc_cache *c, const uint8_t *buf);
 int qc_cache_writeback(struct qcow2 *q, struct qc_cache *c);
+/* Writes one cached cluster (by its buffer) to the file now; no sync. */
+int qc_cache_write_buf(struct qcow2 *q, struct qc_cache *c, const uint8_t *buf);
 
 /* refcounts */
 int qc_rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *val);
@@ -85,6 +95,9 @@ int qc_flush_refcounts(struct qcow2 *q);
 int qc_apply_pending(struct qcow2 *q);
 int qc_flush_locked(struct qcow2 *q);
 int qc_is_metadata(struct qcow2 *q, uint64_t host_off);
+void qc_unalloc_cluster(struct qcow2 *q, uint64_t host_off);
+int qc_release_reserve(struct qcow2 *q);
+int qc_write_through(struct qcow2 *q, uint8_t *l2);
 
 /* mapping */
 int qc_l2_entry(struct qcow2 *q, uint64_t off, int alloc, uint8_t **l2, uint32_t *idx);

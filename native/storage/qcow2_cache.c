@@ -93,3 +93,11 @@ void qc_cache_mark_dirty(struct qc_cache *c, const uint8_t *buf)
         if (c->e[i].buf == buf)
             c->e[i].dirty = 1;
 }
+
+int qc_cache_write_buf(struct qcow2 *q, struct qc_cache *c, const uint8_t *buf)
+{
+    for (int i = 0; i < QC_CACHE_ENTRIES; i++)
+        if (c->e[i].buf == buf && c->e[i].off)
+            return c->e[i].dirty ? write_ent(q, &c->e[i]) : 0;
+    return -EIO;
+}

@@ -56,6 +56,7 @@ int qc_l2_entry(struct qcow2 *q, uint64_t off, int alloc, uint8_t **l2, uint32_t
             return r;
         q->l1[l1i] = (uint64_t)n | QC_OFLAG_COPIED;
         q->l1_dirty = 1;
+        q->wt_l1_idx = (int64_t)l1i;
         return 0;
     }
     if (qc_check_offset(q, l2off))
@@ -222,9 +223,7 @@ static int write_chunk(struct qcow2 *q, const uint8_t *buf, size_t n, uint64_t o
     if (w < 0) {
         /* Nothing refers to the cluster yet: hand it back rather than leak it (ENOSPC on a full
          * filesystem would otherwise leak one cluster per failed write). */
-        uint64_t cl = (uint64_t)host >> q->cluster_bits;
-        if (qc_rc_set(q, cl, 0) == 0 && cl < q->free_hint)
-            q->free_hint = cl;
+        qc_unalloc_cluster(q, (uint64_t)host);
         return (int)w;
     }
     if ((uint64_t)host + q->cs > q->disk_size)
@@ -234,7 +233,9 @@ static int write_chunk(struct qcow2 *q, const uint8_t *buf, size_t n, uint64_t o
         return r;
     qc_put_be64(l2 + idx * 8, (uint64_t)host | QC_OFLAG_COPIED);
     qc_cache_mark_dirty(&q->l2c, l2);
-    return free_entry_clusters(q, e);
+    if ((r = free_entry_clusters(q, e)))
+        return r;
+    return qc_write_through(q, l2);
 }
 
 typedef int (*chunk_fn)(struct qcow2 *q, uint8_t *buf, size_t n, uint64_t off);
@@ -353,7 +354,8 @@ static int qc_discard(struct xb_image *img, uint64_t off, uint64_t len, int secu
             continue;
         qc_put_be64(l2 + idx * 8, ne);
         qc_cache_mark_dirty(&q->l2c, l2);
-        r = free_entry_clusters(q, e);
+        if (!(r = free_entry_clusters(q, e)))
+            r = qc_write_through(q, l2);
     }
     pthread_mutex_unlock(&q->lock);
     return r;

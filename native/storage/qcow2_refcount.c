@@ -141,7 +141,7 @@ int qc_is_metadata(struct qcow2 *q, uint64_t host_off)
            (q->rt_moved && host_off >= q->rt_old_off && host_off < q->rt_old_off + q->rt_old_clusters * q->cs);
 }
 
-int64_t qc_alloc_cluster(struct qcow2 *q)
+static int64_t alloc_one(struct qcow2 *q)
 {
     uint64_t end = q->file_end >> q->cluster_bits, c, v;
     int r;
@@ -160,6 +160,109 @@ int64_t qc_alloc_cluster(struct qcow2 *q)
     if ((c + 1) << q->cluster_bits > q->file_end)
         q->file_end = (c + 1) << q->cluster_bits;
     return (int64_t)(c << q->cluster_bits);
+}
+
+static int sync_fd(struct qcow2 *q);
+
+/* One fdatasync makes a whole batch of refcounts durable; until handed out the clusters are
+ * referenced by nothing, so a kill or host crash leaks them at worst. */
+static int refill_reserve(struct qcow2 *q)
+{
+    uint64_t n = QC_RESERVE_BYTES >> q->cluster_bits;
+    if (n > QC_RESERVE_MAX)
+        n = QC_RESERVE_MAX;
+    if (n == 0)
+        n = 1;
+    int r = 0;
+    while (q->nreserve < n) {
+        int64_t c = alloc_one(q);
+        if (c < 0) {
+            r = (int)c;
+            break;
+        }
+        q->reserve[q->nreserve++] = (uint64_t)c >> q->cluster_bits;
+    }
+    if (!r)
+        r = qc_flush_refcounts(q);
+    if (r) {
+        qc_release_reserve(q);
+        return r;
+    }
+    /* handed out from the end: lowest cluster first */
+    for (unsigned i = 0; i < q->nreserve / 2; i++) {
+        uint64_t t = q->reserve[i];
+        q->reserve[i] = q->reserve[q->nreserve - 1 - i];
+        q->reserve[q->nreserve - 1 - i] = t;
+    }
+    return 0;
+}
+
+int64_t qc_alloc_cluster(struct qcow2 *q)
+{
+    if (!q->meta_wt)
+        return alloc_one(q);
+    if (!q->nreserve) {
+        int r = refill_reserve(q);
+        if (r)
+            return r;
+    }
+    return (int64_t)(q->reserve[--q->nreserve] << q->cluster_bits);
+}
+
+/* A cluster from qc_alloc_cluster that nothing came to reference (its data write failed). */
+void qc_unalloc_cluster(struct qcow2 *q, uint64_t host_off)
+{
+    uint64_t cl = host_off >> q->cluster_bits;
+    if (q->meta_wt && q->nreserve < QC_RESERVE_MAX) {
+        q->reserve[q->nreserve++] = cl;
+        return;
+    }
+    if (qc_rc_set(q, cl, 0) == 0 && cl < q->free_hint)
+        q->free_hint = cl;
+}
+
+/* Unused reserved clusters go back to free (in memory; written by the next refcount flush). */
+int qc_release_reserve(struct qcow2 *q)
+{
+    int r = 0;
+    while (q->nreserve && !r) {
+        uint64_t cl = q->reserve[--q->nreserve];
+        if ((r = qc_rc_set(q, cl, 0)) == 0 && cl < q->free_hint)
+            q->free_hint = cl;
+    }
+    return r;
+}
+
+static int write_l1(struct qcow2 *q)
+{
+    size_t bytes = (size_t)q->l1_size * 8;
+    uint8_t *buf = malloc(bytes ? bytes : 1);
+    if (!buf)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < q->l1_size; i++)
+        qc_put_be64(buf + i * 8, q->l1[i]);
+    ssize_t w = xb_pwrite_full(q->fd, buf, bytes, q->l1_off);
+    free(buf);
+    return w < 0 ? (int)w : 0;
+}
+
+/* XB_OPEN_WRITETHROUGH_META, after an entry of the cached table l2 changed: the table (and the
+ * L1, when it points at a new table) go to the page cache now, which a process kill cannot lose.
+ * Every cluster they reference has a durable refcount (the reserve). A new table reaches the disk
+ * before the L1 entry naming it, so a host crash never follows L1 into a stale cluster. */
+int qc_write_through(struct qcow2 *q, uint8_t *l2)
+{
+    int r;
+    if (!q->meta_wt)
+        return 0;
+    if ((r = qc_cache_write_buf(q, &q->l2c, l2)))
+        return r;
+    if (q->wt_l1_idx < 0)
+        return 0;
+    if ((r = sync_fd(q)) || (r = write_l1(q)))
+        return r;
+    q->wt_l1_idx = -1;
+    return 0;
 }
 
 int qc_pend_free(struct qcow2 *q, uint64_t host_off)
@@ -196,7 +299,10 @@ int qc_apply_pending(struct qcow2 *q)
     return 0;
 }
 
-static int sync_fd(struct qcow2 *q) { return fdatasync(q->fd) ? -errno : 0; }
+static int sync_fd(struct qcow2 *q)
+{
+    return fdatasync(q->fd) ? -errno : 0;
+}
 
 int qc_flush_refcounts(struct qcow2 *q)
 {
@@ -242,22 +348,17 @@ int qc_flush_locked(struct qcow2 *q)
     int r;
     if (q->ro)
         return 0;
+    if (q->meta_wt && (r = qc_release_reserve(q)))
+        return r;
     if ((r = qc_flush_refcounts(q)) || (r = qc_cache_writeback(q, &q->l2c)))
         return r;
     if ((r = sync_fd(q)))
         return r;
     if (q->l1_dirty) {
-        size_t bytes = (size_t)q->l1_size * 8;
-        uint8_t *buf = malloc(bytes ? bytes : 1);
-        if (!buf)
-            return -ENOMEM;
-        for (uint32_t i = 0; i < q->l1_size; i++)
-            qc_put_be64(buf + i * 8, q->l1[i]);
-        ssize_t w = xb_pwrite_full(q->fd, buf, bytes, q->l1_off);
-        free(buf);
-        if (w < 0)
-            return (int)w;
+        if ((r = write_l1(q)))
+            return r;
         q->l1_dirty = 0;
+        q->wt_l1_idx = -1;
         if ((r = sync_fd(q)))
             return r;
     }
