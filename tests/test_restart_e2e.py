@@ -55,9 +55,12 @@ def _restart(stack: Stack) -> None:
 def test_kill_9_under_a_verified_workload_is_invisible_to_the_guest(stack: Stack) -> None:
     qcow = stack.images / "disk.qcow2"
     raws = [stack.images / "data1.raw", stack.images / "data2.raw"]
-    # A qcow2 whose clusters are all allocated: its metadata does not change under the workload (see
-    # DESIGN "Restart without guest impact": allocation metadata is only written at a flush).
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(qcow), "64M"],
+    base = stack.images / "base.raw"
+    # A qcow2 that allocates (and copies on write from its backing file) under the workload: the
+    # daemon journals, so it opens it with meta_writethrough and a kill loses no allocation the guest
+    # was answered for (DESIGN "Restart without guest impact").
+    subprocess.run(["truncate", "-s", "64M", str(base)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow), "64M"],
                    check=True)  # fmt: skip
     for r in raws:
         subprocess.run(["truncate", "-s", "64M", str(r)], check=True)
@@ -93,6 +96,10 @@ def test_kill_9_under_a_verified_workload_is_invisible_to_the_guest(stack: Stack
     assert '"device.stale_connection"' not in log
     assert served > 0
     assert stop(stack.serve) == 0, stack.log_tail()
-    chk = subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True, text=True)
-    assert chk.returncode == 0, chk.stdout + chk.stderr
+    chk = subprocess.run(["qemu-img", "check", "--output=json", str(qcow)], capture_output=True, text=True)
+    # Each kill may leak the clusters reserved and not yet used (exit 3); never an error.
+    assert chk.returncode in (0, 3), chk.stdout + chk.stderr
+    report = json.loads(chk.stdout)
+    assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0, report
+    assert report.get("image-end-offset", 0) > 0 and report.get("allocated-clusters", 0) > 0, report
     assert not list(Path(stack.config.parent / "state").glob("*.journal"))  # a clean stop leaves no journal

@@ -81,6 +81,12 @@ def journal_ident(domid: int, devid: int, q: int, fe: FrontendConfig, image: Any
     return hashlib.sha256(desc.encode()).hexdigest()[:63]
 
 
+def journals_on(port: object) -> bool:
+    """Whether `port` journals its rings; then a qcow2 image must be opened with meta_writethrough,
+    or a kill -9 loses the metadata of acknowledged allocating writes (a fake port does not journal)."""
+    return getattr(port, "journal_dir", None) is not None
+
+
 class RealDataplane:
     """The product's data plane on the real or simulated platform. With `journal_dir`, every
     queue's ring is journaled there, so a restarted daemon can resume it."""

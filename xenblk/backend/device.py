@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenblk import log as xlog
-from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice
+from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice, journals_on
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
 from xenblk.backend.imagespec import ImageSpec, ImageSpecError, open_image, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
@@ -286,8 +286,9 @@ class DeviceTask:
         self.spec = parse_params(params, mode)
         loop = asyncio.get_running_loop()
         spec = self.spec
+        wt = journals_on(self.ctx.dataplane)
         self.image = await loop.run_in_executor(
-            None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache)
+            None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache, meta_writethrough=wt)
         )
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512

@@ -98,8 +98,9 @@ def backing_chain(info: dict[str, Any], image_path: str) -> list[str]:
     return out
 
 
-def open_image(spec: ImageSpec, allowed_dirs: list[str], cache: str) -> Any:
-    """Open the image after checking where it and its backing chain live; returns xenblk.storage.Image."""
+def open_image(spec: ImageSpec, allowed_dirs: list[str], cache: str, *, meta_writethrough: bool = False) -> Any:
+    """Open the image after checking where it and its backing chain live; returns xenblk.storage.Image.
+    meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled)."""
     from xenblk.storage import Image, StorageError
 
     check_allowed(spec.path, allowed_dirs)
@@ -112,7 +113,13 @@ def open_image(spec: ImageSpec, allowed_dirs: list[str], cache: str) -> Any:
             raise ImageSpecError(f"image {spec.path}: {e.strerror}") from None
     try:
         # Block devices keep the driver's default (O_DIRECT); storage.cache applies to files.
-        img = Image.open(spec.path, fmt, readonly=spec.readonly, cache=None if fmt == "block" else cache)
+        img = Image.open(
+            spec.path,
+            fmt,
+            readonly=spec.readonly,
+            cache=None if fmt == "block" else cache,
+            meta_writethrough=meta_writethrough,
+        )
     except StorageError as e:
         raise ImageSpecError(str(e)) from None
     try:
