@@ -259,7 +259,8 @@ int qc_write_through(struct qcow2 *q, uint8_t *l2)
         return r;
     if (q->wt_l1_idx < 0)
         return 0;
-    if ((r = sync_fd(q)) || (r = write_l1(q)))
+    /* every new table, also one left dirty by a write that failed, before the L1 that names it */
+    if ((r = qc_cache_writeback(q, &q->l2c)) || (r = sync_fd(q)) || (r = write_l1(q)))
         return r;
     q->wt_l1_idx = -1;
     return 0;
