@@ -52,7 +52,7 @@ def backend_error(stack: Stack, domid: int) -> str | None:
         return None
 
 
-def check_refused(mode: str, hostile: dict[str, Any], error: str | None) -> None:
+def check_refused(mode: str, hostile: dict[str, Any], error: str | None, guest_error: str | None = None) -> None:
     """What the backend did to the hostile guest, per mode."""
     if mode == "overflow":
         assert error and "produced past the ring" in error, error
@@ -70,7 +70,7 @@ def check_refused(mode: str, hostile: dict[str, Any], error: str | None) -> None
         assert hostile["notifies"] > 10_000 and hostile["requests"] == 0
     elif mode == "rewrite":
         assert hostile["requests"] > 0
-        assert hostile["error_responses"] > 0 or error, "flipped segments and sectors were refused"
+        assert hostile["error_responses"] > 0 or error or guest_error, "flipped segments and sectors were refused"
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -94,9 +94,14 @@ def test_hostile_guest_next_to_a_good_one(stack: Stack, mode: str) -> None:
     assert good.returncode == 0, f"{good_out}{good_err}\n{stack.log_tail()}"
     (g,) = json.loads(good_out)["disks"]
     assert g["errors"] == g["verify_errors"] == 0 and g["verified_reads"] > 0 and "error" not in g
-    assert bad.returncode == 0, f"the hostile guest's handshake worked: {bad_out}{bad_err}"
     (b,) = json.loads(bad_out)["disks"]
-    check_refused(mode, b["hostile"], backend_error(stack, 1))
+    if mode == "rewrite" and bad.returncode == 1:
+        # A flipped grant ref can name the guest's own ring page (granted writable): a read then lands
+        # in the ring and the guest finds its responses overwritten. Its own doing, refused as such.
+        assert "backend protocol error" in b["error"], bad_err
+    else:
+        assert bad.returncode == 0, f"the hostile guest's handshake worked: {bad_out}{bad_err}"
+    check_refused(mode, b["hostile"], backend_error(stack, 1), b.get("error"))
     # The daemon is alive, its memory did not grow with what the guest sent, and it still serves.
     assert stack.serve.poll() is None, stack.log_tail()
     growth = rss_bytes(pid) - rss_before

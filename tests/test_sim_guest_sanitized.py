@@ -98,4 +98,6 @@ async def test_guest_data_path_is_clean_under_asan_and_ubsan(
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         text = err.decode(errors="replace")
         assert "Sanitizer" not in text and "runtime error" not in text, text[-4000:]
-        assert proc.returncode == 0, f"{args}: {text[-2000:]}\n{out.decode()[-2000:]}"
+        # rewrite may flip a grant ref onto its own ring page and find its responses overwritten: refused.
+        own_doing = "rewrite" in args and proc.returncode == 1 and "backend protocol error" in text
+        assert proc.returncode == 0 or own_doing, f"{args}: {text[-2000:]}\n{out.decode()[-2000:]}"
