@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup native demo test lint test-py test-c fuzz bench xen-test xen-bench clean
+.PHONY: setup native demo test lint test-py test-c fuzz bench xen-test xen-bench xen-restart clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,10 @@ bench: setup
 # Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/
 xen-test: setup
 	tests/xen/run.sh test
+
+# kill -9 of xenblk serve (twice) under a crc32c-verified guest fio; dm-error disk; build/xen-restart/
+xen-restart: setup
+	tests/xen/run.sh restart
 
 # blkback vs qdisk vs xenblk inside one guest; table in bench/results/xen-<date>.txt
 xen-bench: setup

@@ -4,7 +4,10 @@
 #
 # Kernel arguments (xl `extra`):
 #   xbdisks=xvdb,xvdc,...   the disks to wait for (attached after boot, by the Dom0 script)
-#   xbmode=test|bench       test: verify, discard, unbind/bind; bench: the fio table jobs
+#   xbmode=test|bench|restart  test: verify, discard, unbind/bind; bench: the fio table jobs;
+#                           restart: crc32c fio on xvdb while Dom0 kills the daemon, then the
+#                           dm-error disk (xvdd) reads OK in its good half and fails in its bad half
+#   xbseconds=S             restart: how long the fio loop runs (default 60)
 #   xbqueues=N              test: the number of blk-mq queues every disk must have
 #   xbruntime=S             bench: seconds per fio job (default 5)
 #   xbreload=0|1            reload blkfront with bigger limits first (default 1); 0 when disks are
@@ -15,7 +18,7 @@
 # slots x queues x disks; 16-page rings with 256 segments OOM a 512 MB guest), prints "GUEST ready" (the Dom0 script attaches the disks only then), waits for
 # the disks, and prints one "GUEST ok: ..." or "GUEST FAIL: ..." line per check.
 # Exit status: the number of failures (0 = all passed).
-mode=test disks=xvdb queues=1 runtime=5 reload=1
+mode=test disks=xvdb queues=1 runtime=5 reload=1 seconds=60
 for a in $(cat /proc/cmdline); do
     case $a in
         xbdisks=*) disks=$(echo "${a#*=}" | tr , ' ') ;;
@@ -23,6 +26,7 @@ for a in $(cat /proc/cmdline); do
         xbqueues=*) queues=${a#*=} ;;
         xbruntime=*) runtime=${a#*=} ;;
         xbreload=*) reload=${a#*=} ;;
+        xbseconds=*) seconds=${a#*=} ;;
     esac
 done
 fail=0
@@ -129,6 +133,47 @@ rebind_check() {
     done
 }
 
+# restart_io DISK: write+verify passes (crc32c, 64k random writes, 16 MiB each at a rotating
+# offset) for $seconds, so the daemon kills of Dom0 land mid-I/O; then no I/O error on DISK
+restart_io() {
+    local d=$1 end n=0 rc
+    end=$(($(date +%s) + seconds))
+    echo "GUEST restart-io-start"
+    while [ "$(date +%s)" -lt "$end" ]; do
+        fio --name=restart$n --filename=/dev/$d --direct=1 --ioengine=libaio --rw=randwrite --bs=64k \
+            --iodepth=8 --offset=$(((n % 4) * 16))M --size=16M --verify=crc32c --do_verify=1 \
+            --verify_fatal=1 --eta=never --output=/tmp/fio-restart.txt
+        rc=$?
+        if [ $rc != 0 ] || ! grep -q 'err= 0' /tmp/fio-restart.txt; then
+            bad "$d: fio pass $n rc=$rc: $(grep -i -m3 -e verify -e err /tmp/fio-restart.txt | tr '\n' ' ')"
+            break
+        fi
+        n=$((n + 1))
+    done
+    echo "GUEST restart-io-done"
+    [ $n -gt 0 ] && ok "$d: $n fio write+verify passes (crc32c) across the daemon restarts"
+    if dmesg | grep -i "dev $d\|blkfront.*$d\|$d.*error" | grep -qi error; then
+        bad "$d: I/O errors in dmesg: $(dmesg | grep -i "$d" | grep -i -m3 error | tr '\n' ' ')"
+    else
+        ok "$d: no I/O error in dmesg"
+    fi
+}
+
+# dm_error_check DISK: Dom0 backs DISK with dm-linear (first half) + dm-error (second half)
+dm_error_check() {
+    local d=$1 half
+    half=$(($(cat /sys/block/$d/size) / 2 / 2048)) # MiB
+    dd if=/dev/$d of=/dev/null bs=1M count=$half iflag=direct 2> /dev/null && ok "$d: the good half ($half MiB) reads" ||
+        bad "$d: the good half does not read"
+    if dd if=/dev/$d of=/dev/null bs=1M skip=$half count=1 iflag=direct 2> /dev/null; then
+        bad "$d: the dm-error half read without an error"
+    else
+        ok "$d: the dm-error half fails the read (dd exit status non-zero)"
+    fi
+    dd if=/dev/$d of=/dev/null bs=1M count=1 iflag=direct 2> /dev/null && ok "$d: still reads after the error" ||
+        bad "$d: unusable after the error"
+}
+
 bench() {
     local j d
     for j in "randread4k-qd1 --rw=randread --bs=4k --iodepth=1" \
@@ -152,6 +197,9 @@ bench() {
 wait_disks 600 || { echo "GUEST failures=$fail"; exit $fail; }
 if [ "$mode" = bench ]; then
     bench
+elif [ "$mode" = restart ]; then
+    restart_io xvdb
+    case " $disks " in *" xvdd "*) dm_error_check xvdd ;; esac
 else
     for d in $disks; do
         negotiated "$d"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Host side of `make xen-test` / `make xen-bench`: boots real Xen 4.17 + a Debian Dom0 under
 # QEMU (../shared/xen-vm, software emulation) once and runs the Dom0 script there.
-#   tests/xen/run.sh [test|bench|lvm]    (default test)
+#   tests/xen/run.sh [test|bench|lvm|restart]    (default test)
 # Env: XENVM (the xen-vm directory), XEN_TEST_BACKEND=blkback (test: the harness against the
 # in-kernel backend), XEN_BENCH_RUNTIME (bench: seconds per fio job), XEN_TEST_TIMEOUT.
 # Logs: build/xen-<what>/ (run.log, serial.log, serve.log, guest-console.txt, xenstore-*.txt).
@@ -14,7 +14,8 @@ case $WHAT in
     test) script=tests/xen/dom0-test.sh ;;
     bench) script=tests/xen/dom0-bench.sh ;;
     lvm) script=tests/xen/lvm-storage.sh ;;
-    *) echo "usage: $0 [test|bench|lvm]" >&2; exit 2 ;;
+    restart) script=tests/xen/dom0-restart.sh ;;
+    *) echo "usage: $0 [test|bench|lvm|restart]" >&2; exit 2 ;;
 esac
 if [ ! -x "$XENVM/xen-vm" ]; then
     echo "xen-$WHAT: $XENVM/xen-vm not found (set XENVM to the shared xen-vm directory)" >&2
