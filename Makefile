@@ -31,6 +31,7 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench.hostile --runtime 2
 
 # Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/
 xen-test: setup
