@@ -117,6 +117,18 @@ for k in $(seq "$KILLS"); do
     [ "$n" -ge $want ] && ok "kill $k: device.resumed for all $want disks" || bad "kill $k: device.resumed $n times, expected $want"
 done
 
+if [ -n "$DMDISKS" ]; then # the error counters, while the guest still has its disks
+    t=0
+    until grep -qs 'GUEST dm-error-checked' "$CONSOLE_DIR/guest-$name.log"; do
+        { [ $t -ge 300 ] || ! xl domid "$name" > /dev/null 2>&1; } && break
+        sleep 1; t=$((t + 1))
+    done
+    metrics=$("$ROOT/.venv/bin/python" -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=10).read().decode())' 2>&1)
+    printf '%s\n' "$metrics" > "$OUT/metrics.txt"
+    io=$(grep '^xenblk_errors_total{.*reason="io"' <<< "$metrics" | awk '{s += $NF} END {print s + 0}')
+    [ "${io%.*}" -gt 0 ] && ok "xenblk_errors_total{reason=\"io\"} = $io" || bad "xenblk_errors_total{reason=\"io\"} = $io (metrics.txt)"
+fi
+
 step "guest payload"
 out=$(xen-vm-guest wait "$name" --timeout "${XEN_TEST_GUEST_TIMEOUT:-480}")
 rc=$?
@@ -125,10 +137,6 @@ grep -E '^GUEST' <<< "$out"
 [ $rc = 0 ] && ok "guest payload passed" || bad "guest payload exit status $rc (console: guest-console.txt)"
 
 step "after the guest"
-metrics=$("$ROOT/.venv/bin/python" -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=10).read().decode())' 2>&1)
-printf '%s\n' "$metrics" > "$OUT/metrics.txt"
-io=$(grep '^xenblk_errors_total{.*reason="io"' <<< "$metrics" | awk '{s += $NF} END {print s + 0}')
-[ "${io%.*}" -gt 0 ] && ok "xenblk_errors_total{reason=\"io\"} = $io" || bad "xenblk_errors_total{reason=\"io\"} = $io (metrics.txt)"
 grep -q '"device.stale_connection"' "$OUT/serve.log" && bad "serve.log has device.stale_connection" ||
     ok "no device.stale_connection in serve.log"
 xb list && ok "the daemon still serves" || bad "xenblk list"

@@ -199,7 +199,11 @@ if [ "$mode" = bench ]; then
     bench
 elif [ "$mode" = restart ]; then
     restart_io xvdb
-    case " $disks " in *" xvdd "*) dm_error_check xvdd ;; esac
+    case " $disks " in *" xvdd "*)
+        dm_error_check xvdd
+        echo "GUEST dm-error-checked"
+        sleep 20 ;; # the disks stay connected while Dom0 reads the daemon's error counters
+    esac
 else
     for d in $disks; do
         negotiated "$d"
