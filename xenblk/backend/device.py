@@ -147,10 +147,7 @@ class DeviceTask:
                     async with asyncio.timeout(timeout):
                         await self._changed.wait()
                 except TimeoutError:
-                    # XenStore changes arrive through the watches; the tick only asks the data plane (no
-                    # XenStore traffic), so an idle daemon with hundreds of disks stays idle.
-                    if not self._a_queue_failed():
-                        continue
+                    pass
                 self._changed.clear()
                 try:
                     async with self._lock:
@@ -466,12 +463,6 @@ class DeviceTask:
             persistent=fe.persistent,
             readonly=readonly,
         )
-
-    def _a_queue_failed(self) -> bool:
-        running = self._running
-        if running is None or self.frontend is None:
-            return False
-        return any(running.queue_failed(q) for q in range(len(self.frontend.queues)))
 
     async def _check_queues(self, fs: int | None) -> None:
         running = self._running
