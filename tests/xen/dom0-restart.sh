@@ -45,6 +45,8 @@ listen = "127.0.0.1:9469"
 allowed_dirs = ["$IMG", "/dev"]
 TOML
 
+ip link set lo up # the test Dom0 leaves loopback down: the metrics endpoint listens on 127.0.0.1
+
 step "xenblk serve under a restart loop (Restart=on-failure, RestartSec=1)"
 supervise() {
     local rc
