@@ -33,9 +33,11 @@ bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.hostile --runtime 2
 
-# Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/
+# Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/ and
+# build/xen-restart/ (the second boot: kill -9 of the daemon under a verified guest workload, dm-error)
 xen-test: setup
 	tests/xen/run.sh test
+	tests/xen/run.sh restart
 
 # kill -9 of xenblk serve (twice) under a crc32c-verified guest fio; dm-error disk; build/xen-restart/
 xen-restart: setup
