@@ -24,7 +24,10 @@ test-c: setup
 test-py: setup
 	$(PY) -m pytest -q tests
 
-test: lint test-c test-py xen-test
+# each part timed (scripts/test-all.sh prints the table); a failed part does not hide the later ones
+TEST_PARTS ?= setup lint test-c test-py xen-test
+test:
+	@scripts/test-all.sh $(TEST_PARTS)
 
 fuzz: setup
 	$(MAKE) -C native/tests fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-300}
