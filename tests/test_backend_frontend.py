@@ -118,7 +118,7 @@ def test_params(params: str, mode: str, expect: tuple[str, str | None, bool]) ->
     ("params", "mode", "message"),
     [
         (None, "w", "params is missing"),
-        ("vhd:/a", "w", "unknown image format 'vhd'"),
+        ("vhd:/a", "w", "vhd images are not supported yet"),
         ("qcow2:a.qcow2", "w", "is not absolute"),
         ("/a\n/b", "w", "control characters"),
         ("/a", None, "mode is None"),

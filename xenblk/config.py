@@ -63,6 +63,8 @@ class StorageConfig:
     """Images (and their backing files) must lie under one of these."""
     cache: str = "writeback"
     """raw files: writeback (page cache, flush = fdatasync) | none (O_DIRECT)."""
+    qcow2_dirs: list[str] = field(default_factory=list)
+    """Regular files under these are opened as qcow2 even when named raw (aio:/raw:/bare path), e.g. by xl."""
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """The daemon's local control socket (`<daemon.run_dir>/control.sock`, mode 0600): one JSON
-request per line, one JSON reply per line. Used by `xenblk list` and `xenblk resize`.
+request per line, one JSON reply per line. Used by `xenblk list`, `xenblk resize` and `xenblk hotplug`.
 
     {"op": "list"}                                -> {"ok": true, "devices": [...]}
     {"op": "resize", "domid": 1, "vdev": "xvdb"}  -> {"ok": true, "old_sectors": N, "sectors": M, "changed": b}
+    {"op": "take", "backend": "backend/vbd3/1/51712"}
+                                                  -> open the image now; {"ok": true, "image", "format", "sectors"}
+                                                     once open, or {"ok": false, "error": why} once refused
+    {"op": "release", "backend": "backend/vbd3/1/51712"}
+                                                  -> {"ok": true} once the device holds no image
     errors                                        -> {"ok": false, "error": "one line"}
 """
 

@@ -51,6 +51,7 @@ class Daemon:
         metrics_listen: str | None = None,
         uevents: bool = True,
         log_overrides: tuple[str | None, str | None] = (None, None),
+        sys_dir: Path = Path("/sys"),
     ) -> None:
         self.cfg = cfg
         self.xenstore_path = xenstore_path
@@ -59,6 +60,7 @@ class Daemon:
         self.metrics_listen_override = metrics_listen
         self.use_uevents = uevents
         self.log_overrides = log_overrides  # --log-format/--log-level win over the file, also on reload
+        self.sys_dir = sys_dir  # the simulated host has its own (<sim dir>/sys)
         self.counters = DaemonCounters()
         self.devices: dict[Key, DeviceTask] = {}
         self.ctx: DaemonContext | None = None
@@ -73,7 +75,17 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def check_kernel_backend(self) -> None:
+        """Backend type vbd is also xen-blkback's: two backends on one dir would both map the rings."""
+        module = self.sys_dir / "module" / "xen_blkback"
+        if "vbd" in self.cfg.daemon.backend_types and module.exists():
+            raise XenblkError(
+                f"daemon.backend_types has vbd but the kernel's xen-blkback is loaded ({module}): both would serve "
+                "the same devices; unload it (modprobe -r xen-blkback, and blacklist it) or serve vbd3 only"
+            )
+
     async def run(self) -> int:
+        self.check_kernel_backend()
         loop = asyncio.get_running_loop()
         xs = await XenStore.open(self.xenstore_path, timeout=self.cfg.xenstore.timeout)
         dataplane = None
@@ -313,7 +325,56 @@ class Daemon:
             if not isinstance(domid, int) or not isinstance(vdev, str):
                 raise XenblkError("resize needs an integer domid and a vdev")
             return {"ok": True, **(await self.find(domid, vdev).resize())}
+        if op in ("take", "release"):
+            return await self._hotplug(op, req)
         raise XenblkError(f"unknown control request {op!r}")
+
+    def _backend_key(self, backend: object) -> Key:
+        """The device of a backend dir named as libxl names it to hotplug scripts (XENBUS_PATH is
+        `backend/<type>/<domid>/<devid>`, relative to this domain) or as an absolute path."""
+        if not isinstance(backend, str) or len(backend) > 256:
+            raise XenblkError("take/release needs backend: a backend dir path")
+        home = f"/local/domain/{self.cfg.daemon.domid}/"
+        rel = backend[len(home) :] if backend.startswith(home) else backend
+        parts = rel.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "backend" or not parts[2].isdigit() or not parts[3].isdigit():
+            raise XenblkError(f"{backend!r} is not a backend dir of domain {self.cfg.daemon.domid} "
+                              "(backend/<type>/<domid>/<devid>)")  # fmt: skip
+        btype, domid, devid = parts[1], int(parts[2]), int(parts[3])
+        if btype not in self.cfg.daemon.backend_types:
+            raise XenblkError(
+                f"backend type {btype} is not served by this xenblk (daemon.backend_types = "
+                f"{', '.join(self.cfg.daemon.backend_types)}; add {btype} in the config file and restart)"
+            )
+        if domid > 0x7FEF or devid >= 1 << 32:
+            raise XenblkError(f"{backend!r}: domid or devid out of range")
+        return (btype, domid, devid)
+
+    async def _hotplug(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        key = self._backend_key(req.get("backend"))
+        timeout = req.get("timeout", 30.0)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+            raise XenblkError("timeout must be a number of seconds in (0, 600]")
+        path = f"{self._base(key[0])}/{key[1]}/{key[2]}"
+        dev = self.devices.get(key)
+        if op == "release":
+            if dev is not None:
+                try:
+                    await dev.release(float(timeout))
+                except TimeoutError:
+                    raise XenblkError(f"{path}: the image is still open after {timeout:g}s") from None
+            return {"ok": True}
+        if dev is None or dev.finished:
+            await self._consider(*key)  # the watch event may not have been handled yet
+            dev = self.devices.get(key)
+        if dev is None:
+            raise XenblkError(f"no backend at {path} (no state node)")
+        if dev.crashed:
+            raise XenblkError(dev.error or f"{path}: closed after an internal error")
+        try:
+            return {"ok": True, "backend": path, **(await dev.take(float(timeout)))}
+        except TimeoutError:
+            raise XenblkError(f"{path}: the image was neither opened nor refused within {timeout:g}s") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from xenblk import log as xlog
 from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice, journals_on
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
-from xenblk.backend.imagespec import ImageSpec, ImageSpecError, open_image, parse_params
+from xenblk.backend.imagespec import ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
 from xenblk.backend.states import XenbusState as S
 from xenblk.backend.states import name as state_name
@@ -90,6 +90,13 @@ class DeviceTask:
         self._resume_on: set[int] = set()
         self._seen_other_than_1 = False
         self.frontend_connected = False  # the daemon has seen F=4 since this connection began
+        # A toolstack that runs a hotplug script (libxl writes B/script) gets InitWait before the image is
+        # opened: libxl runs the script only after InitWait, and the script's `xenblk hotplug add` (control op
+        # "take") is what opens it, so a refusal reaches xl as the script's hotplug-error instead of a timeout.
+        self.hotplug = False
+        self.taken = False
+        self._progress = asyncio.Event()  # set after every step: take/release wait on it
+        self.finished = False
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
         self.guest_log = RateLimitedLog(self.log)
         self.task: asyncio.Task[None] | None = None
@@ -117,11 +124,16 @@ class DeviceTask:
         finally:
             await self._stop_dataplane()
             self._close_image()
+            self.finished = True
+            self._progress.set()
 
     async def _run(self) -> None:
         xs = self.ctx.xs
         frontend = await xs.try_read(f"{self.bpath}/frontend")
         dev = await xs.try_read(f"{self.bpath}/dev")
+        self.hotplug = await xs.try_read(f"{self.bpath}/script") is not None
+        # Taken before a daemon restart (or by a script that only writes hotplug-status): open at once.
+        self.taken = self.taken or await xs.try_read(f"{self.bpath}/hotplug-status") == "connected"
         self.state = max(parse_state(await xs.try_read(f"{self.bpath}/state")) or 0, 0)  # as found
         if dev:
             self.vdev = dev[:32]
@@ -153,6 +165,7 @@ class DeviceTask:
                     async with self._lock:
                         if await self._step():
                             return
+                    self._progress.set()
                 except XenStoreUnavailable as e:
                     # xenstored restarting: the client reconnects and the watches fire again; look again then.
                     self.log.warning("device.xenstore_unavailable", error=str(e))
@@ -213,6 +226,16 @@ class DeviceTask:
                 return False
             self.log.info("device.reconnect", frontend=state_name(fs))
             if not await self._prepare():
+                return False
+        if self.phase is Phase.INIT_WAIT and self.image is None:
+            if not self.taken:
+                self.taken = await self.ctx.xs.try_read(f"{self.bpath}/hotplug-status") == "connected"
+            if not self.taken:
+                return False  # the hotplug script's take opens it; the frontend waits in the meantime
+            try:
+                await self._open_image()
+            except ImageSpecError as e:
+                await self._close_with_error(str(e), fs)
                 return False
         if self.phase is Phase.INIT_WAIT:
             if fs is None:
@@ -283,7 +306,7 @@ class DeviceTask:
         params = await xs.try_read(f"{self.bpath}/params")
         mode = await xs.try_read(f"{self.bpath}/mode")
         self.cdrom = (await xs.try_read(f"{self.bpath}/device-type")) == "cdrom"
-        self.spec = parse_params(params, mode)
+        self.spec = apply_format_rules(parse_params(params, mode), list(cfg.storage.qcow2_dirs))
         loop = asyncio.get_running_loop()
         spec = self.spec
         wt = journals_on(self.ctx.dataplane)
@@ -364,7 +387,9 @@ class DeviceTask:
     async def _prepare(self) -> bool:
         """Open the image (once per device), advertise the features, InitWait."""
         cfg = self.ctx.cfg
-        if self.image is None:
+        if self.image is None and self.hotplug and not self.taken:
+            self.sectors = 0  # opened at take (see __init__); the InitWait nodes do not depend on the image
+        elif self.image is None:
             try:
                 await self._open_image()
             except ImageSpecError as e:
@@ -481,9 +506,16 @@ class DeviceTask:
                 await self._write_state(S.CLOSING)
             return False
         await self._stop_dataplane()
+        self._close_image()  # before Closed: whoever waits for Closed may hand the image to someone else
         if s.bstate != S.CLOSED:
             await self._write_state(S.CLOSED)
-        self._close_image()
+        if self.hotplug:
+            # libxl runs the hotplug script's remove (which reads B/script) after Closed, then removes B
+            # itself; this task ends when B is gone.
+            if self.phase is not Phase.CLOSED:
+                self.log.info("device.detached")
+            self._enter_closed(resume_on=set(), fs=s.fstate)
+            return False
         await self.ctx.xs.rm(self.bpath)
         self.log.info("device.detached")
         return True
@@ -518,6 +550,31 @@ class DeviceTask:
         img, self.image = self.image, None
         if img is not None:
             img.close()
+
+    # -- the hotplug script's requests (control ops take/release)
+
+    async def take(self, timeout: float) -> dict[str, Any]:
+        """Open the image now (hotplug add) and wait until it is open or refused; XenblkError(reason) if refused."""
+        self.taken = True
+        self.wake()
+        async with asyncio.timeout(timeout):
+            while True:
+                self._progress.clear()
+                if self.image is not None:
+                    return {"image": self.spec.path if self.spec else None, "format": self.image_format,
+                            "sectors": self.sectors}  # fmt: skip
+                if self.phase is Phase.CLOSED and self.error:
+                    raise XenblkError(self.error)
+                if self.finished:
+                    raise XenblkError(f"{self.bpath} is no longer served (removed or shut down)")
+                await self._progress.wait()
+
+    async def release(self, timeout: float) -> None:
+        """Wait until this device holds no image (hotplug remove, after the toolstack's Closing/Closed)."""
+        async with asyncio.timeout(timeout):
+            while self.image is not None and not self.finished:
+                self._progress.clear()
+                await self._progress.wait()
 
     # -- resize, metrics, listing
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from xenblk import config
@@ -49,5 +51,8 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         metrics_listen=args.metrics_listen,
         uevents=not args.no_uevents,
         log_overrides=(args.log_format, args.log_level),
+        sys_dir=Path(sim) / "sys" if sim else Path("/sys"),
     )
-    return uvloop.run(daemon.run())
+    # asyncio.Runner, not uvloop.run: Debian 12's python3-uvloop (0.17) has no uvloop.run.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(daemon.run())

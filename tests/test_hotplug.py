@@ -1,0 +1,316 @@
+"""contrib/xen/block-xenblk (the hotplug script libxl runs for `script=block-xenblk`) on the simulated
+host: the backend dir is written the way libxl_disk.c/libxl_device.c write it (one transaction, B/script,
+params `aio:PATH` for backendtype=tap -> vbd3, a bare path for backendtype=phy -> vbd), then, as libxl,
+this test waits for InitWait, runs `block-xenblk add` with XENBUS_PATH=backend/<type>/<domid>/<devid>,
+lets a simulated guest run a verified workload, and tears down as libxl does (online=0 + Closing, wait
+for Closed, `block-xenblk remove`, remove both dirs). Refused disks must give hotplug-error with the
+daemon's reason, a non-zero exit, and leave nothing behind once libxl cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.e2e import XENBLK, Stack, _wait, free_port, stop
+from xenblk.sim.vdev import vdev_to_devid
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "contrib" / "xen" / "block-xenblk"
+
+
+@dataclass
+class Host:
+    stack: Stack
+    tmp: Path
+    wrapper: Path  # what XENBLK points the hotplug script at: this checkout's xenblk on the sim host
+
+    def write_libxl_disk(self, domid: int, vdev: str, params: str, btype: str = "vbd3") -> str:
+        """The nodes libxl writes for a disk with script=block-xenblk, in one transaction, state 1 last.
+        Returns XENBUS_PATH as libxl passes it (relative to Dom0)."""
+        devid = vdev_to_devid(vdev)
+        b = f"/local/domain/0/backend/{btype}/{domid}/{devid}"
+        f = f"/local/domain/{domid}/device/vbd/{devid}"
+        backend = {
+            "frontend": f, "params": params, "script": "/etc/xen/scripts/block-xenblk", "frontend-id": str(domid),
+            "online": "1", "removable": "0", "bootable": "1", "state": "1", "dev": vdev,
+            "type": "vbd3" if btype == "vbd3" else "phy", "mode": "w", "device-type": "disk",
+            "discard-enable": "1", "specification": "xen",
+        }  # fmt: skip
+        frontend = {"backend": b, "backend-id": "0", "state": "1", "virtual-device": str(devid),
+                    "device-type": "disk", "trusted": "1", "protocol": "x86_64-abi"}  # fmt: skip
+        self.xs_batch(
+            [("mkdir", f), ("chmod", f, f"n{domid}", "r0")]
+            + [("write", f"{f}/{k}", v) for k, v in frontend.items()]
+            + [("mkdir", b), ("chmod", b, "n0", f"r{domid}")]
+            + [("write", f"{b}/{k}", v) for k, v in backend.items() if k != "state"]
+            + [("write", f"{b}/state", "1")]
+        )
+        return f"backend/{btype}/{domid}/{devid}"
+
+    def xs_batch(self, ops: list[tuple[str, ...]]) -> None:
+        """Several xenstore operations in one transaction (as libxl's libxl__device_generic_add)."""
+        code = (
+            "import asyncio, json, sys\n"
+            "from xenblk.xenstore import XenStore, Perm\n"
+            "ops = json.loads(sys.argv[2])\n"
+            "async def main():\n"
+            "    async with XenStore.open(sys.argv[1]) as xs:\n"
+            "        async def body(t):\n"
+            "            for op, path, *rest in ops:\n"
+            "                if op == 'mkdir': await t.mkdir(path)\n"
+            "                elif op == 'write': await t.write(path, rest[0])\n"
+            "                elif op == 'rm': await t.rm(path)\n"
+            "                elif op == 'chmod': await t.set_perms(path, [Perm(p[0], int(p[1:])) for p in rest])\n"
+            "        await xs.transact(body)\n"
+            "asyncio.run(main())\n"
+        )
+        sock = str(self.stack.sim / "xenstored" / "socket")
+        subprocess.run([XENBLK[0], "-c", code, sock, json.dumps(ops)], check=True, timeout=30, cwd=ROOT)
+
+    def read(self, path: str) -> str | None:
+        try:
+            return self.stack.xenstore("read", path)
+        except AssertionError:
+            return None
+
+    def wait_state(self, xenbus_path: str, want: str, timeout: float = 30) -> None:
+        """As libxl's devstate wait (a failure bound only)."""
+        path = f"/local/domain/0/{xenbus_path}/state"
+        deadline = time.monotonic() + timeout
+        while (got := self.read(path)) != want:
+            assert time.monotonic() < deadline, f"{path} is {got}, not {want}\n{self.stack.log_tail()}"
+            time.sleep(0.05)
+
+    def hotplug(self, action: str, xenbus_path: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        # libxl's get_hotplug_env(); XENBLK points the script at this checkout on the sim host
+        env = {**os.environ, "XENBUS_PATH": xenbus_path, "XENBUS_TYPE": xenbus_path.split("/")[1],
+               "XENBUS_BASE_PATH": "backend", "script": "/etc/xen/scripts/block-xenblk",
+               "XENBLK": str(self.wrapper)}  # fmt: skip
+        return subprocess.run([str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout)
+
+    def libxl_remove(self, xenbus_path: str, domid: int) -> subprocess.CompletedProcess[str]:
+        """libxl__initiate_device_generic_remove, the remove script, libxl__device_destroy."""
+        b = f"/local/domain/0/{xenbus_path}"
+        ops: list[tuple[str, ...]] = [("write", f"{b}/online", "0")]
+        if self.read(f"{b}/state") != "6":
+            ops.append(("write", f"{b}/state", "5"))
+        self.xs_batch(ops)
+        self.wait_state(xenbus_path, "6")
+        r = self.hotplug("remove", xenbus_path)
+        devid = xenbus_path.rsplit("/", 1)[1]
+        self.xs_batch([("rm", f"/local/domain/{domid}/device/vbd/{devid}"), ("rm", b)])
+        return r
+
+    def devices(self) -> list[dict]:  # type: ignore[type-arg]
+        return list(json.loads(self.stack.xenblk("list", "--json", "--sim", str(self.stack.sim)).stdout))
+
+    def served(self) -> list[dict]:  # type: ignore[type-arg]
+        """What the daemon itself holds (control op list)."""
+        from xenblk.backend import control
+        from xenblk.config import load
+
+        cfg = load(self.stack.config)
+        return list(control.call(cfg.daemon.run_dir, {"op": "list"})["devices"])
+
+    def open_fds_to(self, image: Path) -> list[str]:
+        fd_dir = Path(f"/proc/{self.stack.serve.pid}/fd")
+        out = []
+        for fd in fd_dir.iterdir():
+            try:
+                if os.readlink(fd) == str(image):
+                    out.append(fd.name)
+            except OSError:
+                pass
+        return out
+
+    def wait_gone(self, domid: int, timeout: float = 30) -> None:
+        """The daemon forgets a device once libxl removed its dir (a failure bound only)."""
+        deadline = time.monotonic() + timeout
+        while any(d["domid"] == domid for d in self.served()):
+            assert time.monotonic() < deadline, f"{self.served()}\n{self.stack.log_tail()}"
+            time.sleep(0.05)
+
+
+def start_serve(tmp: Path, sim: Path, cfg: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp / f"serve-{time.monotonic_ns()}.log"
+    serve = subprocess.Popen([*XENBLK, "--config", str(cfg), "serve", "--sim", str(sim), "--no-uevents"],
+                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip  # noqa: SIM115
+    return serve, log
+
+
+@pytest.fixture
+def host(tmp_path: Path, sim_dir: Path) -> Iterator[Host]:
+    images = tmp_path / "images"
+    (images / "qcow2").mkdir(parents=True)
+    port = free_port()
+    cfg = tmp_path / "xenblk.toml"
+    cfg.write_text(
+        f'[daemon]\nbackend_types = ["vbd3", "vbd"]\nrun_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
+        f'[storage]\nallowed_dirs = ["{images}"]\nqcow2_dirs = ["{images}/qcow2"]\n'
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\nlevel = "debug"\n'
+    )
+    wrapper = tmp_path / "xenblk-on-sim"
+    wrapper.write_text(
+        f'#!/bin/sh\ncd {ROOT}\nexec {XENBLK[0]} -m xenblk --config {cfg} "$@" --sim {sim_dir}\n'
+    )  # fmt: skip
+    wrapper.chmod(0o755)
+    hostp = subprocess.Popen([*XENBLK, "sim", "host", "--dir", str(sim_dir)], stdout=subprocess.DEVNULL,
+                             stderr=open(tmp_path / "host.log", "wb"), cwd=ROOT)  # fmt: skip  # noqa: SIM115
+    serve = None
+    try:
+        _wait(lambda: (sim_dir / "host.json").exists(), hostp, "xenblk sim host")
+        serve, log = start_serve(tmp_path, sim_dir, cfg)
+        url = f"http://127.0.0.1:{port}/metrics"
+        _wait(lambda: urllib.request.urlopen(url, timeout=2).read() is not None, serve, "xenblk serve")
+        stack = Stack(sim=sim_dir, images=images, config=cfg, metrics_url=url, serve=serve, serve_log=log)
+        yield Host(stack=stack, tmp=tmp_path, wrapper=wrapper)
+    finally:
+        stop(serve)
+        stop(hostp)
+
+
+def verified_io(host: Host, domid: int) -> None:
+    rc, result = host.stack.guest(domid, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--size", "8M",
+                                  "--verify", "--seed", "7")  # fmt: skip
+    assert rc == 0, f"{result}\n{host.stack.log_tail()}"
+    disks = result.get("disks") if isinstance(result, dict) else None
+    assert disks, result
+    for d in disks.values() if isinstance(disks, dict) else disks:
+        assert d.get("errors", 0) == 0 and d.get("verify_errors", 0) == 0, d
+
+
+def test_add_serves_the_disk_and_remove_releases_it(host: Host) -> None:
+    image = host.stack.images / "a.raw"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    xp = host.write_libxl_disk(3, "xvdb", f"aio:{image}")
+    host.wait_state(xp, "2")  # libxl runs the script only after InitWait
+    assert host.open_fds_to(image) == []  # not opened before the script asks
+    r = host.hotplug("add", xp)
+    assert r.returncode == 0, r.stderr + host.stack.log_tail()
+    b = f"/local/domain/0/{xp}"
+    assert host.read(f"{b}/hotplug-status") == "connected"
+    assert host.read(f"{b}/hotplug-error") is None
+    assert host.open_fds_to(image) != []
+    verified_io(host, 3)
+    r = host.libxl_remove(xp, 3)
+    assert r.returncode == 0, r.stderr
+    assert host.open_fds_to(image) == []  # released before remove returned
+    host.wait_gone(3)
+    assert host.read(b) is None and host.read(f"/local/domain/3/device/vbd/{vdev_to_devid('xvdb')}") is None
+
+
+def test_qcow2_through_the_admin_rule_and_phy_backend_for_xen_417(host: Host) -> None:
+    q = host.stack.images / "qcow2" / "q.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "32M"], check=True)
+    raw = host.stack.images / "p.raw"
+    subprocess.run(["truncate", "-s", "32M", str(raw)], check=True)
+    xq = host.write_libxl_disk(4, "xvdb", f"aio:{q}")  # xl can only say format=raw
+    xp = host.write_libxl_disk(4, "xvdc", str(raw), btype="vbd")  # backendtype=phy: a bare path, type vbd
+    for xpath in (xq, xp):
+        host.wait_state(xpath, "2")
+        r = host.hotplug("add", xpath)
+        assert r.returncode == 0, r.stderr + host.stack.log_tail()
+    formats = {(d["type"], d["vdev"]): d["format"] for d in host.served()}
+    assert formats == {("vbd3", "xvdb"): "qcow2", ("vbd", "xvdc"): "raw"}
+    verified_io(host, 4)
+    for xpath in (xq, xp):
+        assert host.libxl_remove(xpath, 4).returncode == 0
+    host.wait_gone(4)
+    chk = subprocess.run(["qemu-img", "check", str(q)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing", "No such file or directory"),
+        ("outside", "outside storage.allowed_dirs"),
+        ("vhd", "vhd images are not supported yet"),
+        ("unknown", "unknown image format 'qed'"),
+        ("qcow2-not-qcow2", "not a qcow2 image"),
+    ],
+)
+def test_refused_disk_gives_hotplug_error_and_leaves_nothing(host: Host, case: str, reason: str) -> None:
+    images = host.stack.images
+    outside = host.tmp / "outside.raw"
+    fake = images / "qcow2" / "raw-in-qcow2-dir.img"
+    for p in (outside, fake):
+        subprocess.run(["truncate", "-s", "8M", str(p)], check=True)
+    params = {
+        "missing": f"aio:{images}/nope.raw",
+        "outside": f"aio:{outside}",
+        "vhd": f"vhd:{images}/a.vhd",
+        "unknown": f"qed:{images}/a.qed",
+        "qcow2-not-qcow2": f"aio:{fake}",
+    }[case]
+    xp = host.write_libxl_disk(5, "xvdb", params)
+    host.wait_state(xp, "2")
+    r = host.hotplug("add", xp)
+    assert r.returncode != 0
+    assert reason in r.stderr, r.stderr  # what xl prints (libxl hands the script its stderr)
+    b = f"/local/domain/0/{xp}"
+    err = host.read(f"{b}/hotplug-error")
+    assert err is not None and reason in err, err  # libxl logs "script: <hotplug-error>"
+    assert host.read(f"{b}/hotplug-status") != "connected"
+    assert host.libxl_remove(xp, 5).returncode == 0
+    host.wait_gone(5)
+    assert host.read(b) is None
+    assert host.open_fds_to(outside) == [] and host.open_fds_to(fake) == []
+
+
+def test_add_without_a_daemon_fails_at_once_with_the_reason(host: Host) -> None:
+    image = host.stack.images / "a.raw"
+    subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
+    assert stop(host.stack.serve) == 0
+    xp = host.write_libxl_disk(6, "xvdb", f"aio:{image}")
+    r = host.hotplug("add", xp, timeout=20)  # a failure bound: the refusal needs no waiting
+    assert r.returncode != 0
+    assert "xenblk serve is not running" in r.stderr, r.stderr
+    assert "xenblk serve is not running" in (host.read(f"/local/domain/0/{xp}/hotplug-error") or "")
+    # remove with no daemon: nothing is held, nothing to wait for
+    assert host.hotplug("remove", xp, timeout=20).returncode == 0
+
+
+def test_backend_type_not_served_is_named(host: Host) -> None:
+    image = host.stack.images / "a.raw"
+    subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
+    xp = host.write_libxl_disk(7, "xvdb", f"aio:{image}", btype="qdisk")
+    r = host.hotplug("add", xp)
+    assert r.returncode != 0 and "backend type qdisk is not served" in r.stderr, r.stderr
+    host.xs_batch([("rm", f"/local/domain/0/{xp}"), ("rm", f"/local/domain/7/device/vbd/{vdev_to_devid('xvdb')}")])
+
+
+def test_vbd_refused_while_xen_blkback_is_loaded(host: Host) -> None:
+    """Backend type vbd is also the kernel's xen-blkback's: serving it next to a loaded blkback is refused.
+    The simulated host's /sys is <sim dir>/sys; a loaded module is its /sys/module/<name> dir."""
+    assert stop(host.stack.serve) == 0
+    module = host.stack.sim / "sys" / "module" / "xen_blkback"
+    module.mkdir(parents=True)
+    cfg = host.tmp / "vbd.toml"
+    cfg.write_text(
+        f'[daemon]\nbackend_types = ["vbd3", "vbd"]\nrun_dir = "{host.tmp}/run"\nstate_dir = "{host.tmp}/state"\n'
+        "[metrics]\nenabled = false\n"
+    )
+    serve, log = start_serve(host.tmp, host.stack.sim, cfg)
+    assert serve.wait(timeout=60) == 1
+    out = log.read_text()
+    assert "xen-blkback is loaded" in out and "modprobe -r xen-blkback" in out, out
+    # serving vbd3 only next to a loaded blkback is fine
+    cfg.write_text(cfg.read_text().replace('backend_types = ["vbd3", "vbd"]', 'backend_types = ["vbd3"]'))
+    serve, log = start_serve(host.tmp, host.stack.sim, cfg)
+    try:
+        deadline = time.monotonic() + 60
+        while "daemon.ready" not in log.read_text():
+            assert serve.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        assert stop(serve) == 0
