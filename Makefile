@@ -50,5 +50,10 @@ xen-restart: setup
 xen-bench: setup
 	tests/xen/run.sh bench
 
+# Debian package for this machine's release: build/xenblk_<version>_<arch>.deb (packaging/build-deb.sh)
+.PHONY: deb
+deb: setup
+	packaging/build-deb.sh
+
 clean:
 	rm -rf build xenblk/_*.so .pytest_cache .mypy_cache .ruff_cache

@@ -8,8 +8,10 @@ daemon's reason, a non-zero exit, and leave nothing behind once libxl cleaned up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import subprocess
 import time
 import urllib.request
@@ -31,6 +33,7 @@ class Host:
     stack: Stack
     tmp: Path
     wrapper: Path  # what XENBLK points the hotplug script at: this checkout's xenblk on the sim host
+    script: Path = SCRIPT
 
     def write_libxl_disk(self, domid: int, vdev: str, params: str, btype: str = "vbd3") -> str:
         """The nodes libxl writes for a disk with script=block-xenblk, in one transaction, state 1 last.
@@ -94,7 +97,7 @@ class Host:
         env = {**os.environ, "XENBUS_PATH": xenbus_path, "XENBUS_TYPE": xenbus_path.split("/")[1],
                "XENBUS_BASE_PATH": "backend", "script": "/etc/xen/scripts/block-xenblk",
                "XENBLK": str(self.wrapper)}  # fmt: skip
-        return subprocess.run([str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([str(self.script), action], env=env, capture_output=True, text=True, timeout=timeout)
 
     def libxl_remove(self, xenbus_path: str, domid: int) -> subprocess.CompletedProcess[str]:
         """libxl__initiate_device_generic_remove, the remove script, libxl__device_destroy."""
@@ -139,15 +142,24 @@ class Host:
             time.sleep(0.05)
 
 
-def start_serve(tmp: Path, sim: Path, cfg: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_serve(
+    tmp: Path, sim: Path, cfg: Path, xenblk: list[str] = XENBLK, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / f"serve-{time.monotonic_ns()}.log"
-    serve = subprocess.Popen([*XENBLK, "--config", str(cfg), "serve", "--sim", str(sim), "--no-uevents"],
-                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip  # noqa: SIM115
+    serve = subprocess.Popen([*xenblk, "--config", str(cfg), "serve", "--sim", str(sim), "--no-uevents"],
+                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=tmp, env=env)  # fmt: skip  # noqa: SIM115
     return serve, log
 
 
-@pytest.fixture
-def host(tmp_path: Path, sim_dir: Path) -> Iterator[Host]:
+@contextlib.contextmanager
+def running_host(
+    tmp_path: Path,
+    sim_dir: Path,
+    xenblk: list[str] = XENBLK,
+    env: dict[str, str] | None = None,
+    script: Path = SCRIPT,
+) -> Iterator[Host]:
+    """A sim host (this checkout) with `xenblk serve` run as XENBLK (this checkout's or an installed one)."""
     images = tmp_path / "images"
     (images / "qcow2").mkdir(parents=True)
     port = free_port()
@@ -158,8 +170,9 @@ def host(tmp_path: Path, sim_dir: Path) -> Iterator[Host]:
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\nlevel = "debug"\n'
     )
     wrapper = tmp_path / "xenblk-on-sim"
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items() if k == "PYTHONPATH")
     wrapper.write_text(
-        f'#!/bin/sh\ncd {ROOT}\nexec {XENBLK[0]} -m xenblk --config {cfg} "$@" --sim {sim_dir}\n'
+        f'#!/bin/sh\n{exports}exec {shlex.join(xenblk)} --config {cfg} "$@" --sim {sim_dir}\n'
     )  # fmt: skip
     wrapper.chmod(0o755)
     hostp = subprocess.Popen([*XENBLK, "sim", "host", "--dir", str(sim_dir)], stdout=subprocess.DEVNULL,
@@ -167,14 +180,20 @@ def host(tmp_path: Path, sim_dir: Path) -> Iterator[Host]:
     serve = None
     try:
         _wait(lambda: (sim_dir / "host.json").exists(), hostp, "xenblk sim host")
-        serve, log = start_serve(tmp_path, sim_dir, cfg)
+        serve, log = start_serve(tmp_path, sim_dir, cfg, xenblk, env)
         url = f"http://127.0.0.1:{port}/metrics"
         _wait(lambda: urllib.request.urlopen(url, timeout=2).read() is not None, serve, "xenblk serve")
         stack = Stack(sim=sim_dir, images=images, config=cfg, metrics_url=url, serve=serve, serve_log=log)
-        yield Host(stack=stack, tmp=tmp_path, wrapper=wrapper)
+        yield Host(stack=stack, tmp=tmp_path, wrapper=wrapper, script=script)
     finally:
         stop(serve)
         stop(hostp)
+
+
+@pytest.fixture
+def host(tmp_path: Path, sim_dir: Path) -> Iterator[Host]:
+    with running_host(tmp_path, sim_dir) as h:
+        yield h
 
 
 def verified_io(host: Host, domid: int) -> None:

@@ -5,12 +5,15 @@ counters. Served by prometheus-client on a loopback address by default."""
 from __future__ import annotations
 
 import platform as _platform
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -189,6 +192,15 @@ def _sum_lists(lists: Iterable[Sequence[int]]) -> list[int]:
     return out
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scraper never holds the daemon's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # one line per scrape on stderr is noise
+        pass
+
+
 class MetricsServer:
     """The HTTP endpoint. Scrapes run on prometheus-client's own thread and only
     read C counters, so they never block the event loop or a queue."""
@@ -201,7 +213,13 @@ class MetricsServer:
         self.address: tuple[str, int] | None = None
 
     def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        # Our own server around make_wsgi_app, not start_http_server: that one returns its server only
+        # since prometheus-client 0.17 (Debian 12 ships 0.16), and stop() needs it.
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.address = (host, self._server.server_address[1])
         return self.address
 

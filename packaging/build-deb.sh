@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# `make deb`: build build/xenblk_<version>_<arch>.deb with dpkg-deb, for the Debian release this runs on.
+#
+# The package uses that release's python3 and its Debian Python packages (python3-cffi-backend,
+# -uvloop, -structlog, -prometheus-client, -pyroute2); the native modules are compiled for that
+# python3 (their file names carry its version), so the package is built per release: on Debian 12
+# for Debian 12 (Python 3.11), on Debian 13 for Debian 13 (Python 3.13). Depends pins python3 to
+# that minor version, so apt refuses a package built for another release instead of failing later.
+# Build deps (installed by scripts/setup.sh): python3-dev python3-cffi python3-setuptools,
+# liburing-dev zlib1g-dev libzstd-dev, build-essential.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${DEB_PYTHON:-/usr/bin/python3}
+OUT=${DEB_OUT:-build}
+VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+ARCH=$(dpkg --print-architecture)
+PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+PYNEXT=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
+PKGDIR=/usr/lib/python3/dist-packages # Debian's path for packaged modules of every python3 version
+STAGE=$OUT/deb/xenblk_${VERSION}_${ARCH}
+DEB=$OUT/xenblk_${VERSION}_${ARCH}.deb
+
+rm -rf "$STAGE"
+mkdir -p "$STAGE/DEBIAN" "$STAGE$PKGDIR" "$STAGE/usr/bin" "$STAGE/usr/lib/systemd/system" \
+  "$STAGE/etc/xenblk" "$STAGE/etc/xen/scripts" "$STAGE/usr/share/doc/xenblk"
+
+# 1. the Python package (sources only: no build products of this checkout) and the native modules
+tar -C . --exclude='__pycache__' --exclude='*.so' --exclude='*.pyc' -cf - xenblk | tar -C "$STAGE$PKGDIR" -xf -
+"$PY" packaging/build_native.py "$STAGE$PKGDIR" >/dev/null
+strip --strip-debug "$STAGE$PKGDIR"/xenblk/*.so
+
+# 2. the CLI, the unit, the config, the hotplug script, the docs
+cat >"$STAGE/usr/bin/xenblk" <<EOF
+#!/usr/bin/python3
+import sys
+
+from xenblk.cli import main
+
+sys.exit(main())
+EOF
+chmod 0755 "$STAGE/usr/bin/xenblk"
+# The unit as shipped in the checkout, with the packaged paths (pip installs to /usr/local/bin).
+sed -e 's|/usr/local/bin/xenblk|/usr/bin/xenblk|g' \
+  -e 's|^# Install: .*|# Installed by the xenblk package. Start: systemctl enable --now xenblk.|' \
+  -e '/^# in \/etc\/systemd\/system\/, then/d' \
+  systemd/xenblk.service >"$STAGE/usr/lib/systemd/system/xenblk.service"
+grep -q '^ExecStart=/usr/bin/xenblk serve$' "$STAGE/usr/lib/systemd/system/xenblk.service"
+# Every key commented out with its default (from the code itself): an upgrade's new defaults apply
+# unless the admin set a key.
+{
+  echo "# /etc/xenblk/xenblk.toml: xenblk's configuration (see /usr/share/doc/xenblk/config.md)."
+  echo "# Every key is shown commented out with its default; uncomment and edit to change one."
+  echo "# After editing: systemctl reload xenblk (log.*, storage.*, dataplane.*, metrics.*) or restart."
+  PYTHONPATH="$STAGE$PKGDIR" "$PY" -m xenblk config --defaults |
+    sed -e '1d' -e '/^\[/b' -e '/^#/b' -e '/^$/b' -e 's/^/# /'
+} >"$STAGE/etc/xenblk/xenblk.toml"
+chmod 0644 "$STAGE/etc/xenblk/xenblk.toml"
+install -m 0755 contrib/xen/block-xenblk "$STAGE/etc/xen/scripts/block-xenblk"
+install -m 0644 README.md docs/config.md docs/DESIGN.md "$STAGE/usr/share/doc/xenblk/"
+cat >"$STAGE/usr/share/doc/xenblk/copyright" <<EOF
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: xenblk
+
+Files: *
+License: GPL-2.0-only
+ On Debian systems the full text is in /usr/share/common-licenses/GPL-2.
+EOF
+
+# 3. the runtime libraries of the native modules, as packages of this release (no hard-coded sonames)
+libpkgs=$(for so in "$STAGE$PKGDIR"/xenblk/*.so; do
+  ldd "$so" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+  real=$(readlink -f "$lib")
+  dpkg-query -S "$lib" 2>/dev/null || dpkg-query -S "$real"
+done | cut -d: -f1 | sort -u | tr '\n' ' ')
+[ -n "$libpkgs" ] || { echo "build-deb: cannot tell the native modules' library packages" >&2; exit 1; }
+depends="python3 (>= $PYVER~), python3 (<< $PYNEXT), python3-cffi-backend, python3-uvloop, python3-structlog"
+depends+=", python3-prometheus-client, python3-pyroute2"
+for p in $libpkgs; do depends+=", $p"; done
+
+size=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
+cat >"$STAGE/DEBIAN/control" <<EOF
+Package: xenblk
+Version: $VERSION
+Architecture: $ARCH
+Maintainer: xenblk developers <xenblk@localhost>
+Installed-Size: $size
+Depends: $depends
+Recommends: xen-utils-common
+Suggests: qemu-utils
+Section: admin
+Priority: optional
+Homepage: file:///usr/share/doc/xenblk/README.md
+Description: userspace Xen PV block backend (blkback) for Dom0
+ xenblk serves blkfront guests from raw, qcow2 and block-device images:
+ a Python control plane (asyncio) and a C data plane (io_uring).
+ Drives disks created by stock xl through the block-xenblk hotplug script.
+ Built for Python $PYVER (this Debian release only).
+EOF
+printf '/etc/xenblk/xenblk.toml\n/etc/xen/scripts/block-xenblk\n' >"$STAGE/DEBIAN/conffiles"
+cat >"$STAGE/DEBIAN/postinst" <<'EOF'
+#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+  py3compile -p xenblk
+  # Not enabled here: `systemctl enable --now xenblk` once /etc/xenblk/xenblk.toml says where images live.
+  if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+fi
+EOF
+cat >"$STAGE/DEBIAN/prerm" <<'EOF'
+#!/bin/sh
+set -e
+# Stopping drains and closes every device (guests lose their xenblk disks): only on removal, not on
+# upgrade (the restarted daemon resumes the rings from its journals).
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then systemctl stop xenblk.service || true; fi
+py3clean -p xenblk
+EOF
+cat >"$STAGE/DEBIAN/postrm" <<'EOF'
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+EOF
+chmod 0755 "$STAGE/DEBIAN/postinst" "$STAGE/DEBIAN/prerm" "$STAGE/DEBIAN/postrm"
+
+# Same timestamps for the same commit; root-owned files without fakeroot.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+find "$STAGE" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+find "$STAGE" -type d -exec chmod 0755 {} +
+dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
+echo "$DEB"
