@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.storage import qemu_io
+from tests.fixtures.storage import qemu_check, qemu_io, qemu_raw
 from xenblk.storage import Image, StorageError
 
 MiB = 1 << 20
@@ -182,3 +182,65 @@ def test_overlapping_metadata_stays_inside_the_file(img: Path, case: str) -> Non
     except StorageError:
         pass
     assert img.stat().st_size < size_before + 16 * MiB
+
+
+# Issue 14 item 2: a guest that never flushes must not grow its image without bound. Freed clusters
+# are reclaimed without waiting for a guest flush, and the file never exceeds virtual size + metadata
+# + a small slack (the reserve of metadata write-through and a few clusters).
+@pytest.mark.parametrize("meta_wt", [False, True], ids=["writeback", "meta_writethrough"])
+@pytest.mark.parametrize("cluster", [512, 65536])
+def test_flush_starved_discard_loop_stays_bounded(
+    make_qcow2: Callable[..., Path], meta_wt: bool, cluster: int
+) -> None:
+    p = make_qcow2("loop.qcow2", "1M", cluster_size=cluster)
+    with Image.open(str(p), "qcow2", meta_writethrough=meta_wt) as im:
+        for k in range(max(2000, 3 * MiB // cluster)):  # more rounds than the disk has clusters, thrice
+            im.write(0, bytes([k & 0xFF]) * cluster)
+            im.discard(0, cluster)
+        im.write(0, b"\x5a" * cluster)
+        # virtual size + its metadata (header, L1, L2, refcounts: under 256 KiB here) + the reserve of
+        # metadata write-through (64 clusters at most); unfixed, each round grew it by a cluster
+        bound = MiB + 256 * 1024 + 64 * cluster
+        assert p.stat().st_size <= bound, f"the image grew to {p.stat().st_size / MiB:.1f} MiB unflushed"
+        assert im.read(0, cluster) == b"\x5a" * cluster
+        assert im.read(cluster, cluster) == bytes(cluster)
+    rc, report = qemu_check(p)
+    assert rc == 0, report
+    assert qemu_raw(p)[:cluster] == b"\x5a" * cluster
+
+
+def test_discard_everything_unflushed_then_refill(make_qcow2: Callable[..., Path]) -> None:
+    """A whole-disk write/discard cycle, never flushed, reuses the freed clusters."""
+    p = make_qcow2("fill.qcow2", "4M", cluster_size=65536)
+    with Image.open(str(p), "qcow2") as im:
+        for k in range(20):
+            im.write(0, bytes([k + 1]) * (4 * MiB))
+            im.discard(0, 4 * MiB)
+        im.write(MiB, b"\x77" * 65536)
+        assert p.stat().st_size <= 4 * MiB + MiB
+    rc, report = qemu_check(p)
+    assert rc == 0, report
+    data = qemu_raw(p)
+    assert data[MiB : MiB + 65536] == b"\x77" * 65536 and data[:MiB] == bytes(MiB)
+
+
+@pytest.mark.parametrize("table", ["l2", "refblock"])
+def test_metadata_cluster_with_refcount_zero_is_never_handed_out(img: Path, table: str) -> None:
+    """Issue 14 item 5: a crafted image gives an L2 table (or a refcount block) refcount 0; the
+    allocator must not hand that cluster out as data (the guest's data would overwrite the table)."""
+    h = _header(img)
+    raw = img.read_bytes()
+    l2_off = struct.unpack(">Q", raw[h["l1_off"] : h["l1_off"] + 8])[0] & 0x00FFFFFFFFFFFE00
+    rb_off = struct.unpack(">Q", raw[h["rt_off"] : h["rt_off"] + 8])[0] & 0x00FFFFFFFFFFFE00
+    victim = l2_off if table == "l2" else rb_off
+    _patch(img, rb_off + 2 * (victim // 65536), ">H", 0)  # 16-bit refcounts
+    with Image.open(str(img), "qcow2") as im:
+        for k in range(8):  # new clusters: the lowest free one would be the table
+            im.write(MiB + k * 65536, bytes([0x10 + k]) * 65536)
+        assert im.read(0, 65536) == b"\xab" * 65536
+        assert im.read(2 * MiB, 65536) == b"\xcd" * 65536
+    with Image.open(str(img), "qcow2", readonly=True) as im:  # through the tables on disk
+        assert im.read(0, 65536) == b"\xab" * 65536
+        assert im.read(2 * MiB, 65536) == b"\xcd" * 65536
+        for k in range(8):
+            assert im.read(MiB + k * 65536, 65536) == bytes([0x10 + k]) * 65536

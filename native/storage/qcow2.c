@@ -26,6 +26,7 @@ static void qc_free(struct qcow2 *q)
     free(q->l1);
     free(q->rt);
     free(q->pending);
+    free(q->infl);
     if (q->fd >= 0)
         close(q->fd);
     pthread_mutex_destroy(&q->lock);

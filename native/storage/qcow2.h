@@ -15,6 +15,11 @@
 #define QC_CACHE_ENTRIES 32
 #define QC_RESERVE_MAX 64
 #define QC_RESERVE_BYTES (4ULL << 20)
+/* Frees pending (not yet applied) that force a reclaim even while the file need not grow: bounds
+ * the pending list of a guest that discards without ever flushing. */
+#define QC_PENDING_MAX 4096
+/* Clusters the file may hold beyond its computed bound (virtual size + metadata + reserve). */
+#define QC_CAP_SLACK_CLUSTERS 8
 
 struct qc_cache_ent {
     uint64_t off; /* host offset of the cached cluster; 0 = unused slot */
@@ -61,7 +66,14 @@ struct qcow2 {
     struct qc_cache l2c, rbc;
     uint64_t *pending; /* host clusters to decrement once the metadata dropping them is durable */
     size_t npending, cap_pending;
-    uint64_t inflight; /* direct I/O extents handed out by map() and not yet unmapped */
+    /* Host clusters of the direct I/O extents handed out by map() and not yet unmapped (a
+     * multiset): a pending free of one of them waits until its I/O is over. */
+    uint64_t *infl;
+    size_t ninfl, cap_infl;
+    size_t pend_held; /* pending frees the last reclaim kept back (their cluster had I/O in flight) */
+    /* The file never grows past this (virtual size + metadata + slack, or the size it had at open
+     * plus the slack): an allocation beyond fails with EDQUOT. 0: not computed yet. */
+    uint64_t max_file_end;
     /* XB_OPEN_WRITETHROUGH_META: clusters whose refcount 1 is already durable and that nothing
      * references yet; allocations come from here, so an L2/L1 entry may be written at once. */
     int meta_wt;
@@ -95,6 +107,11 @@ int qc_flush_refcounts(struct qcow2 *q);
 int qc_apply_pending(struct qcow2 *q);
 int qc_flush_locked(struct qcow2 *q);
 int qc_is_metadata(struct qcow2 *q, uint64_t host_off);
+/* Applies the pending frees after making the metadata that dropped them durable (an internal
+ * flush), when enough are pending; a guest that never flushes still gets its clusters back. */
+int qc_maybe_reclaim(struct qcow2 *q);
+int qc_inflight_add(struct qcow2 *q, uint64_t host_cluster_off);
+void qc_inflight_del(struct qcow2 *q, uint64_t host_cluster_off);
 void qc_unalloc_cluster(struct qcow2 *q, uint64_t host_off);
 int qc_release_reserve(struct qcow2 *q);
 int qc_write_through(struct qcow2 *q, uint8_t *l2);

@@ -292,6 +292,8 @@ static int qc_map(struct xb_image *img, uint64_t off, uint64_t len, int for_writ
     if (!r && qc_classify(q, e) == QC_NORMAL && !qc_check_offset(q, e & QC_OFFSET_MASK)) {
         uint64_t host = e & QC_OFFSET_MASK;
         ok = for_write ? writable_in_place(q, e) : host + q->cs <= q->disk_size;
+        if (ok && (r = qc_inflight_add(q, host)))
+            ok = 0;
         if (ok) {
             ext->fd = q->fd;
             ext->host_off = host + in;
@@ -299,7 +301,6 @@ static int qc_map(struct xb_image *img, uint64_t off, uint64_t len, int for_writ
             if (ext->len > img->size - off)
                 ext->len = img->size - off;
             ext->cookie = host;
-            q->inflight++;
         }
     }
     pthread_mutex_unlock(&q->lock);
@@ -309,9 +310,8 @@ static int qc_map(struct xb_image *img, uint64_t off, uint64_t len, int for_writ
 static void qc_unmap(struct xb_image *img, const struct xb_extent *ext)
 {
     struct qcow2 *q = QC(img);
-    (void)ext;
     pthread_mutex_lock(&q->lock);
-    q->inflight--;
+    qc_inflight_del(q, ext->cookie);
     pthread_mutex_unlock(&q->lock);
 }
 
@@ -357,6 +357,8 @@ static int qc_discard(struct xb_image *img, uint64_t off, uint64_t len, int secu
         if (!(r = free_entry_clusters(q, e)))
             r = qc_write_through(q, l2);
     }
+    if (!r)
+        r = qc_maybe_reclaim(q);
     pthread_mutex_unlock(&q->lock);
     return r;
 }

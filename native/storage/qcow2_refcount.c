@@ -4,7 +4,15 @@
  * before any L2/L1 entry that points at the cluster, and a decrement only after
  * the metadata that dropped the reference is durable (frees are deferred to the
  * end of a flush). Deferred frees are also what pins clusters with direct I/O
- * in flight: they are applied only when no map()ped extent is outstanding. */
+ * in flight: a pending free of a cluster some map()ped extent still covers is
+ * kept back until that extent is unmapped.
+ *
+ * A guest need not flush for its frees to come back: when an allocation would
+ * grow the file while frees are pending, or too many are pending, the driver
+ * runs the same ordered flush itself (qc_reclaim) and then applies them. And
+ * the file never grows past virtual size + metadata + a small slack: beyond,
+ * an allocation fails with EDQUOT (the guest's write fails, the host's disk is
+ * not filled by one guest). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,19 +149,71 @@ int qc_is_metadata(struct qcow2 *q, uint64_t host_off)
            (q->rt_moved && host_off >= q->rt_old_off && host_off < q->rt_old_off + q->rt_old_clusters * q->cs);
 }
 
-static int64_t alloc_one(struct qcow2 *q)
+/* An L2 table or refcount block at host_off (named by L1 or the reftable). A sane image gives
+ * them refcount 1; a crafted one may say 0, and handing such a cluster out as data would let the
+ * guest's data overwrite the table: it is skipped instead (it stays referenced, as a corrupt
+ * refcount `qemu-img check` reports). Only called for clusters whose refcount reads 0. */
+static int is_table(struct qcow2 *q, uint64_t host_off)
+{
+    for (uint32_t i = 0; i < q->l1_size; i++)
+        if ((q->l1[i] & QC_OFFSET_MASK) == host_off)
+            return 1;
+    for (uint64_t i = 0; i < q->rt_entries; i++)
+        if ((q->rt[i] & QC_OFFSET_MASK) == host_off)
+            return 1;
+    return 0;
+}
+
+static uint64_t reserve_target(struct qcow2 *q)
+{
+    uint64_t n = QC_RESERVE_BYTES >> q->cluster_bits;
+    if (n > QC_RESERVE_MAX)
+        n = QC_RESERVE_MAX;
+    return n ? n : 1;
+}
+
+/* What the file may grow to: every guest cluster allocated once, its L2 tables, the L1, the
+ * header, refcount blocks for all of that, the reftable (twice: a grown copy and the old one until
+ * the next flush, and room for its doubling), the reserve of metadata write-through and a few
+ * clusters. A file already larger at open (leaks, compressed data being rewritten, preallocation)
+ * may grow by the slack. */
+static void cap_init(struct qcow2 *q)
+{
+    if (q->max_file_end)
+        return;
+    uint64_t cs = q->cs, size = q->img.size;
+    uint64_t n = (size + cs - 1) / cs;                              /* data */
+    n += (size + (cs << q->l2_bits) - 1) / (cs << q->l2_bits);       /* L2 tables */
+    n += ((uint64_t)q->l1_size * 8 + cs - 1) / cs + 1;               /* L1, header */
+    uint64_t slack = reserve_target(q) + QC_CAP_SLACK_CLUSTERS;
+    n += slack;
+    uint64_t rb = (n >> q->rb_bits) + 2;                             /* refcount blocks */
+    uint64_t rt = (rb * 8 + cs - 1) / cs;                            /* reftable clusters */
+    n += rb + 4 * rt + 2;
+    uint64_t cap = n << q->cluster_bits, initial = q->file_end + (slack << q->cluster_bits);
+    q->max_file_end = cap > initial ? cap : initial;
+}
+
+/* grow 0: fail with -EAGAIN rather than extend the file (the caller reclaims first). */
+static int64_t alloc_one(struct qcow2 *q, int grow)
 {
     uint64_t end = q->file_end >> q->cluster_bits, c, v;
     int r;
     for (c = q->free_hint; c < end; c++) {
         if ((r = qc_rc_get(q, c, &v)))
             return r;
-        if (v == 0 && !qc_is_metadata(q, c << q->cluster_bits))
+        if (v == 0 && !qc_is_metadata(q, c << q->cluster_bits) && !is_table(q, c << q->cluster_bits))
             break;
     }
-    q->free_hint = c + 1;
-    if (c >= end)
+    q->free_hint = c; /* everything below is in use */
+    if (c >= end) {
+        if (!grow)
+            return -EAGAIN;
+        if ((c + 1) << q->cluster_bits > q->max_file_end)
+            return -EDQUOT;
         q->file_end += q->cs;
+    }
+    q->free_hint = c + 1;
     if ((r = qc_rc_set(q, c, 1)))
         return r;
     /* the refblock may have been appended after it */
@@ -168,14 +228,12 @@ static int sync_fd(struct qcow2 *q);
  * referenced by nothing, so a kill or host crash leaks them at worst. */
 static int refill_reserve(struct qcow2 *q)
 {
-    uint64_t n = QC_RESERVE_BYTES >> q->cluster_bits;
-    if (n > QC_RESERVE_MAX)
-        n = QC_RESERVE_MAX;
-    if (n == 0)
-        n = 1;
+    uint64_t n = reserve_target(q);
     int r = 0;
     while (q->nreserve < n) {
-        int64_t c = alloc_one(q);
+        int64_t c = alloc_one(q, 1);
+        if (c == -EDQUOT && q->nreserve) /* at the bound: a smaller reserve */
+            break;
         if (c < 0) {
             r = (int)c;
             break;
@@ -197,13 +255,44 @@ static int refill_reserve(struct qcow2 *q)
     return 0;
 }
 
+static int reclaimable(struct qcow2 *q)
+{
+    return q->npending > q->pend_held;
+}
+
+/* The ordered flush, then the pending frees: a freed cluster is reused only once the L2/L1 update
+ * that dropped it is durable (a host crash then finds the old reference gone, never two owners),
+ * and with metadata write-through the reserve is returned and refilled by the caller. */
+static int reclaim(struct qcow2 *q)
+{
+    return qc_flush_locked(q);
+}
+
+int qc_maybe_reclaim(struct qcow2 *q)
+{
+    if (q->npending - q->pend_held < QC_PENDING_MAX || q->ro)
+        return 0;
+    return reclaim(q);
+}
+
 int64_t qc_alloc_cluster(struct qcow2 *q)
 {
-    if (!q->meta_wt)
-        return alloc_one(q);
+    int r;
+    cap_init(q);
+    if ((r = qc_maybe_reclaim(q)))
+        return r;
+    if (!q->meta_wt) {
+        int64_t c = alloc_one(q, !reclaimable(q));
+        if (c != -EAGAIN)
+            return c;
+        if ((r = reclaim(q)))
+            return r;
+        return alloc_one(q, 1);
+    }
     if (!q->nreserve) {
-        int r = refill_reserve(q);
-        if (r)
+        if (reclaimable(q) && (r = reclaim(q)))
+            return r;
+        if ((r = refill_reserve(q)))
             return r;
     }
     return (int64_t)(q->reserve[--q->nreserve] << q->cluster_bits);
@@ -280,24 +369,89 @@ int qc_pend_free(struct qcow2 *q, uint64_t host_off)
     return 0;
 }
 
+int qc_inflight_add(struct qcow2 *q, uint64_t host_off)
+{
+    if (q->ninfl == q->cap_infl) {
+        size_t n = q->cap_infl ? q->cap_infl * 2 : 64;
+        uint64_t *p = realloc(q->infl, n * 8);
+        if (!p)
+            return -ENOMEM;
+        q->infl = p;
+        q->cap_infl = n;
+    }
+    q->infl[q->ninfl++] = host_off;
+    return 0;
+}
+
+void qc_inflight_del(struct qcow2 *q, uint64_t host_off)
+{
+    for (size_t i = q->ninfl; i-- > 0;)
+        if (q->infl[i] == host_off) {
+            q->infl[i] = q->infl[--q->ninfl];
+            break;
+        }
+    if (!q->pend_held)
+        return;
+    for (size_t i = 0; i < q->ninfl; i++)
+        if (q->infl[i] == host_off)
+            return; /* still pinned by another extent */
+    /* A free the last reclaim kept back for this cluster may go now. */
+    for (size_t i = 0; i < q->pend_held; i++)
+        if (q->pending[i] == host_off) { /* held ones stay first: swap it out of them */
+            uint64_t t = q->pending[--q->pend_held];
+            q->pending[q->pend_held] = host_off;
+            q->pending[i] = t;
+            return;
+        }
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Host cluster c is covered by an extent with I/O in flight (sorted: infl, n). */
+static int in_flight(struct qcow2 *q, const uint64_t *sorted, size_t n, uint64_t c)
+{
+    uint64_t off = c << q->cluster_bits;
+    return n && bsearch(&off, sorted, n, 8, cmp_u64) != NULL;
+}
+
 int qc_apply_pending(struct qcow2 *q)
 {
-    if (q->inflight)
-        return 0;
-    for (size_t i = 0; i < q->npending; i++) {
+    uint64_t *sorted = NULL;
+    size_t n = q->ninfl, kept = 0;
+    int r = 0;
+    if (n) {
+        if (!(sorted = malloc(n * 8)))
+            return -ENOMEM;
+        memcpy(sorted, q->infl, n * 8);
+        qsort(sorted, n, 8, cmp_u64);
+    }
+    size_t i;
+    for (i = 0; i < q->npending; i++) {
         uint64_t c = q->pending[i] >> q->cluster_bits, v;
-        int r = qc_rc_get(q, c, &v);
-        if (r)
-            return r;
+        if (in_flight(q, sorted, n, c)) {
+            q->pending[kept++] = q->pending[i]; /* its direct I/O is not over: next time */
+            continue;
+        }
+        if ((r = qc_rc_get(q, c, &v)))
+            break;
         if (v == 0)
             continue; /* already free: a hostile image double-referenced it */
         if ((r = qc_rc_set(q, c, v - 1)))
-            return r;
+            break;
         if (v == 1 && c < q->free_hint)
             q->free_hint = c;
     }
-    q->npending = 0;
-    return 0;
+    /* on an error, what was not applied stays pending */
+    for (; i < q->npending; i++)
+        q->pending[kept++] = q->pending[i];
+    q->npending = kept;
+    q->pend_held = kept;
+    free(sorted);
+    return r;
 }
 
 static int sync_fd(struct qcow2 *q)
