@@ -111,8 +111,8 @@ EOF
 cat >"$STAGE/DEBIAN/prerm" <<'EOF'
 #!/bin/sh
 set -e
-# Stopping drains and closes every device (guests lose their xenblk disks): only on removal, not on
-# upgrade (the restarted daemon resumes the rings from its journals).
+# Stopping drains and closes every device: only on removal. An upgrade leaves the running daemon
+# alone; the admin restarts it when the guests can take it.
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then systemctl stop xenblk.service || true; fi
 py3clean -p xenblk
 EOF

@@ -84,7 +84,7 @@ class Host:
         except AssertionError:
             return None
 
-    def wait_state(self, xenbus_path: str, want: str, timeout: float = 30) -> None:
+    def wait_state(self, xenbus_path: str, want: str, timeout: float = 120) -> None:
         """As libxl's devstate wait (a failure bound only)."""
         path = f"/local/domain/0/{xenbus_path}/state"
         deadline = time.monotonic() + timeout
@@ -134,7 +134,7 @@ class Host:
                 pass
         return out
 
-    def wait_gone(self, domid: int, timeout: float = 30) -> None:
+    def wait_gone(self, domid: int, timeout: float = 120) -> None:
         """The daemon forgets a device once libxl removed its dir (a failure bound only)."""
         deadline = time.monotonic() + timeout
         while any(d["domid"] == domid for d in self.served()):
