@@ -1,4 +1,5 @@
-"""Run Debian's real xenstored 4.17 without a hypervisor, under the LD_PRELOAD shim (native/xsshim).
+"""Run Debian's real C xenstored (Xen 4.17 on Debian 12, 4.20 on Debian 13) without a hypervisor, under the
+LD_PRELOAD shim (native/xsshim).
 
 One instance owns one directory: `socket` (the XENSTORED_PATH), `trace.log`, `xenstored.log` and the
 shim's fake /proc/xen files in `fakexen/`. Start-up is synchronous and short; it returns once the
@@ -23,7 +24,30 @@ from xenblk.errors import XenblkError
 from xenblk.xenstore import wire
 from xenblk.xenstore.errors import ProtocolError
 
-XENSTORED_BIN = Path("/usr/lib/xen-4.17/bin/xenstored")
+XEN_LIB = Path("/usr/lib")
+
+
+def find_xenstored(lib: Path = XEN_LIB) -> Path:
+    """The C xenstored of the newest installed Xen: Debian ships it as /usr/lib/xen-<version>/bin/xenstored
+    (/usr/sbin/xenstored is a wrapper that asks the running hypervisor, which the simulated host has not).
+    $XENBLK_XENSTORED overrides; with none installed, a placeholder path that start() reports as missing."""
+    override = os.environ.get("XENBLK_XENSTORED")
+    if override:
+        return Path(override)
+    found = [p for p in lib.glob("xen-*/bin/xenstored") if _version(p.parents[1].name) is not None]
+    if not found:
+        return lib / "xen-<version>" / "bin" / "xenstored"
+    return max(found, key=lambda p: _version(p.parents[1].name) or ())
+
+
+def _version(dirname: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(x) for x in dirname.removeprefix("xen-").split("."))
+    except ValueError:
+        return None
+
+
+XENSTORED_BIN = find_xenstored()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIM_SOURCE = REPO_ROOT / "native" / "xsshim" / "xsshim.c"
 
@@ -125,7 +149,7 @@ class Xenstored:
         if self.running:
             raise XenstoredError(f"xenstored in {self.directory} is already running (pid {self.pid})")
         if not self.binary.is_file():
-            raise XenstoredError(f"{self.binary} not found: apt-get install xen-utils-4.17")
+            raise XenstoredError(f"{self.binary} not found: install xen-utils-<version> (scripts/setup.sh does)")
         if len(os.fsencode(self.socket_path)) >= SUN_PATH_MAX:
             raise XenstoredError(f"socket path {self.socket_path} is too long for a unix socket; use a shorter dir")
         shim = self._shim or shim_library()
