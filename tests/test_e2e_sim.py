@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
-import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.e2e import Stack, free_port, stop
+from tests.fixtures.wait import GENEROUS, proc_alive, wait_until
 
 
 def make_images(stack: Stack) -> tuple[Path, Path]:
@@ -55,7 +55,7 @@ def test_verified_workload_on_qcow2_and_raw(stack: Stack) -> None:
 
 def _prom_query(base: str, q: str) -> list[dict[str, Any]]:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-    data = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    data = json.loads(urllib.request.urlopen(url, timeout=30).read())
     assert data["status"] == "success", data
     return list(data["data"]["result"])
 
@@ -79,46 +79,58 @@ def test_live_scrape_passes_promtool_and_prometheus_sees_the_workload(stack: Sta
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),  # noqa: SIM115
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    guest = stack.guest_proc(2, "--rw", "randread", "--bs", "4k", "--iodepth", "8", "--until-stopped")
     try:
-        out: dict[str, Any] = {}
-
-        def workload() -> None:
-            out["rc"], out["result"] = stack.guest(2, "--rw", "randread", "--bs", "4k", "--iodepth", "8",
-                                                   "--runtime", "8")  # fmt: skip
-
-        t = threading.Thread(target=workload)
-        t.start()
-        time.sleep(4)
+        # The guest's reads flowing through the daemon (its counter), not a pause that is hopefully long enough.
+        stack.wait_backend(2, "xvdb", 4)
+        stack.wait_served(100, 2, "xvdb")
         live = stack.scrape()
         check = subprocess.run(["promtool", "check", "metrics"], input=live, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        rows = json.loads(stack.xenblk("stats", "--json", "--interval", "0.5").stdout)
-        row = next(r for r in rows if (r["domid"], r["vdev"]) == ("2", "xvdb"))
-        assert row["state"] == 4 and row["iops"] > 0 and row["p99_us"] is not None and row["errors"] == 0, row
+
+        def stats_row() -> dict[str, Any]:
+            rows = json.loads(stack.xenblk("stats", "--json", "--interval", "0.5").stdout)
+            row: dict[str, Any] = next(r for r in rows if (r["domid"], r["vdev"]) == ("2", "xvdb"))
+            assert row["state"] == 4 and row["p99_us"] is not None and row["errors"] == 0, row
+            return row
+
+        # a rate over 0.5 s: asked again if a loaded machine let no request finish in that window
+        wait_until(lambda: stats_row()["iops"] > 0, "xenblk stats shows IOPS for dom2/xvdb", interval=0.1)
         rate: list[dict[str, Any]] = []
         p99: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (rate and p99):
-            time.sleep(1)
-            try:
-                rate = [r for r in _prom_query(base, 'sum(rate(xenblk_requests_total{domid="2",vdev="xvdb"}[5s]))')
-                        if float(r["value"][1]) > 0]  # fmt: skip
-                p99 = [r for r in _prom_query(base, 'histogram_quantile(0.99, sum by (le) '
-                       '(rate(xenblk_request_duration_seconds_bucket{domid="2",vdev="xvdb"}[5s])))')
-                       if r["value"][1] not in ("NaN", "+Inf")]  # fmt: skip
-            except OSError:
-                continue
-        t.join(timeout=120)
-        assert out.get("rc") == 0, out
-        assert rate, "Prometheus saw no request rate for dom2/xvdb"
+
+        def prometheus_sees_the_workload() -> bool:
+            nonlocal rate, p99
+            rate = [r for r in _prom_query(base, 'sum(rate(xenblk_requests_total{domid="2",vdev="xvdb"}[5s]))')
+                    if float(r["value"][1]) > 0]  # fmt: skip
+            p99 = [r for r in _prom_query(base, 'histogram_quantile(0.99, sum by (le) '
+                   '(rate(xenblk_request_duration_seconds_bucket{domid="2",vdev="xvdb"}[5s])))')
+                   if r["value"][1] not in ("NaN", "+Inf")]  # fmt: skip
+            return bool(rate and p99)
+
+        # The guest runs until Prometheus has scraped it twice under load (however long that takes).
+        wait_until(prometheus_sees_the_workload, "Prometheus sees a request rate and a p99 for dom2/xvdb",
+                   interval=0.5, alive=proc_alive(guest, "the guest"))  # fmt: skip
         assert p99 and 0 < float(p99[0]["value"][1]) < 10, p99
-        # the counters match what the guest issued
-        issued = sum(int(d.get("ios", d.get("requests", 0))) for d in disks_of(out["result"]))
-        time.sleep(2)
-        total = _prom_query(base, 'sum(xenblk_requests_total{domid="2",vdev="xvdb"})')
-        served = float(total[0]["value"][1]) if total else 0.0
-        assert issued > 0 and served >= issued, (issued, served)
+        guest.send_signal(signal.SIGTERM)  # stop issuing, drain, report
+        out, err = guest.communicate(timeout=GENEROUS)
+        assert guest.returncode == 0, out + err
+        # the counters match what the guest issued, once Prometheus has scraped the final values
+        issued = sum(int(d.get("ios", d.get("requests", 0))) for d in disks_of(json.loads(out)))
+        assert issued > 0
+        served: list[float] = [0.0]
+
+        def all_counted() -> bool:
+            total = _prom_query(base, 'sum(xenblk_requests_total{domid="2",vdev="xvdb"})')
+            served[0] = float(total[0]["value"][1]) if total else 0.0
+            return served[0] >= issued
+
+        wait_until(all_counted, f"Prometheus counts the {issued} requests the guest issued", interval=0.5,
+                   detail=lambda: f"served {served[0]}")  # fmt: skip
     finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.communicate()
         stop(prom)
 
 
@@ -154,7 +166,7 @@ def test_online_resize_through_the_cli(stack: Stack) -> None:
     img = stack.images / "grow.raw"
     subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
     stack.attach(3, str(img), "xvdb")
-    guest = stack.guest_proc(3, "--idle", "--runtime", "60")
+    guest = stack.guest_proc(3, "--idle", "--until-stopped")
     try:
         stack.wait_backend(3, "xvdb", 4)
         assert _read(stack, 3, "xvdb", "sectors") == str(16 << 11)
@@ -178,19 +190,29 @@ def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
     for p in (good, bad):
         subprocess.run(["truncate", "-s", "16M", str(p)], check=True)
     stack.attach(5, str(good), "xvdb")
-    guest = stack.guest_proc(5, "--rw", "randread", "--iodepth", "4", "--runtime", "6")
-    stack.wait_backend(5, "xvdb", 4)
-    stack.attach(6, str(bad), "xvdb", "--wait=initwait")
-    with BrokerClient(read_host_json(stack.sim)["broker"]) as broker:
-        reply, fds = broker.call({"op": "evtchn_alloc_unbound", "domid": 6, "remote_domid": 0})
-        for fd in fds:
-            os.close(fd)
-        f = f"/local/domain/6/device/vbd/{vdev_to_devid('xvdb')}"
-        stack.xenstore("write", f"{f}/ring-ref", "77", f"{f}/event-channel", str(reply["port"]), f"{f}/state", "3")
-    stack.wait_backend(6, "xvdb", 6)
-    error = _read(stack, 6, "xvdb", "error")
-    assert "cannot connect the rings" in error and "77" in error, error
-    out, err = guest.communicate(timeout=120)
+    guest = stack.guest_proc(5, "--rw", "randread", "--iodepth", "4", "--until-stopped")
+    try:
+        stack.wait_backend(5, "xvdb", 4)
+        stack.wait_served(0, 5, "xvdb")
+        stack.attach(6, str(bad), "xvdb", "--wait=initwait")
+        with BrokerClient(read_host_json(stack.sim)["broker"]) as broker:
+            reply, fds = broker.call({"op": "evtchn_alloc_unbound", "domid": 6, "remote_domid": 0})
+            for fd in fds:
+                os.close(fd)
+            f = f"/local/domain/6/device/vbd/{vdev_to_devid('xvdb')}"
+            stack.xenstore("write", f"{f}/ring-ref", "77", f"{f}/event-channel", str(reply["port"]),
+                           f"{f}/state", "3")  # fmt: skip
+        stack.wait_backend(6, "xvdb", 6)
+        error = _read(stack, 6, "xvdb", "error")
+        assert "cannot connect the rings" in error and "77" in error, error
+        # the good guest is still served after its neighbour was refused: more of its requests answered
+        stack.wait_served(stack.served(5, "xvdb") + 50, 5, "xvdb")
+        guest.send_signal(signal.SIGTERM)
+        out, err = guest.communicate(timeout=GENEROUS)
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.communicate()
     assert guest.returncode == 0, out + err
     assert all(d["errors"] == 0 and d["ios"] > 0 for d in disks_of(json.loads(out)))
     assert stack.serve.poll() is None
@@ -199,10 +221,10 @@ def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
 def test_sigterm_under_load_drains_and_closes_cleanly(stack: Stack) -> None:
     qcow, _raw = make_images(stack)
     stack.attach(1, f"qcow2:{qcow}", "xvdb")
-    guest = stack.guest_proc(1, "--rw", "randwrite", "--iodepth", "32", "--runtime", "60", "--io-timeout", "20")
+    guest = stack.guest_proc(1, "--rw", "randwrite", "--iodepth", "32", "--until-stopped", "--io-timeout", "20")
     try:
         stack.wait_backend(1, "xvdb", 4)
-        time.sleep(1)  # under load
+        stack.wait_served(200, 1, "xvdb")  # under load: the guest's writes are being answered
         assert stop(stack.serve) == 0, stack.log_tail()
         assert _read(stack, 1, "xvdb", "state") == "6"
         with pytest.raises(AssertionError):

@@ -9,8 +9,8 @@ import os
 import signal
 
 from tests.fixtures.e2e import Stack
+from tests.fixtures.wait import GENEROUS
 from tests.test_e2e_sim import disks_of
-from tests.test_restart_e2e import _requests_served, _wait_served
 
 
 def test_guest_io_flows_while_xenstored_is_frozen(stack: Stack) -> None:
@@ -19,23 +19,23 @@ def test_guest_io_flows_while_xenstored_is_frozen(stack: Stack) -> None:
     os.truncate(raw, 64 << 20)
     stack.attach(1, str(raw), "xvdb")
     guest = stack.guest_proc(1, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--queues", "2", "--verify",
-                             "--size", "64G", "--runtime", "600")  # fmt: skip
+                             "--until-stopped")  # fmt: skip
     xenstored_pid = int(json.loads((stack.sim / "host.json").read_text())["xenstored_pid"])
     try:
         stack.wait_backend(1, "xvdb", 4)
-        before = _wait_served(stack, 100)
+        before = stack.wait_served(100)
         os.kill(xenstored_pid, signal.SIGSTOP)
         try:
             # The metrics endpoint reads the data plane's counters, not XenStore: they must keep rising.
-            _wait_served(stack, before + 1000)
+            stack.wait_served(before + 1000)
         finally:
             os.kill(xenstored_pid, signal.SIGCONT)
-        after = _requests_served(stack)
+        after = stack.served()
         assert guest.poll() is None, "the guest run ended during the outage"
         assert stack.serve.poll() is None, stack.log_tail()
         stack.xenblk("list", "--sim", str(stack.sim))  # the control plane answers again once xenstored does
         guest.send_signal(signal.SIGTERM)
-        out, err = guest.communicate(timeout=120)
+        out, err = guest.communicate(timeout=GENEROUS)
     finally:
         if guest.poll() is None:
             guest.kill()

@@ -15,12 +15,24 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.sim import XENBLK, BackendOffer, MiniBackend, SimHostProc, run_guest_cli
+from tests.fixtures.wait import GENEROUS, await_until
 from xenblk.sim.broker import BrokerClient
 from xenblk.sim.guest_native import lib
 from xenblk.xenstore import XenStore
 
 Backends = Callable[..., Awaitable[MiniBackend]]
 MiB = 1 << 20
+
+
+async def _state_is(xs: XenStore, path: str, want: str) -> bool:
+    return await xs.try_read(f"{path}/state") == want
+
+
+def _lock_held(lock: Path) -> bool:
+    try:
+        return lock.read_text().strip().isdigit()
+    except OSError:
+        return False
 
 
 def raw_image(tmp_path: Path, name: str, size: int = 16 * MiB) -> Path:
@@ -156,7 +168,7 @@ async def test_grants_are_revoked_and_frontend_closed_after_a_run(
 
 async def test_backend_refusal_is_reported(backends: Backends, sim_host: SimHostProc, tmp_path: Path) -> None:
     await backends(7, "xvdb", raw_image(tmp_path, "r.raw", MiB), BackendOffer(refuse="params: no such image"))
-    r = await run_guest_cli(sim_host, 7, "--rw", "read", "--timeout", "20")
+    r = await run_guest_cli(sim_host, 7, "--rw", "read", "--timeout", "120")
     assert r.rc == 1
     assert r.stderr.strip() == "xenblk sim guest: xvdb: backend refused the device: params: no such image"
     assert r.disk("xvdb")["error"] == "backend refused the device: params: no such image"
@@ -194,13 +206,10 @@ async def test_idle_guest_holds_its_disks_until_sigterm(
         *XENBLK, "sim", "guest", "--dir", str(sim_host.dir), "--domid", "12", "--idle", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    for _ in range(200):
-        if await host_xs.try_read(f"{be.f}/state") == "4":
-            break
-        await asyncio.sleep(0.05)
+    await await_until(lambda: _state_is(host_xs, be.f, "4"), "the idle guest Connected")
     assert await host_xs.read(f"{be.b}/state") == "4"
     proc.send_signal(signal.SIGTERM)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    out, err = await asyncio.wait_for(proc.communicate(), GENEROUS)
     assert proc.returncode == 0, err
     assert await host_xs.read(f"{be.f}/state") == "6"
     assert b'"ok": true' in out
@@ -210,14 +219,10 @@ async def test_backend_leaving_mid_workload_fails_the_run(
     backends: Backends, sim_host: SimHostProc, host_xs: XenStore, tmp_path: Path
 ) -> None:
     be = await backends(13, "xvdb", raw_image(tmp_path, "l.raw", 4 * MiB))
-    task = asyncio.create_task(run_guest_cli(sim_host, 13, "--rw", "randread", "--runtime", "30", "--iodepth", "4"))
-    for _ in range(200):
-        if be.device is not None:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    task = asyncio.create_task(run_guest_cli(sim_host, 13, "--rw", "randread", "--until-stopped", "--iodepth", "4"))
+    await await_until(lambda: be.served() > 50, "the guest's reads flowing")
     await host_xs.write(f"{be.b}/state", "5")
-    r = await asyncio.wait_for(task, 60)
+    r = await asyncio.wait_for(task, GENEROUS)
     # Closing with no error is a detach, as blkfront takes it: drained and closed, the workload cut short.
     assert r.rc == 1
     assert "detached by the backend (state 5 Closing, the backend closed it)" in r.stderr
@@ -229,11 +234,8 @@ async def test_a_second_guest_of_the_same_domain_is_refused(
     backends: Backends, sim_host: SimHostProc, host_xs: XenStore, tmp_path: Path
 ) -> None:
     be = await backends(14, "xvdb", raw_image(tmp_path, "two.raw", MiB))
-    first = asyncio.create_task(run_guest_cli(sim_host, 14, "--idle", "--runtime", "30"))
-    for _ in range(200):
-        if await host_xs.try_read(f"{be.f}/state") == "4":
-            break
-        await asyncio.sleep(0.05)
+    first = asyncio.create_task(run_guest_cli(sim_host, 14, "--idle", "--until-stopped"))
+    await await_until(lambda: _state_is(host_xs, be.f, "4"), "the first guest Connected")
     second = await run_guest_cli(sim_host, 14, "--rw", "read")
     assert second.rc == 1 and "another simulated guest of domain 14 is running" in second.stderr
     assert await host_xs.read(f"{be.f}/state") == "4", "the running guest was not disturbed"
@@ -255,20 +257,15 @@ async def test_detach_during_the_handshake_fails_at_once(
     # Attached by the toolstack, but no backend answers: the guest waits for InitWait...
     be = MiniBackend(sim_host, 15, "xvdb", raw_image(tmp_path, "h.raw", MiB))
     await be.attach(host_xs)
-    task = asyncio.create_task(run_guest_cli(sim_host, 15, "--rw", "read", "--timeout", "60"))
-    for _ in range(200):
-        if await host_xs.try_read(f"{be.f}/state") == "1":
-            break
-        await asyncio.sleep(0.05)
+    task = asyncio.create_task(run_guest_cli(sim_host, 15, "--rw", "read", "--timeout", "600"))
+    # The guest has taken its domain (its lock file names it); whether it is already waiting for InitWait
+    # or reads the state only after the detach below, it meets a Closing backend during the handshake.
+    await await_until(lambda: _lock_held(sim_host.dir / "guest-15.lock"), "the guest started")
     # ...when the toolstack detaches it: the guest gives up at once instead of timing out,
     # and closes its side so the detach can complete.
     await host_xs.write(f"{be.b}/online", "0")
     await host_xs.write(f"{be.b}/state", "5")
-    for _ in range(200):
-        if await host_xs.try_read(f"{be.f}/state") == "6":
-            break
-        await asyncio.sleep(0.05)
-    assert await host_xs.try_read(f"{be.f}/state") == "6"
+    await await_until(lambda: _state_is(host_xs, be.f, "6"), "the guest closed its side")
     await host_xs.write(f"{be.b}/state", "6")
-    r = await asyncio.wait_for(task, 30)
+    r = await asyncio.wait_for(task, GENEROUS)
     assert r.rc == 1 and "is Closing (the disk is being detached)" in r.stderr

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.e2e import Stack
+from tests.fixtures.wait import GENEROUS, wait_until
 from xenblk.sim.guest_native import ffi, lib
 from xenblk.sim.vdev import vdev_to_devid
 
@@ -26,11 +26,9 @@ def frontend_state(stack: Stack, domid: int, vdev: str) -> str:
 
 
 def wait_frontend_connected(stack: Stack, domid: int, vdev: str, guest: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while frontend_state(stack, domid, vdev) != "4":
-        assert guest.poll() is None, guest.communicate()
-        assert time.monotonic() < deadline, f"frontend not Connected\n{stack.log_tail()}"
-        time.sleep(0.1)
+    wait_until(lambda: frontend_state(stack, domid, vdev) == "4", f"dom{domid} {vdev} frontend Connected",
+               interval=0.1, alive=lambda: None if guest.poll() is None else f"the guest ended: {guest.communicate()}",
+               detail=stack.log_tail)  # fmt: skip
 
 
 def bad_sectors(data: bytes, base: int, versions: list[tuple[int, int]]) -> list[int]:
@@ -83,12 +81,14 @@ def test_detach_of_a_running_guest_drains_closes_and_keeps_acknowledged_data(sta
     assert rc == 0, result
     # ...then overwritten in order (seed 2, one at a time, pass after pass) while the disk is detached
     # under the guest: every write acknowledged before the detach is a prefix of the first pass.
-    guest = stack.guest_proc(4, "--rw", "write", "--bs", "16k", "--iodepth", "1", "--size", "1G", "--runtime",
-                             "120", "--seed", "2")  # fmt: skip
+    guest = stack.guest_proc(4, "--rw", "write", "--bs", "16k", "--iodepth", "1", "--until-stopped",
+                             "--seed", "2")  # fmt: skip
     try:
         wait_frontend_connected(stack, 4, "xvdb", guest)
-        time.sleep(0.5)  # writes in flight
-        r = stack.xenblk("detach", "4", "xvdb", "--sim", str(stack.sim), check=False, timeout=60)
+        # writes in flight on both disks: the daemon has answered some of each
+        stack.wait_served(20, 4, "xvdb")
+        stack.wait_served(20, 4, "xvdc")
+        r = stack.xenblk("detach", "4", "xvdb", "--sim", str(stack.sim), check=False, timeout=GENEROUS)
         if r.returncode != 0:
             guest.terminate()
             raise AssertionError(f"{r.stderr}\nguest: {guest.communicate(timeout=60)}")
@@ -99,7 +99,7 @@ def test_detach_of_a_running_guest_drains_closes_and_keeps_acknowledged_data(sta
         assert frontend_state(stack, 4, "xvdc") == "4"
         stack.wait_backend(4, "xvdc", 4)
         guest.terminate()
-        out, err = guest.communicate(timeout=120)
+        out, err = guest.communicate(timeout=GENEROUS)
     finally:
         if guest.poll() is None:
             guest.kill()
@@ -128,11 +128,11 @@ def test_idle_guest_ends_once_its_only_disk_is_detached(stack: Stack) -> None:
     img = stack.images / "idle.raw"
     subprocess.run(["truncate", "-s", "4M", str(img)], check=True)
     stack.attach(5, str(img), "xvdb")
-    guest = stack.guest_proc(5, "--idle", "--runtime", "300")
+    guest = stack.guest_proc(5, "--idle", "--until-stopped")
     try:
         wait_frontend_connected(stack, 5, "xvdb", guest)
-        stack.xenblk("detach", "5", "xvdb", "--sim", str(stack.sim), timeout=60)
-        out, err = guest.communicate(timeout=60)
+        stack.xenblk("detach", "5", "xvdb", "--sim", str(stack.sim), timeout=GENEROUS)
+        out, err = guest.communicate(timeout=GENEROUS)
     finally:
         if guest.poll() is None:
             guest.kill()

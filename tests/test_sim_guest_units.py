@@ -36,7 +36,9 @@ def test_split_covers_everything() -> None:
      ({"rw": "read", "iodepth": 0}, "--iodepth"), ({"rw": "trim", "verify": True}, "nothing to check"),
      ({"rw": "write", "verify": True, "discard_every": 3}, "--discard-every with --verify"),
      ({"rw": "read", "hostile": "overflow"}, "--hostile needs a --runtime"),
-     ({"rw": "read", "hostile": "nuke", "runtime": 1}, "unknown --hostile")],
+     ({"rw": "read", "hostile": "nuke", "runtime": 1}, "unknown --hostile"),
+     ({"rw": "read", "until_stopped": True, "runtime": 1}, "--until-stopped runs until SIGTERM"),
+     ({"rw": "read", "until_stopped": True, "size": 4096}, "--until-stopped runs until SIGTERM")],
 )  # fmt: skip
 def test_workload_checks(kw: dict[str, object], msg: str) -> None:
     with pytest.raises(WorkloadError, match=msg):
@@ -48,6 +50,7 @@ def test_total_ios() -> None:
     assert Workload("read", bs=4096, size=8192).total_ios(1 << 20) == 2
     assert Workload("read", bs=4096, runtime=1.0).total_ios(1 << 20) == 0
     assert Workload("read", bs=4096, runtime=1.0, size=4096).total_ios(1 << 20) == 1
+    assert Workload("read", bs=4096, until_stopped=True).total_ios(1 << 20) == 0  # no end of its own
 
 
 def test_pattern_depends_on_offset_seed_and_generation() -> None:

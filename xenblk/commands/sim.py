@@ -44,6 +44,11 @@ def _register_guest(ssub: Any) -> None:
     g.add_argument("--bs", default="4k", help="bytes per I/O: 512..4M, e.g. 4k, 128k, 1M (default 4k)")
     g.add_argument("--iodepth", type=int, default=1, help="I/Os in flight per queue (default 1)")
     g.add_argument("--runtime", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    g.add_argument(
+        "--until-stopped",
+        action="store_true",
+        help="no end of its own: run the workload (or stay --idle) until SIGTERM/SIGINT, then drain and report",
+    )
     g.add_argument("--size", default=None, metavar="BYTES", help="bytes of I/O per disk (default: the disk once)")
     g.add_argument("--verify", action="store_true", help="check data: written blocks read back, reads vs writes")
     g.add_argument("--seed", type=int, default=0, help="data pattern and random order seed (default 0)")
@@ -109,6 +114,7 @@ def run_guest(args: argparse.Namespace, cfg: config.Config) -> int:
         io_timeout=args.io_timeout,
         hostile=args.hostile,
         count=args.count,
+        until_stopped=args.until_stopped,
     )
     frontend = FrontendOptions(
         abi=args.abi,

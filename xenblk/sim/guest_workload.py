@@ -57,6 +57,7 @@ class Workload:
     io_timeout: float = 30.0
     hostile: str | None = None
     count: int | None = None  # requests per disk of a hostile garbage run
+    until_stopped: bool = False  # no end of its own: runs until SIGTERM/SIGINT (tests stop it on a marker)
 
     def check(self) -> None:
         if self.rw is not None and self.rw not in RW_MODES:
@@ -82,13 +83,17 @@ class Workload:
                 raise WorkloadError(f"unknown --hostile {self.hostile!r}: one of {', '.join(HOSTILE_MODES)}")
             if self.verify or self.runtime is None or self.rw is None:
                 raise WorkloadError("--hostile needs a --runtime and a workload, and cannot --verify")
+        if self.until_stopped and (self.runtime is not None or self.size is not None or self.hostile is not None):
+            raise WorkloadError("--until-stopped runs until SIGTERM: not with --runtime, --size or --hostile")
         if self.count is not None and (self.hostile != "garbage" or self.count < 1):
             raise WorkloadError("--count N (N >= 1) is the number of requests of --hostile garbage")
         if not 0 <= self.seed < 1 << 64:
             raise WorkloadError("--seed must fit in 64 bits")
 
     def total_ios(self, disk_bytes: int) -> int:
-        """I/Os per disk; 0 = as many as fit in the runtime."""
+        """I/Os per disk; 0 = as many as fit in the runtime (or until stopped)."""
+        if self.until_stopped:
+            return 0
         if self.count is not None:
             return self.count
         if self.size is not None:
