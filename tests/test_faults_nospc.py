@@ -65,7 +65,7 @@ def test_qcow2_allocation_hits_enospc(
     k = _ok_then_errors(statuses)
     assert 0 < k < len(more), statuses
     failed = len(more) - k
-    assert _errors(d) == {"io": 0, "nospc": failed, "grant": 0, "other": 0}
+    assert _errors(d) == {"io": 0, "nospc": failed, "grant": 0, "other": 0, "quota": 0}
     assert d.stats().op_named("write").errors == failed
     # acknowledged data reads back; a failed write allocated nothing (zeros, not garbage)
     acked = first + more[:k]
@@ -143,7 +143,7 @@ def test_raw_sparse_file_on_a_full_filesystem(guest_disks: MakeGuestDisk, small_
     statuses = _write_until_full(d, offs, 32 * KiB, seed=4)
     k = _ok_then_errors(statuses)
     assert 0 < k < len(offs), statuses
-    assert _errors(d) == {"io": 0, "nospc": len(offs) - k, "grant": 0, "other": 0}
+    assert _errors(d) == {"io": 0, "nospc": len(offs) - k, "grant": 0, "other": 0, "quota": 0}
     assert _flush(d) == RSP_OKAY
     for off in offs[:k]:
         assert d.read(off // SECTOR, 32 * KiB, indirect=True) == (RSP_OKAY, pattern_bytes(off, 32 * KiB, 4))

@@ -31,12 +31,14 @@ class Op:
 class Q:
     op: list[Op] = field(default_factory=lambda: [Op() for _ in range(5)])
     refusals: list[int] = field(default_factory=lambda: [0] * 10)
-    errors: list[int] = field(default_factory=lambda: [0] * 4)
+    errors: list[int] = field(default_factory=lambda: [0] * len(metrics.ERRORS))
     seg_buckets: list[int] = field(default_factory=lambda: [0] * 10)
     ring_buckets: list[int] = field(default_factory=lambda: [0] * 8)
     grant_copy_failures: int = 0
     grant_map_failures: int = 0
     in_flight: int = 0
+    mem_bytes: int = 0
+    mem_waits: int = 0
 
 
 def test_exposition_passes_promtool_and_feeds_stats() -> None:

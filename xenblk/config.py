@@ -55,6 +55,8 @@ class DataplaneConfig:
     feature_persistent: bool = True
     max_work_per_wake: int = 64
     """Requests a queue thread takes per wake-up before letting others run."""
+    memory_per_disk_mib: int = 64
+    """MiB of request buffers one disk's queues may hold; when spent, its rings wait (not other disks')."""
 
 
 @dataclass
@@ -96,6 +98,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "dataplane.max_queues": (1, 16),
     "dataplane.max_indirect_segments": (0, 256),
     "dataplane.max_work_per_wake": (1, 4096),
+    "dataplane.memory_per_disk_mib": (1, 65536),
     "xenstore.timeout": (0.1, 3600),
 }
 

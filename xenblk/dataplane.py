@@ -24,7 +24,7 @@ lib: Any = _dataplane.lib
 ABIS = {"x86_64-abi": lib.XB_ABI_X86_64, "x86_32-abi": lib.XB_ABI_X86_32}
 OPS = ("read", "write", "flush", "discard", "barrier")
 REFUSALS = ("bad_op", "nseg", "sect", "range", "align", "readonly", "secure", "indirect", "grant", "unsupported")
-ERRORS = ("io", "nospc", "grant", "other")
+ERRORS = ("io", "nospc", "grant", "other", "quota")
 # Upper bounds (ns) of the latency histograms; the last bucket is +Inf.
 LAT_BOUNDS_NS: tuple[int, ...] = tuple(int(lib.xb_lat_bounds_ns[i]) for i in range(lib.XB_LAT_BUCKETS - 1))
 
@@ -45,6 +45,7 @@ class DeviceConfig:
     max_indirect_segments: int = 256
     secure_discard: bool = False
     max_work_per_wake: int = 0  # 0: the C default
+    memory_budget: int = 0  # bytes of request buffers the device's queues may hold; 0: the C default (64 MiB)
 
 
 @dataclass
@@ -75,6 +76,9 @@ class QueueStats:
     notifications_out: int
     in_flight: int
     ring_protocol_errors: int
+    mem_bytes: int = 0  # gauge: request data buffers held (in flight and kept for reuse)
+    mem_waits: int = 0  # times the queue stopped taking requests until buffers came back
+    mem_peak: int = 0  # the most mem_bytes ever was
 
     def op_named(self, name: str) -> OpStats:
         return self.op[OPS.index(name)]
@@ -108,6 +112,9 @@ class QueueStats:
             notifications_out=int(s.notifications_out),
             in_flight=int(s.in_flight),
             ring_protocol_errors=int(s.ring_protocol_errors),
+            mem_bytes=int(s.mem_bytes),
+            mem_waits=int(s.mem_waits),
+            mem_peak=int(s.mem_peak),
         )
 
 
@@ -147,6 +154,7 @@ class Device:
         c.max_indirect_segments = cfg.max_indirect_segments
         c.secure_discard = int(cfg.secure_discard)
         c.max_work_per_wake = cfg.max_work_per_wake
+        c.memory_budget = cfg.memory_budget
         err = ffi.new("char[]", lib.XB_ERRLEN)
         ptr = lib.xb_device_new(platform._p(), _image_ptr(image), c, err)
         if ptr == ffi.NULL:

@@ -32,7 +32,7 @@ REFUSALS = (
     "grant",
     "unsupported",
 )
-ERRORS = ("io", "nospc", "grant", "other")
+ERRORS = ("io", "nospc", "grant", "other", "quota")
 # Upper bounds of the C histograms (xb_dataplane.h): 1-2-5 steps from 10 us to 10 s, then +Inf.
 LAT_BOUNDS_S = (
     0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005,
@@ -52,6 +52,8 @@ class QueueStatsLike(Protocol):
     grant_copy_failures: int
     grant_map_failures: int
     in_flight: int
+    mem_bytes: int
+    mem_waits: int
 
 
 @dataclass
@@ -122,6 +124,12 @@ class XenblkCollector(Collector):
         errs = CounterMetricFamily("xenblk_errors", "Request failures, by reason", labels=[*labels, "reason"])
         gcf = CounterMetricFamily("xenblk_grant_copy_failures", "Grant copy operations that failed", labels=labels)
         gmf = CounterMetricFamily("xenblk_grant_map_failures", "Grant map operations that failed", labels=labels)
+        memb = GaugeMetricFamily(
+            "xenblk_buffer_bytes", "Request data buffers held by the disk's queues (memory budget)", labels=labels
+        )
+        memw = CounterMetricFamily(
+            "xenblk_memory_waits", "Times a queue stopped reading its ring: memory budget spent", labels=labels
+        )
         state = GaugeMetricFamily("xenblk_device_state", "XenbusState of the backend (4 = Connected)", labels=labels)
         qn = GaugeMetricFamily("xenblk_device_queues", "Queues (rings) in use", labels=labels)
         size = GaugeMetricFamily("xenblk_device_size_bytes", "Disk size advertised to the guest", labels=labels)
@@ -165,7 +173,10 @@ class XenblkCollector(Collector):
                 errs.add_metric([*lv, reason], sum(q.errors[i] for q in d.queues))
             gcf.add_metric(lv, sum(q.grant_copy_failures for q in d.queues))
             gmf.add_metric(lv, sum(q.grant_map_failures for q in d.queues))
-        yield from (req, byt, err, lat, sto, segs, occ, infl, refs, errs, gcf, gmf, state, qn, size, rec, rsz)
+            memb.add_metric(lv, sum(q.mem_bytes for q in d.queues))
+            memw.add_metric(lv, sum(q.mem_waits for q in d.queues))
+        yield from (req, byt, err, lat, sto, segs, occ, infl, refs, errs, gcf, gmf, memb, memw)
+        yield from (state, qn, size, rec, rsz)
         yield CounterMetricFamily(
             "xenblk_xenstore_watch_events", "XenStore watch events received", value=self._daemon.watch_events
         )

@@ -146,6 +146,18 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     q->req_cons = q->rsp_prod_pvt;
     q->in_flight = 0;
     q->barrier = NULL;
+    q->mem_used = q->mem_cached = 0;
+    q->mem_wait = q->mem_wait_tail = NULL;
+    q->mem_released = 0;
+    {
+        /* The device's budget split between its queues, never below one largest request per
+         * queue (else such a request could never run). */
+        uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
+        unsigned segs = d->cfg.max_indirect_segments > XB_MAX_SEGMENTS_PER_REQUEST ? d->cfg.max_indirect_segments
+                                                                                  : XB_MAX_SEGMENTS_PER_REQUEST;
+        uint64_t per = budget / d->cfg.nr_queues, biggest = (uint64_t)segs * XB_PAGE_SIZE;
+        q->mem_limit = (size_t)(per > biggest ? per : biggest);
+    }
     q->reqs = calloc(q->ring_size, sizeof(*q->reqs));
     if (posix_memalign((void **)&q->indirect_buf, XB_PAGE_SIZE,
                        (size_t)XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_PAGE_SIZE) != 0)

@@ -99,15 +99,43 @@ static uint32_t unconsumed(struct xb_queue *q)
 
 /* ---- requests ---- */
 
+static void mem_gauge(struct xb_queue *q)
+{
+    ST_SET(q, mem_bytes, q->mem_used);
+    if (q->mem_used > q->stats.mem_peak)
+        ST_SET(q, mem_peak, q->mem_used);
+}
+
+static void free_buf(struct xb_queue *q, struct xb_req *r)
+{
+    free(r->buf);
+    q->mem_used -= r->cap;
+    r->buf = NULL;
+    r->cap = 0;
+    q->mem_released = 1;
+}
+
 static void release_req(struct xb_queue *q, struct xb_req *r)
 {
-    if (r->cap > XB_BUF_KEEP) {
-        free(r->buf);
-        r->buf = NULL;
-        r->cap = 0;
-    }
+    if (r->cap > XB_BUF_KEEP)
+        free_buf(q, r);
+    else if (r->buf) /* kept for the next request in this slot, still counted */
+        q->mem_cached += r->cap;
+    if (r->cap)
+        q->mem_released = 1;
+    mem_gauge(q);
     r->next_free = q->free_reqs;
     q->free_reqs = r;
+}
+
+/* Free slots give their kept buffers back (the budget is better spent on requests waiting). */
+static void trim_cache(struct xb_queue *q)
+{
+    for (struct xb_req *r = q->free_reqs; r && q->mem_cached; r = r->next_free)
+        if (r->buf) {
+            q->mem_cached -= r->cap;
+            free_buf(q, r);
+        }
 }
 
 /* Answer an accepted request and account for it. */
@@ -155,24 +183,35 @@ static void refuse_taken(struct xb_queue *q, struct xb_req *r, enum xb_refusal w
 
 static int err_reason_of(int err)
 {
-    return err == -ENOSPC || err == -EDQUOT ? XB_ERR_NOSPC : XB_ERR_IO;
+    if (err == -EDQUOT) /* the image at its size bound (qcow2), or a filesystem quota */
+        return XB_ERR_QUOTA;
+    return err == -ENOSPC ? XB_ERR_NOSPC : XB_ERR_IO;
 }
 
-static int ensure_buf(struct xb_req *r, size_t len)
+/* A data buffer of len bytes for r (a slot taken from the free list). -EAGAIN: the queue's memory
+ * budget is spent by requests in flight; r waits until some are answered. A request is never made
+ * to wait while nothing else holds memory, so the queue always progresses. */
+static int ensure_buf(struct xb_queue *q, struct xb_req *r, size_t len)
 {
     if (r->cap >= len && r->buf)
         return 0;
-    free(r->buf);
-    r->buf = NULL;
-    r->cap = 0;
+    if (r->buf)
+        free_buf(q, r);
     size_t cap = (len + XB_PAGE_SIZE - 1) & ~((size_t)XB_PAGE_SIZE - 1);
     if (cap == 0)
         cap = XB_PAGE_SIZE;
+    if (q->mem_used + cap > q->mem_limit) {
+        trim_cache(q);
+        if (q->mem_used && q->mem_used + cap > q->mem_limit)
+            return -EAGAIN;
+    }
     void *b;
     if (posix_memalign(&b, XB_PAGE_SIZE, cap) != 0)
         return -ENOMEM;
     r->buf = b;
     r->cap = cap;
+    q->mem_used += cap;
+    mem_gauge(q);
     return 0;
 }
 
@@ -473,6 +512,22 @@ static uint8_t stat_op_of(uint8_t op)
     }
 }
 
+/* The memory budget is spent: r waits, and the ring is not read further until it could start (a
+ * guest filling its rings with large requests holds at most the budget, not ring size x 1 MiB). */
+static void wait_for_memory(struct xb_queue *q, struct xb_req *r)
+{
+    if (!q->mem_wait)
+        ST_ADD(q, mem_waits, 1);
+    r->next_free = NULL;
+    if (q->mem_wait_tail)
+        q->mem_wait_tail->next_free = r;
+    else
+        q->mem_wait = r;
+    q->mem_wait_tail = r;
+}
+
+static void dispatch(struct xb_queue *q, struct xb_req *r);
+
 static void refuse(struct xb_queue *q, struct xb_req *r)
 {
     ST_ADD(q, refusals[r->p.refusal], 1);
@@ -490,6 +545,7 @@ static void handle_request(struct xb_queue *q, const void *raw)
         return;
     }
     q->free_reqs = r->next_free;
+    q->mem_cached -= r->cap;
     r->t_recv = now_ns();
     struct xb_parse_limits lim = q->dev->lim;
     lim.size_sectors = __atomic_load_n(&q->dev->lim.size_sectors, __ATOMIC_RELAXED);
@@ -519,10 +575,43 @@ static void handle_request(struct xb_queue *q, const void *raw)
     ST_SET(q, in_flight, q->in_flight);
     if (r->p.nseg)
         ST_ADD(q, seg_buckets[xb_seg_bucket(r->p.nseg)], 1);
-    if (r->len && ensure_buf(r, r->len) < 0) {
-        finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
-        return;
+    if (r->len) {
+        /* behind a request already waiting for memory, unless this slot's kept buffer will do */
+        int e = q->mem_wait && !(r->buf && r->cap >= r->len) ? -EAGAIN : ensure_buf(q, r, r->len);
+        if (e == -EAGAIN) {
+            wait_for_memory(q, r);
+            return;
+        }
+        if (e < 0) {
+            finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
+            return;
+        }
     }
+    dispatch(q, r);
+}
+
+/* Requests waiting for memory, in the order taken, as far as the budget allows now. */
+static void resume_waiting(struct xb_queue *q)
+{
+    q->mem_released = 0;
+    while (q->mem_wait) {
+        struct xb_req *r = q->mem_wait;
+        int e = ensure_buf(q, r, r->len);
+        if (e == -EAGAIN)
+            return;
+        q->mem_wait = r->next_free;
+        if (!q->mem_wait)
+            q->mem_wait_tail = NULL;
+        if (e < 0)
+            finish(q, r, XB_RSP_ERROR, XB_ERR_OTHER);
+        else
+            dispatch(q, r);
+    }
+}
+
+/* Start a validated request whose data buffer is ready. */
+static void dispatch(struct xb_queue *q, struct xb_req *r)
+{
     switch (r->p.op) {
     case XB_OP_READ:
         start_rw(q, r, 0);
@@ -571,7 +660,7 @@ static int consume(struct xb_queue *q)
         ST_ADD(q, ring_buckets[ring_bucket(rp - q->req_cons, q->ring_size)], 1);
     size_t esz = xb_ring_entry_size(q->dev->cfg.abi);
     unsigned n = 0;
-    while (q->req_cons != rp && n < q->dev->max_work && !q->barrier) {
+    while (q->req_cons != rp && n < q->dev->max_work && !q->barrier && !q->mem_wait) {
         if ((uint32_t)(q->req_cons - q->rsp_prod_pvt) >= q->ring_size)
             break;
         uint8_t raw[sizeof(union xb_blkif_x86_64_request)];
@@ -583,7 +672,7 @@ static int consume(struct xb_queue *q)
         n++;
         handle_request(q, raw);
     }
-    if (q->barrier)
+    if (q->barrier || q->mem_wait) /* resumed by the loop once the barrier or the memory is back */
         return 0;
     if (n == q->dev->max_work)
         return 1;
@@ -650,6 +739,8 @@ void *xb_queue_main(void *arg)
         if (q->uring_ok)
             reap_completions(q);
         reap_slow(q);
+        if (q->mem_wait)
+            resume_waiting(q);
         if (q->barrier && q->in_flight == 1 && !q->barrier->started)
             start_flush(q, q->barrier);
         batch_run(q);
@@ -660,6 +751,10 @@ void *xb_queue_main(void *arg)
         batch_run(q);
         push_responses(q);
         if (submit_pending(q))
+            busy = 1;
+        /* Buffers came back after the last try (reads answered by batch_run): try again before
+         * sleeping, no event would come for them. */
+        if (q->mem_wait && q->mem_released)
             busy = 1;
         halt = __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED);
         if (halt && q->in_flight == 0)

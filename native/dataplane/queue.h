@@ -96,6 +96,13 @@ struct xb_queue {
     struct xb_req *free_reqs;
     unsigned in_flight;
     struct xb_req *barrier; /* a barrier waiting for the queue to drain, or running: the ring waits */
+    /* Memory budget: bytes of data buffers held by this queue's request slots (in use or kept for
+     * reuse), the part kept by free slots, and the limit. A request whose buffer would pass the
+     * limit waits on mem_wait (the ring is not read further) until answered requests give theirs
+     * back; mem_released says some did since the last try. */
+    size_t mem_used, mem_cached, mem_limit;
+    struct xb_req *mem_wait, *mem_wait_tail;
+    int mem_released;
     struct xb_copy_seg copy[XB_MAX_INDIRECT_PAGES_PER_REQUEST]; /* indirect pages */
     /* Data copies of all requests ready in one pass, done as one grant-copy call (one
      * hypercall on real Xen): writes before they go to storage, reads after. */

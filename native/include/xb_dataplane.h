@@ -35,7 +35,9 @@ enum xb_refusal {
     XB_REFUSE_REASONS
 };
 
-enum xb_error_reason { XB_ERR_IO = 0, XB_ERR_NOSPC, XB_ERR_GRANT, XB_ERR_OTHER, XB_ERR_REASONS };
+/* XB_ERR_QUOTA: EDQUOT, the image reached its size bound (a qcow2 file never grows past virtual size +
+ * metadata + slack) or a filesystem quota; XB_ERR_NOSPC: the host filesystem is full. */
+enum xb_error_reason { XB_ERR_IO = 0, XB_ERR_NOSPC, XB_ERR_GRANT, XB_ERR_OTHER, XB_ERR_QUOTA, XB_ERR_REASONS };
 
 /* Latency histogram: upper bounds in ns, 1-2-5 steps from 10 us to 10 s, then +Inf. */
 #define XB_LAT_BUCKETS 20
@@ -64,6 +66,9 @@ struct xb_queue_stats {
     uint64_t notifications_out;
     uint64_t in_flight; /* gauge */
     uint64_t ring_protocol_errors; /* e.g. producer overflow: the queue stopped */
+    uint64_t mem_bytes; /* gauge: request data buffers this queue holds (in flight and kept for reuse) */
+    uint64_t mem_waits; /* times the queue stopped taking requests until buffers came back (budget spent) */
+    uint64_t mem_peak;  /* the most mem_bytes ever was (at most the queue's share of the budget) */
 };
 
 struct xb_device_config {
@@ -77,7 +82,11 @@ struct xb_device_config {
     unsigned max_indirect_segments; /* advertised; 0 = indirect not offered */
     int secure_discard;      /* advertised discard-secure */
     unsigned max_work_per_wake; /* requests consumed per wake-up before yielding; 0 = default */
+    /* Bytes of request data buffers the device's queues may hold together (split evenly between
+     * them, but never less than one largest request per queue); 0 = XB_DEFAULT_MEMORY_BUDGET. */
+    uint64_t memory_budget;
 };
+#define XB_DEFAULT_MEMORY_BUDGET (64ull << 20)
 
 struct xb_device;
 

@@ -24,6 +24,7 @@ class Advertised:
     max_indirect_segments: int
     persistent: bool
     max_work_per_wake: int
+    memory_per_disk: int = 64 << 20  # not advertised: bytes of request buffers the disk's queues may hold
 
 
 class RunningDevice(Protocol):
@@ -129,6 +130,7 @@ class RealDataplane:
             max_indirect_segments=adv.max_indirect_segments,
             secure_discard=bool(image.can_secure_discard) and not readonly,
             max_work_per_wake=adv.max_work_per_wake,
+            memory_budget=adv.memory_per_disk,
         )
         from xenblk.dataplane import DataplaneError
 

@@ -343,6 +343,7 @@ class DeviceTask:
             max_indirect_segments=await node("feature-max-indirect-segments", 0),
             persistent=await node("feature-persistent", 0) == 1,
             max_work_per_wake=dp.max_work_per_wake,
+            memory_per_disk=dp.memory_per_disk_mib << 20,
         )
         limits = Limits(adv.max_ring_page_order, adv.max_queues, adv.persistent)
         fpath = self.fpath
@@ -406,6 +407,7 @@ class DeviceTask:
             max_indirect_segments=dp.max_indirect_segments,
             persistent=dp.feature_persistent,
             max_work_per_wake=dp.max_work_per_wake,
+            memory_per_disk=dp.memory_per_disk_mib << 20,
         )
         values = {
             "max-ring-page-order": str(dp.max_ring_page_order),
