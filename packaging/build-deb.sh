@@ -17,6 +17,9 @@ VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "r
 ARCH=$(dpkg --print-architecture)
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PYNEXT=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
+# Maintainer: $DEB_MAINTAINER, else the author of the commit being packaged.
+MAINTAINER=${DEB_MAINTAINER:-$(git log -1 --format='%an <%ae>' 2>/dev/null || echo 'xenblk maintainers <xenblk@users.noreply.github.com>')}
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 PKGDIR=/usr/lib/python3/dist-packages # Debian's path for packaged modules of every python3 version
 STAGE=$OUT/deb/xenblk_${VERSION}_${ARCH}
 DEB=$OUT/xenblk_${VERSION}_${ARCH}.deb
@@ -28,7 +31,7 @@ mkdir -p "$STAGE/DEBIAN" "$STAGE$PKGDIR" "$STAGE/usr/bin" "$STAGE/usr/lib/system
 # 1. the Python package (sources only: no build products of this checkout) and the native modules
 tar -C . --exclude='__pycache__' --exclude='*.so' --exclude='*.pyc' -cf - xenblk | tar -C "$STAGE$PKGDIR" -xf -
 "$PY" packaging/build_native.py "$STAGE$PKGDIR" >/dev/null
-strip --strip-debug "$STAGE$PKGDIR"/xenblk/*.so
+strip --remove-section=.comment --remove-section=.note --strip-unneeded "$STAGE$PKGDIR"/xenblk/*.so
 
 # 2. the CLI, the unit, the config, the hotplug script, the docs
 cat >"$STAGE/usr/bin/xenblk" <<EOF
@@ -63,8 +66,18 @@ Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: xenblk
 
 Files: *
+Copyright: $(date -u -d "@$SOURCE_DATE_EPOCH" +%Y) the xenblk authors (see the git history)
 License: GPL-2.0-only
  On Debian systems the full text is in /usr/share/common-licenses/GPL-2.
+EOF
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " + local changes" || true)
+cat <<EOF | gzip -9n >"$STAGE/usr/share/doc/xenblk/changelog.gz"
+xenblk ($VERSION) unstable; urgency=medium
+
+  * make deb: git $commit$dirty, Python $PYVER.
+
+ -- $MAINTAINER  $(date -u -R -d "@$SOURCE_DATE_EPOCH")
 EOF
 
 # 3. the runtime libraries of the native modules, as packages of this release (no hard-coded sonames)
@@ -84,14 +97,13 @@ cat >"$STAGE/DEBIAN/control" <<EOF
 Package: xenblk
 Version: $VERSION
 Architecture: $ARCH
-Maintainer: xenblk developers <xenblk@localhost>
+Maintainer: $MAINTAINER
 Installed-Size: $size
 Depends: $depends
 Recommends: xen-utils-common
 Suggests: qemu-utils
 Section: admin
 Priority: optional
-Homepage: file:///usr/share/doc/xenblk/README.md
 Description: userspace Xen PV block backend (blkback) for Dom0
  xenblk serves blkfront guests from raw, qcow2 and block-device images:
  a Python control plane (asyncio) and a C data plane (io_uring).
@@ -124,7 +136,6 @@ EOF
 chmod 0755 "$STAGE/DEBIAN/postinst" "$STAGE/DEBIAN/prerm" "$STAGE/DEBIAN/postrm"
 
 # Same timestamps for the same commit; root-owned files without fakeroot.
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 find "$STAGE" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 find "$STAGE" -type d -exec chmod 0755 {} +
 dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
