@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.backend import FakeDataplane, Harness, backend_config, run_daemon, wait_for, wait_state
+from tests.fixtures.backend import (
+    FakeDataplane,
+    Harness,
+    StepLog,
+    backend_config,
+    run_daemon,
+    wait_for,
+    wait_state,
+)
 from xenblk.backend import control, toolstack
 from xenblk.sim.vdev import vdev_to_devid
 from xenblk.sim.xenstored import Xenstored
@@ -50,7 +58,7 @@ async def test_frontend_may_skip_initialised_and_legacy_single_ring(harness: Har
     assert await h.xs.read(f"{h.b(3, 'xvdb')}/info") == "4"  # VDISK_READONLY
 
 
-async def test_frontend_close_then_reconnect(harness: Harness) -> None:
+async def test_frontend_close_then_reconnect(harness: Harness, step_log: StepLog) -> None:
     h = harness
     await h.attach(1, "xvdb")
     await h.connect(1, "xvdb")
@@ -61,7 +69,7 @@ async def test_frontend_close_then_reconnect(harness: Harness) -> None:
     assert first.stopped and first.closed
     assert await h.xs.try_read(f"{b}/error") is None
     await h.xs.write(f"{f}/state", "6")
-    await asyncio.sleep(0.2)
+    await step_log.handled(1, "xvdb", 6)
     assert await h.xs.read(f"{b}/state") == "6"  # stays closed until the frontend restarts
     await h.xs.write(f"{f}/state", "1")
     await h.connect(1, "xvdb", queues=3)
@@ -118,7 +126,7 @@ async def test_resize_publishes_sectors_with_a_state_write(harness: Harness) -> 
                 events.append(await h.xs.read(f"{b}/state") + ":" + await h.xs.read(f"{b}/sectors"))
 
     watcher = asyncio.create_task(watch_state())
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: _contains(events, "4:32768"), "the watch registered (its first event)")
     loop = asyncio.get_running_loop()
     reply = await loop.run_in_executor(
         None, control.call, h.cfg.daemon.run_dir, {"op": "resize", "domid": 1, "vdev": "xvdb"}

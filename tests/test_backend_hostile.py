@@ -3,12 +3,11 @@ while another device of another guest stays Connected and the daemon carries on.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.fixtures.backend import Harness, wait_for, wait_state
+from tests.fixtures.backend import Harness, StepLog, wait_for, wait_state
 from xenblk.sim.vdev import vdev_to_devid
 
 pytestmark = pytest.mark.uvloop
@@ -128,28 +127,28 @@ async def _true(v: bool) -> bool:
 
 
 @pytest.mark.parametrize("junk", ["x", "99", "", "7"])
-async def test_frontend_state_not_a_state(harness: Harness, junk: str) -> None:
+async def test_frontend_state_not_a_state(harness: Harness, step_log: StepLog, junk: str) -> None:
     h = harness
     await _bystander(h)
     await h.attach(1, "xvdb")
     await wait_state(h.xs, h.b(1, "xvdb"), 2)
     await h.xs.write(f"{h.f(1, 'xvdb')}/state", junk)
     if junk == "7":  # Reconfiguring is a XenbusState, just not one a blkfront uses: ignored in InitWait
-        await asyncio.sleep(0.2)
+        await step_log.handled(1, "xvdb", 7)
         assert await h.xs.read(f"{h.b(1, 'xvdb')}/state") == "2"
         return
     await _closed_with(h, 1, "xvdb", "frontend state is not a XenbusState")
     await _assert_bystander_fine(h)
 
 
-async def test_error_closed_device_retries_when_the_frontend_restarts(harness: Harness) -> None:
+async def test_error_closed_device_retries_when_the_frontend_restarts(harness: Harness, step_log: StepLog) -> None:
     h = harness
     await h.attach(1, "xvdb")
     await h.frontend(1, "xvdb", keys={"protocol": "bogus"})
     await _closed_with(h, 1, "xvdb", "bogus")
     f, b = h.f(1, "xvdb"), h.b(1, "xvdb")
     await h.xs.write(f"{f}/state", "6")
-    await asyncio.sleep(0.2)
+    await step_log.handled(1, "xvdb", 6)
     assert await h.xs.read(f"{b}/state") == "6"  # a frontend that only closes is not retried in a loop
     await h.xs.write(f"{f}/protocol", "x86_64-abi")
     await h.xs.write(f"{f}/state", "1")
@@ -174,9 +173,11 @@ async def test_a_crash_in_one_device_task_is_contained(harness: Harness) -> None
     await h.attach(1, "xvdc")
     await h.frontend(1, "xvdc")
     await _closed_with(h, 1, "xvdc", "internal error: RuntimeError")
-    await asyncio.sleep(0.3)
-    assert await h.xs.read(f"{h.b(1, 'xvdc')}/state") == "6"  # not retried in a crash loop
+    # not retried in a crash loop: the task ended marked crashed (the daemon serves it again only once
+    # it is detached and attached again, below), and left its device Closed
+    await wait_for(lambda: _true(h.daemon.find(1, "xvdc").finished), "the crashed task ended")
     assert h.daemon.find(1, "xvdc").crashed
+    assert await h.xs.read(f"{h.b(1, 'xvdc')}/state") == "6"
     await _assert_bystander_fine(h)
     # detached and attached again, it is served again
     await h.xs.rm(h.b(1, "xvdc"))
