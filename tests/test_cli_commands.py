@@ -20,6 +20,7 @@ import pytest
 
 from tests.fixtures.e2e import free_port
 from tests.fixtures.sim import SimHostProc
+from tests.fixtures.wait import GENEROUS
 
 XENBLK = [sys.executable, "-m", "xenblk"]
 
@@ -154,7 +155,7 @@ def test_every_command_has_help() -> None:
         assert cmd == "stats" or "--sim" in r.stdout
 
 
-def _wait(pred, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+def _wait(pred, what: str, timeout: float = GENEROUS) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -199,7 +200,7 @@ def test_serve_with_wait_errors_and_sighup_reload(sim_host: SimHostProc, cfg: Pa
         _wait(lambda: "daemon.reload_failed" in log.read_text(), "reload failure logged")
         assert serve.poll() is None and _answers(f"http://127.0.0.1:{port2}/metrics")
         serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=30) == 0
+        assert serve.wait(timeout=GENEROUS) == 0
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -6,7 +6,6 @@ guest pages are not written). A guest that breaks the ring protocol stops only i
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from tests.fixtures.ring import (
     pattern_bytes,
     rw_request,
 )
+from tests.fixtures.wait import wait_until
 from xenblk import storage
 from xenblk.platform import Platform
 
@@ -325,10 +325,7 @@ def test_producer_overflow_stops_only_that_queue(
     try:
         ring = bad.rings[0]
         ring.set_req_prod(ring.size + 1)  # more requests than the ring holds
-        deadline = time.monotonic() + 20
-        while bad.dev.queue_failed(0) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        msg = bad.dev.queue_failed(0)
+        msg = wait_until(lambda: bad.dev.queue_failed(0), "queue 0 stopped on the overflow", interval=0.01)
         assert msg is not None and "ring" in msg
         assert bad.stats(0).ring_protocol_errors == 1
         _no_storage_ops(bad)

@@ -48,7 +48,7 @@ async def test_a_journaled_device_is_resumed_without_a_state_change(
             # xenstored delivers watch events in order: everything written under B before the sentinel is seen.
             await xs.write(f"{b}/zz-sentinel", "1")
             seen = []
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(60):
                 async for ev in events:
                     seen.append(ev.path)
                     if ev.path.endswith("/zz-sentinel"):

@@ -28,6 +28,7 @@ from tests.fixtures.ring import (
     pattern_bytes,
     rw_request,
 )
+from tests.fixtures.wait import GENEROUS
 from xenblk import dataplane, storage
 from xenblk.platform import Platform
 
@@ -88,7 +89,7 @@ class Backend:
 
     def stop(self) -> str:
         assert self.proc.stdin is not None
-        _out, err = self.proc.communicate(b"", timeout=30)
+        _out, err = self.proc.communicate(b"", timeout=GENEROUS)
         return err.decode(errors="replace")
 
 
@@ -158,7 +159,7 @@ def test_kill_at_each_step_then_resume(guest: TestGuest, tmp_path: Path, point: 
     assert len(got) < NREQ
     second = Backend(guest, ring, image, journal, resume=True)
     try:
-        got += ring.wait_responses(NREQ - len(got), timeout=30)
+        got += ring.wait_responses(NREQ - len(got), timeout=GENEROUS)
     finally:
         err = second.stop()
     assert second.proc.returncode == 0, err
@@ -180,7 +181,7 @@ def test_resume_twice_and_in_the_middle_of_a_stream(guest: TestGuest, tmp_path: 
     got += ring.take_responses()
     third = Backend(guest, ring, image, journal, resume=True)
     try:
-        got += ring.wait_responses(NREQ - len(got), timeout=30)
+        got += ring.wait_responses(NREQ - len(got), timeout=GENEROUS)
     finally:
         err = third.stop()
     assert third.proc.returncode == 0, err

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.sim import XENBLK, SimHostProc, start_sim_host
+from tests.fixtures.wait import GENEROUS
 from xenblk.sim.broker import BrokerClient, ensure_domain
 from xenblk.sim.host import _alive
 from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
@@ -43,7 +44,7 @@ def test_host_serves_xenstored_and_broker_then_cleans_up(sim_host: SimHostProc) 
 def test_sigint_stops_it_too(sim_dir: Path) -> None:
     host = start_sim_host(sim_dir)
     host.proc.send_signal(signal.SIGINT)
-    assert host.proc.wait(timeout=20) == 0
+    assert host.proc.wait(timeout=GENEROUS) == 0
     assert not (sim_dir / "host.json").exists() and not (sim_dir / "broker.sock").exists()
 
 

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.storage import qemu_check, qemu_raw
+from tests.fixtures.wait import proc_alive, wait_until
 
 SLOT = 3000  # unaligned, so writes straddle clusters and need copy-on-write of partial ones
 
@@ -54,12 +54,8 @@ def test_kill9_leaks_at_most(make_qcow2: Callable[..., Path], tmp_path: Path, cl
     )
     try:
         # kill somewhere in the middle: once some flushes are acknowledged
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.exists() and log.stat().st_size > 4000:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        wait_until(lambda: log.exists() and log.stat().st_size > 4000, "some flushes acknowledged", interval=0.01,
+                   alive=proc_alive(proc, "the writer"))  # fmt: skip
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.storage import qemu_check, qemu_raw
+from tests.fixtures.wait import proc_alive, wait_until
 from xenblk.storage import Image
 
 SIZE = 8 << 20
@@ -71,12 +71,8 @@ def test_kill9_keeps_acknowledged_allocating_writes(
     proc = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(p), str(log)], env=env, stderr=subprocess.PIPE)
     try:
         # kill mid-stream: about half the slots acknowledged, the writer busy allocating
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.exists() and log.read_text().count("\n") >= len(order) // 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        wait_until(lambda: log.exists() and log.read_text().count("\n") >= len(order) // 2,
+                   "half the slots acknowledged", interval=0.01, alive=proc_alive(proc, "the writer"))  # fmt: skip
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.sim import SimHostProc
+from tests.fixtures.wait import GENEROUS
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "xenblk.service"
 INSTALLED = "/usr/local/bin/xenblk"
@@ -81,7 +82,7 @@ def test_serve_notifies_ready_watchdog_and_stopping(sim_host: SimHostProc, tmp_p
         sock_path = Path(f"/tmp/xenblk-notify-{os.getpid()}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(sock_path))
-    listener.settimeout(30)
+    listener.settimeout(GENEROUS)
     cfg = tmp_path / "xenblk.toml"
     cfg.write_text(f'[daemon]\nrun_dir = "{tmp_path}/run"\n[metrics]\nenabled = false\n')
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
@@ -90,7 +91,7 @@ def test_serve_notifies_ready_watchdog_and_stopping(sim_host: SimHostProc, tmp_p
                              env=env, stderr=open(tmp_path / "serve.log", "wb"))  # fmt: skip  # noqa: SIM115
     try:
         messages: list[str] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + GENEROUS
         while not {"READY=1", "WATCHDOG=1"} <= {m for msg in messages for m in msg.split("\n")}:
             assert time.monotonic() < deadline, messages
             messages.append(listener.recv(4096).decode())
@@ -100,7 +101,7 @@ def test_serve_notifies_ready_watchdog_and_stopping(sim_host: SimHostProc, tmp_p
         serve.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in messages[-1]:
             messages.append(listener.recv(4096).decode())
-        assert serve.wait(timeout=30) == 0
+        assert serve.wait(timeout=GENEROUS) == 0
     finally:
         if serve.poll() is None:
             serve.kill()
