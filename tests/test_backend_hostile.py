@@ -234,7 +234,7 @@ async def _qcow2_planted_in_raw(h: Harness) -> str:
 
 IMAGE_CASES: dict[str, tuple[ImageCase, str | None]] = {
     "outside allowed_dirs": (_outside, "outside storage.allowed_dirs"),
-    "symlink out of allowed_dirs": (_symlink_out, "outside storage.allowed_dirs"),
+    "symlink out of allowed_dirs": (_symlink_out, "symbolic link"),
     "qcow2 backing file outside": (_backing_outside, "backing file"),
     "unknown format": (_unknown_format, "unknown image format 'vhd'"),
     "missing file": (_missing, "nope.raw"),

@@ -50,7 +50,7 @@ async def test_block_device_growth_is_published_from_the_uevent(
     images = tmp_path / "images"
     images.mkdir()
     cfg = backend_config(tmp_path, images)
-    cfg.storage.allowed_dirs = ["/dev"]
+    cfg.storage.allowed_devices = [dev]
     dp = FakeDataplane()
     async with run_daemon(xenstored, cfg, dp, uevents=True) as (daemon, _):
         h = Harness(xs, daemon, dp, images, cfg)

@@ -22,7 +22,7 @@ from tests.fixtures.wait import GENEROUS, proc_alive, wait_until
 
 
 def make_images(stack: Stack) -> tuple[Path, Path]:
-    base, qcow, raw = stack.images / "base.raw", stack.images / "disk.qcow2", stack.images / "data.raw"
+    base, qcow, raw = stack.base / "base.raw", stack.images / "disk.qcow2", stack.images / "data.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "64M"], check=True)
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 8M", str(base)], check=True, capture_output=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow)], check=True)

@@ -29,7 +29,7 @@ def _restart(stack: Stack) -> None:
 def test_kill_9_under_a_verified_workload_is_invisible_to_the_guest(stack: Stack) -> None:
     qcow = stack.images / "disk.qcow2"
     raws = [stack.images / "data1.raw", stack.images / "data2.raw"]
-    base = stack.images / "base.raw"
+    base = stack.base / "base.raw"
     # A qcow2 that allocates (and copies on write from its backing file) under the workload: the
     # daemon journals, so it opens it with meta_writethrough and a kill loses no allocation the guest
     # was answered for (DESIGN "Restart without guest impact").

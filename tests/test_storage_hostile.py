@@ -116,7 +116,7 @@ def test_backing_loop_refused(make_qcow2: Callable[..., Path], tmp_path: Path) -
     (tmp_path / "b.qcow2").unlink()
     b2.rename(tmp_path / "b.qcow2")  # a -> b -> a
     with pytest.raises(StorageError, match="deeper than 16"):
-        Image.open(str(a), "qcow2")
+        Image.open(str(a), "qcow2", backing_dirs=[str(tmp_path)])
 
 
 def test_backing_format_never_guessed(make_qcow2: Callable[..., Path], tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_backing_format_never_guessed(make_qcow2: Callable[..., Path], tmp_path:
     from tests.fixtures.storage import qemu_img
 
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(base), "-F", "raw", str(top), "1M")
-    with Image.open(str(top), "qcow2") as im:
+    with Image.open(str(top), "qcow2", backing_dirs=[str(tmp_path)]) as im:
         assert im.info()["backing_format"] == "raw"
         assert im.read(0, 4) == b"QFI\xfb"
 

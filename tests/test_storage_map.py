@@ -64,7 +64,19 @@ def test_cli_qcow2_info_chain_and_check(make_qcow2: Callable[..., Path], tmp_pat
     top = make_qcow2("top.qcow2", "", backing=base)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run(
-        [sys.executable, "-m", "xenblk", "image", "info", str(top), "--format", "qcow2", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "xenblk",
+            "image",
+            "info",
+            str(top),
+            "--format",
+            "qcow2",
+            "--json",
+            "--backing-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -73,14 +85,14 @@ def test_cli_qcow2_info_chain_and_check(make_qcow2: Callable[..., Path], tmp_pat
     info = json.loads(out.stdout)
     assert info["cluster_size"] == 65536 and info["backing"]["format"] == "qcow2"
     r = subprocess.run(
-        [sys.executable, "-m", "xenblk", "image", "check", str(top), "-f", "qcow2"],
+        [sys.executable, "-m", "xenblk", "image", "check", str(top), "-f", "qcow2", "--backing-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
     )
     assert r.returncode == 0 and "no errors found" in r.stdout
     r = subprocess.run(
-        [sys.executable, "-m", "xenblk", "image", "info", str(top), "-f", "qcow2"],
+        [sys.executable, "-m", "xenblk", "image", "info", str(top), "-f", "qcow2", "--backing-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

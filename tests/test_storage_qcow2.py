@@ -103,7 +103,7 @@ def test_backing_chain_cow(make_qcow2: Callable[..., Path], tmp_path: Path) -> N
     qemu_io(mid, "qcow2", "write -P 0x22 64k 64k")
     top = make_qcow2("top.qcow2", "", backing=Path("mid.qcow2"), cluster_size=65536)  # relative name
     ref = bytearray(qemu_raw(top))
-    with Image.open(str(top), "qcow2") as img:
+    with Image.open(str(top), "qcow2", backing_dirs=[str(tmp_path)]) as img:
         info = img.info()
         assert info["backing_format"] == "qcow2" and info["backing"]["backing_format"] == "raw"
         assert img.read(0, img.size) == bytes(ref)

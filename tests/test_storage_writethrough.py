@@ -40,7 +40,7 @@ import os, sys
 from tests.test_storage_writethrough import SLOT, pattern, slot_order
 from xenblk.storage import Image
 path, log = sys.argv[1], sys.argv[2]
-img = Image.open(path, "qcow2", meta_writethrough=True)
+img = Image.open(path, "qcow2", meta_writethrough=True, backing_dirs=[os.path.dirname(path)])
 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 for i, s in enumerate(slot_order(img.size // SLOT)):
     img.write(s * SLOT, pattern(s))
@@ -95,7 +95,7 @@ def test_kill9_keeps_acknowledged_allocating_writes(
     bad = next((i for i in range(0, SIZE, SLOT) if data[i : i + SLOT] != expected[i : i + SLOT]), None)
     assert bad is None, f"slot {bad // SLOT} differs after kill -9 (acknowledged writes lost or damaged)"
     # Our driver reads the same, and can go on allocating on the leaky image.
-    img = Image.open(str(p), "qcow2", meta_writethrough=True)
+    img = Image.open(str(p), "qcow2", meta_writethrough=True, backing_dirs=[str(tmp_path)])
     try:
         assert img.read(0, SIZE) == oracle
         img.write(SIZE - SLOT, b"\x5a" * SLOT)
@@ -113,7 +113,7 @@ def test_clean_close_gives_the_reserve_back(
     p = make_image(make_qcow2, tmp_path, cluster_size, backed)
     order = slot_order(SIZE // SLOT)
     expected = bytearray(backing_bytes() if backed else bytes(SIZE))
-    img = Image.open(str(p), "qcow2", meta_writethrough=True)
+    img = Image.open(str(p), "qcow2", meta_writethrough=True, backing_dirs=[str(tmp_path)])
     try:
         for i, s in enumerate(order[: len(order) // 3]):
             img.write(s * SLOT, pattern(s))

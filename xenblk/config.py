@@ -61,8 +61,12 @@ class DataplaneConfig:
 
 @dataclass
 class StorageConfig:
-    allowed_dirs: list[str] = field(default_factory=lambda: ["/var/lib/xen/images", "/var/lib/xenblk/images", "/dev"])
-    """Images (and their backing files) must lie under one of these."""
+    allowed_dirs: list[str] = field(default_factory=lambda: ["/var/lib/xen/images", "/var/lib/xenblk/images"])
+    """Image files must lie under one of these (opened beneath it, no symlinks followed); never /dev."""
+    allowed_devices: list[str] = field(default_factory=list)
+    """Block devices served: fnmatch patterns of their paths, e.g. "/dev/vg0/guest-*"; empty: none."""
+    backing_dirs: list[str] = field(default_factory=list)
+    """qcow2 backing files must lie under one of these (read-only base images); empty: no backing files."""
     cache: str = "writeback"
     """raw files: writeback (page cache, flush = fdatasync) | none (O_DIRECT)."""
     qcow2_dirs: list[str] = field(default_factory=list)
@@ -122,7 +126,21 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"config key {key!r}: {value} must be 0 (off) or 12..256")
     if key == "metrics.listen":
         _parse_listen(key, value)
+    if key in ("storage.allowed_dirs", "storage.backing_dirs", "storage.allowed_devices"):
+        _check_storage_paths(key, value)
     return value
+
+
+def _check_storage_paths(key: str, value: list[str]) -> None:
+    for v in value:
+        if not v.startswith("/"):
+            raise ConfigError(f"config key {key!r}: {v!r} is not an absolute path")
+        if key != "storage.allowed_devices" and (v.rstrip("/") in ("", "/dev") or v.startswith("/dev/")):
+            # /dev holds every disk of the host (and /dev/shm anyone's files): devices are named one by one
+            raise ConfigError(
+                f"config key {key!r}: {v!r} would reach the host's devices; name block devices in"
+                " storage.allowed_devices (patterns such as /dev/vg0/guest-*)"
+            )
 
 
 def _parse_listen(key: str, value: str) -> tuple[str, int]:

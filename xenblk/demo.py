@@ -96,13 +96,15 @@ def main() -> int:
 
 def full_demo() -> int:
     work = Path(tempfile.mkdtemp(prefix="xenblk-demo."))
-    sim, images = work / "sim", work / "images"
+    sim, images, bases = work / "sim", work / "images", work / "base"
     images.mkdir(parents=True)
+    bases.mkdir()
     port = free_port()
     cfg = work / "xenblk.toml"
     cfg.write_text(
         f'[daemon]\nrun_dir = "{work}/run"\nstate_dir = "{work}/state"\n'
-        f'[storage]\nallowed_dirs = ["{images}"]\n'
+        # backing files only from a base-image directory of their own, never from the images' one
+        f'[storage]\nallowed_dirs = ["{images}"]\nbacking_dirs = ["{bases}"]\n'
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
         '[log]\nformat = "console"\nlevel = "info"\n'
     )
@@ -114,7 +116,7 @@ def full_demo() -> int:
         print(f"host ready in {sim}: {json.loads((sim / 'host.json').read_text())['xenstored_path']}")
 
         say("images: a qcow2 over a raw backing file, and a raw file")
-        base, qcow, raw = images / "base.raw", images / "disk.qcow2", images / "data.raw"
+        base, qcow, raw = bases / "base.raw", images / "disk.qcow2", images / "data.raw"
         run(["qemu-img", "create", "-q", "-f", "raw", str(base), "256M"])
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow), "256M"])
         run(["truncate", "-s", "256M", str(raw)])

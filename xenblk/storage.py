@@ -5,13 +5,22 @@ them without the GIL; this module opens them, turns their negative errnos into
 StorageError, and offers synchronous read/write/flush/discard for the control
 plane and tests. The format is never guessed from an image's contents: a guest
 can write those, so an unlabelled image is raw (or block for a device).
+
+Files are opened here, in Python, and handed to C as fds: each is opened once (first as an
+O_PATH probe that cannot block or touch a device, checked with fstat, then for I/O with
+O_NONBLOCK, and the fd's inode compared with the probe's), and the fd C uses is the one
+checked. A qcow2 backing file is opened through a callback from C once C has read its name
+from the parent's header: only under `backing_dirs`, beneath that directory without following
+any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only if it is a regular file.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import stat
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from xenblk import _storage  # type: ignore[attr-defined]
@@ -31,6 +40,156 @@ class StorageError(XenblkError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What st_mode names, for messages: "a regular file", "a block device", "a FIFO", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def open_beneath(dirfd: int, rel: str, flags: int, *, walk: bool = False) -> int:
+    """os.open of `rel` beneath the directory `dirfd` that never follows a symlink nor leaves the
+    directory (see xb_open_beneath); walk=True forces the openat2-less fallback (tests)."""
+    fd = int(lib.xb_open_beneath(dirfd, os.fsencode(rel), flags, lib.XB_BENEATH_WALK if walk else 0))
+    if fd < 0:
+        raise OSError(-fd, os.strerror(-fd), rel)
+    return fd
+
+
+def _os_error(name: str, e: OSError, where: str = "") -> StorageError:
+    if e.errno == _errno.ELOOP:
+        msg = f"{name}: refused: a symbolic link in its path (links are not followed{where})"
+    elif e.errno == _errno.EXDEV:
+        msg = f"{name}: refused: the path leaves its directory{where}"
+    else:
+        msg = f"{name}: {e.strerror}"
+    return StorageError(msg, e.errno or 0)
+
+
+def open_checked(
+    opener: Callable[[int], int], name: str, *, readonly: bool, accept: Callable[[int], str | None], where: str = ""
+) -> int:
+    """Opens a file through `opener(os flags) -> fd` the way every image is opened: an O_PATH
+    probe first (no side effect: a FIFO cannot block, a device is not opened), `accept(st_mode)`
+    (None, or why not), then the real open with O_NONBLOCK (the driver clears it), read-write
+    falling back to read-only where the file refuses writing, and the same inode or nothing.
+    Returns the fd; raises StorageError."""
+    try:
+        probe = opener(os.O_PATH)
+    except OSError as e:
+        raise _os_error(name, e, where) from None
+    try:
+        st = os.fstat(probe)
+    finally:
+        os.close(probe)
+    why = accept(st.st_mode)
+    if why:
+        raise StorageError(f"{name}: {why}", _errno.EPERM)
+    base = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        try:
+            fd = opener(base | (os.O_RDONLY if readonly else os.O_RDWR))
+        except OSError as e:
+            if readonly or e.errno not in (_errno.EACCES, _errno.EROFS, _errno.EPERM):
+                raise
+            fd = opener(base | os.O_RDONLY)  # a read-only file or device is served read-only
+    except OSError as e:
+        raise _os_error(name, e, where) from None
+    st2 = os.fstat(fd)
+    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) or stat.S_IFMT(st2.st_mode) != stat.S_IFMT(st.st_mode):
+        os.close(fd)
+        raise StorageError(f"{name}: refused: it was replaced while being opened", _errno.EAGAIN)
+    return fd
+
+
+def under_dirs(path: str, dirs: Sequence[str]) -> tuple[str, str] | None:
+    """(directory, path relative to it) for the first of `dirs` that holds the normalized absolute
+    `path` (lexically: the open beneath that directory is what enforces it), else None."""
+    for d in dirs:
+        for root in dict.fromkeys((os.path.normpath(d), os.path.realpath(d))):
+            r = root.rstrip("/")
+            if path.startswith(r + "/") and len(path) > len(r) + 1:
+                return root, path[len(r) + 1 :]
+    return None
+
+
+def open_in_dir(root: str, rel: str, name: str, *, readonly: bool, accept: Callable[[int], str | None]) -> int:
+    """open_checked of root/rel, beneath root (the admin's directory, whose own path may hold links)."""
+    try:
+        dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StorageError(f"{name}: directory {root}: {e.strerror}", e.errno or 0) from None
+    try:
+        return open_checked(
+            lambda fl: open_beneath(dirfd, rel, fl), name, readonly=readonly, accept=accept, where=f" under {root}"
+        )
+    finally:
+        os.close(dirfd)
+
+
+def regular_only(mode: int) -> str | None:
+    return None if stat.S_ISREG(mode) else f"is {file_kind(mode)} (only regular files are accepted here)"
+
+
+def open_backing_file(parent: str, name: str, backing_dirs: Sequence[str]) -> tuple[int, str]:
+    """The backing file `name` of the image `parent` (the name comes from the parent's header:
+    hostile): resolved against the parent's directory when relative, normalized, accepted only
+    under one of `backing_dirs`, opened read-only beneath it, a regular file. Returns (fd, path)."""
+    if not backing_dirs:
+        raise StorageError(
+            f"{parent}: backing file {name!r} refused: backing files are not allowed (storage.backing_dirs is empty)",
+            _errno.EPERM,
+        )
+    p = os.path.normpath(name if name.startswith("/") else os.path.join(os.path.dirname(parent), name))
+    hit = under_dirs(p, backing_dirs)
+    if hit is None:
+        shown = p if name == p else f"{name!r} ({p})"
+        raise StorageError(
+            f"{parent}: backing file {shown} is outside storage.backing_dirs ({', '.join(backing_dirs)})",
+            _errno.EPERM,
+        )
+    fd = open_in_dir(*hit, f"{parent}: backing file {p}", readonly=True, accept=regular_only)
+    return fd, p
+
+
+class _BackingOpener:
+    """The xb_backing_fn C calls for each backing file of a chain (see open_backing_file)."""
+
+    def __init__(self, backing_dirs: Sequence[str]) -> None:
+        self.dirs = list(backing_dirs)
+        self.cb = ffi.callback("xb_backing_fn", self._call)
+        self.error: StorageError | None = None  # the refusal, whole (C's copy is cut at XB_ERRLEN)
+
+    def _call(self, ctx: Any, parent_c: Any, name_c: Any, fmt_c: Any, resolved_c: Any, err_c: Any) -> int:
+        parent = os.fsdecode(ffi.string(parent_c))
+        try:
+            fd, path = open_backing_file(parent, os.fsdecode(ffi.string(name_c)), self.dirs)
+        except StorageError as e:
+            self.error = e
+            _set_err(err_c, str(e))
+            return -(e.errno or _errno.EPERM)
+        except BaseException as e:  # nothing may unwind into C
+            _set_err(err_c, f"{parent}: backing file: internal error: {e!r}")
+            return -_errno.EIO
+        b = os.fsencode(path)[: lib.XB_PATHLEN - 1]
+        ffi.memmove(resolved_c, b + b"\0", len(b) + 1)
+        return fd
+
+
+def _set_err(err_c: Any, msg: str) -> None:
+    b = msg.encode(errors="replace")[: lib.XB_ERRLEN - 1]
+    ffi.memmove(err_c, b + b"\0", len(b) + 1)
 
 
 def _check(rc: int, what: str, path: str) -> int:
@@ -56,21 +215,57 @@ class Image:
         readonly: bool = False,
         cache: str | None = None,
         meta_writethrough: bool = False,
+        backing_dirs: Sequence[str] = (),
     ) -> Image:
-        """cache None: the format's default (page cache for files, O_DIRECT for block devices);
+        """Opens `path` as named by a trusted caller (tests, `xenblk image`; the daemon goes through
+        xenblk.backend.imagespec.open_image, which adds its directory rules): a regular file or a
+        block device, never blocking on a FIFO; qcow2 backing files only under `backing_dirs`.
+        cache None: the format's default (page cache for files, O_DIRECT for block devices);
         "none": O_DIRECT; "writeback": page cache, even for a block device. meta_writethrough
         (qcow2): a write that allocates puts its metadata in the file before it returns, so a
         killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact")."""
-        if fmt is None:
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise StorageError(f"{path}: {e.strerror}", e.errno or 0) from None
-            fmt = "block" if stat.S_ISBLK(st.st_mode) else "raw"
-        if fmt not in FORMATS:
-            raise StorageError(f"{path}: unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
-        if cache is not None and cache not in CACHE_MODES:
-            raise StorageError(f"{path}: unknown cache mode {cache!r} (expected one of {', '.join(CACHE_MODES)})")
+        name = os.path.abspath(path)
+
+        def file_or_device(mode: int) -> str | None:
+            if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                return None
+            return f"is {file_kind(mode)}, not an image file or block device"
+
+        fd = open_checked(lambda fl: os.open(path, fl | os.O_CLOEXEC), name, readonly=readonly, accept=file_or_device)
+        return cls.open_fd(
+            fd,
+            name,
+            fmt,
+            readonly=readonly,
+            cache=cache,
+            meta_writethrough=meta_writethrough,
+            backing_dirs=backing_dirs,
+        )
+
+    @classmethod
+    def open_fd(
+        cls,
+        fd: int,
+        name: str,
+        fmt: str | None = None,
+        *,
+        readonly: bool = False,
+        cache: str | None = None,
+        meta_writethrough: bool = False,
+        backing_dirs: Sequence[str] = (),
+    ) -> Image:
+        """The driver on an fd the caller opened and checked (ownership passes: it is closed on
+        failure too). fmt None: block for a block device, else raw."""
+        try:
+            if fmt is None:
+                fmt = "block" if stat.S_ISBLK(os.fstat(fd).st_mode) else "raw"
+            if fmt not in FORMATS:
+                raise StorageError(f"{name}: unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
+            if cache is not None and cache not in CACHE_MODES:
+                raise StorageError(f"{name}: unknown cache mode {cache!r} (expected one of {', '.join(CACHE_MODES)})")
+        except BaseException:
+            os.close(fd)
+            raise
         flags = 0
         if readonly:
             flags |= lib.XB_OPEN_RDONLY
@@ -81,10 +276,13 @@ class Image:
         if meta_writethrough:
             flags |= lib.XB_OPEN_WRITETHROUGH_META
         err = ffi.new("char[]", lib.XB_ERRLEN)
-        ptr = lib.xb_image_open(os.fsencode(path), FORMATS[fmt], flags, err)
+        opener = _BackingOpener(backing_dirs)
+        ptr = lib.xb_image_open_fd(fd, os.fsencode(name), FORMATS[fmt], flags, opener.cb, ffi.NULL, err)
         if ptr == ffi.NULL:
-            raise StorageError(ffi.string(err).decode(errors="replace") or f"{path}: cannot open")
-        return cls(ptr, path)
+            if opener.error is not None:  # the chain stops at the first refusal: that is the cause
+                raise opener.error
+            raise StorageError(ffi.string(err).decode(errors="replace") or f"{name}: cannot open")
+        return cls(ptr, name)
 
     def _p(self) -> Any:
         if self.ptr is None:
@@ -254,8 +452,18 @@ class FaultImage(Image):
         readonly: bool = False,
         cache: str | None = None,
         meta_writethrough: bool = False,
+        backing_dirs: Sequence[str] = (),
     ) -> Image:
-        return cls.wrap(Image.open(path, fmt, readonly=readonly, cache=cache, meta_writethrough=meta_writethrough))
+        return cls.wrap(
+            Image.open(
+                path,
+                fmt,
+                readonly=readonly,
+                cache=cache,
+                meta_writethrough=meta_writethrough,
+                backing_dirs=backing_dirs,
+            )
+        )
 
     def inject_fault(
         self, ops: str | tuple[str, ...], errno: int, *, off: int = 0, length: int = 0, after: int = 0, count: int = 0

@@ -2,7 +2,6 @@
  * Everything read here is hostile: each field is bounded before use. */
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -82,34 +81,60 @@ static const char *incompat_name(int bit)
     }
 }
 
-static int open_backing(struct qcow2 *q, unsigned flags, int depth, char *err)
+/* The backing file: its name comes from the header, which whoever made the image wrote, so the
+ * caller's callback decides whether and how the name resolves and opens it (xenblk: only under
+ * storage.backing_dirs, beneath the directory, no symlinks). Whatever it hands back must be a
+ * regular file: a device, FIFO or socket is never read as someone's base image. */
+static int open_backing(struct qcow2 *q, unsigned flags, int depth, xb_backing_fn backing, void *ctx, char *err)
 {
-    char full[4096 + 1024 + 2];
-    if (q->backing_file[0] == '/') {
-        snprintf(full, sizeof(full), "%s", q->backing_file);
-    } else {
-        char dir[4096];
-        snprintf(dir, sizeof(dir), "%s", q->path);
-        snprintf(full, sizeof(full), "%s/%s", dirname(dir), q->backing_file);
-    }
-    char sub[XB_ERRLEN];
-    sub[0] = 0;
-    unsigned bflags = XB_OPEN_RDONLY | (flags & XB_OPEN_DIRECT ? 0 : XB_OPEN_BUFFERED);
-    if (!strcmp(q->backing_fmt, "qcow2")) {
-        q->backing = xb_qcow2_open(full, bflags, depth + 1, sub);
-    } else if (!q->backing_fmt[0] || !strcmp(q->backing_fmt, "raw") || !strcmp(q->backing_fmt, "file")) {
-        q->backing = xb_raw_open(full, 0, bflags & ~XB_OPEN_DIRECT, sub);
-        if (!q->backing && errno != ENOENT) /* a device as backing */
-            q->backing = xb_raw_open(full, 1, XB_OPEN_RDONLY | XB_OPEN_BUFFERED, NULL);
-    } else {
+    int is_qcow2 = !strcmp(q->backing_fmt, "qcow2");
+    if (!is_qcow2 && q->backing_fmt[0] && strcmp(q->backing_fmt, "raw") && strcmp(q->backing_fmt, "file")) {
         xb_seterr(err, "%s: backing format '%s' is not supported", q->path, q->backing_fmt);
         return -ENOTSUP;
     }
-    if (!q->backing) {
-        if (strstr(sub, "backing chain deeper")) /* already names the culprit; nesting would only truncate it */
+    if (!backing) {
+        xb_seterr(err, "%s: has a backing file (%s) but backing files are not allowed here", q->path,
+                  q->backing_file);
+        return -EPERM;
+    }
+    if (depth + 1 >= XB_MAX_BACKING_DEPTH) {
+        xb_seterr(err, "backing chain deeper than %d (a loop?) at %s", XB_MAX_BACKING_DEPTH, q->path);
+        return -ELOOP;
+    }
+    char sub[XB_ERRLEN], resolved[XB_PATHLEN];
+    sub[0] = 0;
+    resolved[0] = 0;
+    int fd = backing(ctx, q->path, q->backing_file, is_qcow2 ? "qcow2" : "raw", resolved, sub);
+    if (fd < 0) {
+        if (sub[0])
             xb_seterr(err, "%s", sub);
         else
-            xb_seterr(err, "%s: backing file: %s", q->path, sub);
+            xb_seterr(err, "%s: backing file %s: %s", q->path, q->backing_file, strerror(-fd));
+        return fd;
+    }
+    resolved[sizeof(resolved) - 1] = 0;
+    if (!resolved[0])
+        snprintf(resolved, sizeof(resolved), "%s", q->backing_file);
+    struct stat st;
+    if (fstat(fd, &st)) {
+        xb_seterr(err, "%s: backing file %s: %s", q->path, resolved, strerror(errno));
+        close(fd);
+        return -EIO;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        xb_seterr(err, "%s: backing file %s is %s (only regular files are backing files)", q->path, resolved,
+                  xb_file_kind(st.st_mode));
+        close(fd);
+        return -EPERM;
+    }
+    unsigned bflags = XB_OPEN_RDONLY | (flags & XB_OPEN_DIRECT ? 0 : XB_OPEN_BUFFERED);
+    if (is_qcow2)
+        q->backing = xb_qcow2_open_fd(fd, resolved, bflags, depth + 1, backing, ctx, sub);
+    else
+        q->backing = xb_raw_open_fd(fd, resolved, 0, bflags & ~XB_OPEN_DIRECT, sub);
+    if (!q->backing) {
+        /* an error from deeper down already names its image (and nesting would only truncate it) */
+        xb_seterr(err, "%s", sub);
         return -EIO;
     }
     return 0;
@@ -145,36 +170,31 @@ static int parse_extensions(struct qcow2 *q, const uint8_t *h, uint64_t end, cha
         goto fail;                                                                                                     \
     } while (0)
 
-struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err)
+struct xb_image *xb_qcow2_open_fd(int fd, const char *path, unsigned flags, int depth, xb_backing_fn backing,
+                                  void *ctx, char *err)
 {
-    if (depth >= XB_MAX_BACKING_DEPTH) {
-        xb_seterr(err, "backing chain deeper than %d (a loop?) at %s", XB_MAX_BACKING_DEPTH, path);
-        return NULL;
-    }
     struct qcow2 *q = calloc(1, sizeof(*q));
     if (!q) {
+        close(fd);
         xb_seterr(err, "out of memory");
         return NULL;
     }
     pthread_mutex_init(&q->lock, NULL);
-    q->fd = -1;
+    q->fd = fd;
     uint8_t *h = NULL;
     snprintf(q->path, sizeof(q->path), "%s", path);
-    q->ro = !!(flags & XB_OPEN_RDONLY);
+    int fd_ro = 0, rc = xb_fd_prepare(fd, &fd_ro);
+    if (rc)
+        FAIL("%s: %s", path, strerror(-rc));
+    q->ro = fd_ro || (flags & XB_OPEN_RDONLY);
     q->meta_wt = !q->ro && (flags & XB_OPEN_WRITETHROUGH_META);
     q->wt_l1_idx = -1;
-    q->fd = open(path, O_CLOEXEC | (q->ro ? O_RDONLY : O_RDWR));
-    if (q->fd < 0 && !q->ro && (errno == EACCES || errno == EROFS)) {
-        q->ro = 1;
-        q->fd = open(path, O_CLOEXEC | O_RDONLY);
-    }
-    if (q->fd < 0)
-        FAIL("%s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(q->fd, &st))
         FAIL("%s: %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
-        FAIL("%s: not a file or block device", path);
+    /* a block device only as the top image (the caller named it); backing files are regular files */
+    if (!S_ISREG(st.st_mode) && !(S_ISBLK(st.st_mode) && depth == 0))
+        FAIL("%s: not a regular file%s (it is %s)", path, depth ? "" : " or block device", xb_file_kind(st.st_mode));
     uint64_t fsize = (uint64_t)st.st_size;
     if (S_ISBLK(st.st_mode))
         fsize = (uint64_t)lseek(q->fd, 0, SEEK_END);
@@ -282,7 +302,7 @@ struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char
         FAIL("%s: cannot read L1/refcount tables", path);
     if (qc_cache_init(q, &q->l2c, 1) || qc_cache_init(q, &q->rbc, 0))
         FAIL("out of memory");
-    if (q->backing_file[0] && open_backing(q, flags, depth, err))
+    if (q->backing_file[0] && open_backing(q, flags, depth, backing, ctx, err))
         goto fail;
     if (!q->ro && q->autoclear) {
         /* We do not maintain what autoclear features (bitmaps...) describe. */

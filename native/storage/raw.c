@@ -243,35 +243,37 @@ static void setup_block(struct xb_image *img, struct stat *st)
         img->caps |= XB_CAP_SECURE_DISCARD;
 }
 
-struct xb_image *xb_raw_open(const char *path, int block, unsigned flags, char *err)
+struct xb_image *xb_raw_open_fd(int fd, const char *path, int block, unsigned flags, char *err)
 {
-    int ro = !!(flags & XB_OPEN_RDONLY);
-    int oflags = O_CLOEXEC | (ro ? O_RDONLY : O_RDWR);
+    int ro = 0;
     struct stat st;
-    if (stat(path, &st)) {
-        xb_seterr(err, "%s: %s", path, strerror(errno));
+    int rc = xb_fd_prepare(fd, &ro);
+    if (rc || fstat(fd, &st)) {
+        xb_seterr(err, "%s: %s", path, strerror(rc ? -rc : errno));
+        close(fd);
         return NULL;
     }
+    ro |= !!(flags & XB_OPEN_RDONLY);
     if (block && !S_ISBLK(st.st_mode)) {
-        xb_seterr(err, "%s: not a block device", path);
+        xb_seterr(err, "%s: not a block device (it is %s)", path, xb_file_kind(st.st_mode));
+        close(fd);
         return NULL;
     }
     if (!block && !S_ISREG(st.st_mode)) {
-        xb_seterr(err, "%s: not a regular file (use format 'block' for a device)", path);
+        xb_seterr(err, "%s: not a regular file (it is %s)%s", path, xb_file_kind(st.st_mode),
+                  S_ISBLK(st.st_mode) ? "; use format 'block' for a device" : "");
+        close(fd);
         return NULL;
     }
     int direct = (flags & XB_OPEN_DIRECT) || (block && !(flags & XB_OPEN_BUFFERED));
-    if (direct)
-        oflags |= O_DIRECT;
-    int fd = open(path, oflags);
-    if (fd < 0 && !ro && (errno == EROFS || errno == EACCES)) {
-        /* A read-only file or device is served read-only rather than refused. */
-        ro = 1;
-        fd = open(path, (oflags & ~O_RDWR) | O_RDONLY);
-    }
-    if (fd < 0) {
-        xb_seterr(err, "%s: %s%s", path, strerror(errno), direct && errno == EINVAL ? " (O_DIRECT unsupported?)" : "");
-        return NULL;
+    if (direct) {
+        /* O_DIRECT can be set on an open fd: the caller opened it without, to check it first */
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_DIRECT)) {
+            xb_seterr(err, "%s: %s%s", path, strerror(errno), errno == EINVAL ? " (O_DIRECT unsupported?)" : "");
+            close(fd);
+            return NULL;
+        }
     }
     struct raw *r = calloc(1, sizeof(*r));
     if (!r) {

@@ -25,8 +25,33 @@ struct xb_image_desc {
     char backing_format[32];
 };
 
+/* Opens the backing file `name` of the image `parent`, for reading. `name` and `fmt` come from the
+ * parent's header, i.e. from whoever wrote the image: the callback decides whether the name may be
+ * opened (and how it resolves), opens it and returns the fd (the driver owns it from then on), or
+ * returns -errno with the reason in err (XB_ERRLEN). It writes the path it opened into `resolved`
+ * (XB_PATHLEN): the name of that image in messages and the base of its own relative backing name. */
+#define XB_PATHLEN 4096
+typedef int (*xb_backing_fn)(void *ctx, const char *parent, const char *name, const char *fmt, char *resolved,
+                             char *err);
+
 const char *xb_storage_version(void);
+/* Opens an image on an fd the caller opened (and hands over: closed on failure too). The fd's
+ * access mode decides read-write or read-only (XB_OPEN_RDONLY forces read-only); O_NONBLOCK is
+ * cleared. raw needs a regular file, block a block device, qcow2 either. A qcow2 backing file is
+ * opened only through `backing` (NULL: an image with a backing file is refused), and only a
+ * regular file is accepted from it — never a device, FIFO or socket. */
+struct xb_image *xb_image_open_fd(int fd, const char *name, int format, unsigned flags, xb_backing_fn backing,
+                                  void *ctx, char *err);
+/* C tests only: opens `path` (not following a symlink in its last component, not blocking on a
+ * FIFO) then xb_image_open_fd without backing files. */
 struct xb_image *xb_image_open(const char *path, int format, unsigned flags, char *err);
+/* Opens `rel` beneath the directory `dirfd`: no absolute path, no `..` leaving it, no symlink
+ * anywhere (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS; where openat2 is
+ * missing or filtered, a walk one component at a time with O_NOFOLLOW that refuses `..`).
+ * O_CLOEXEC|O_NOCTTY|O_NOFOLLOW are added. Returns the fd or -errno (ELOOP: a symlink; EXDEV:
+ * leaves the directory). XB_BENEATH_WALK forces the walk (tests). */
+#define XB_BENEATH_WALK 0x1u
+int xb_open_beneath(int dirfd, const char *rel, int oflags, unsigned how);
 ssize_t xb_image_read(struct xb_image *img, void *buf, size_t len, uint64_t off);
 ssize_t xb_image_write(struct xb_image *img, const void *buf, size_t len, uint64_t off);
 int xb_image_flush(struct xb_image *img);

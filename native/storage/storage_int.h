@@ -21,8 +21,15 @@ size_t xb_iov_len(const struct iovec *iov, int iovcnt);
 void xb_iov_to_buf(const struct iovec *iov, int iovcnt, size_t skip, void *buf, size_t len);
 void xb_buf_to_iov(const struct iovec *iov, int iovcnt, size_t skip, const void *buf, size_t len);
 
-struct xb_image *xb_raw_open(const char *path, int block, unsigned flags, char *err);
-struct xb_image *xb_qcow2_open(const char *path, unsigned flags, int depth, char *err);
+/* Both take ownership of fd (closed on failure too); `name` is for messages and relative backing names. */
+struct xb_image *xb_raw_open_fd(int fd, const char *name, int block, unsigned flags, char *err);
+struct xb_image *xb_qcow2_open_fd(int fd, const char *name, unsigned flags, int depth, xb_backing_fn backing,
+                                  void *ctx, char *err);
+/* Clears O_NONBLOCK (opened so that a FIFO could not block us) and returns 1 if the fd was
+ * opened read-only. */
+int xb_fd_prepare(int fd, int *readonly);
+/* "a block device", "a FIFO", ... for a message about st_mode. */
+const char *xb_file_kind(unsigned mode);
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d);
 #endif

@@ -5,11 +5,16 @@
  * out of bounds, or hang. (test_storage_fuzz.c is the fixed-seed mutation test
  * of qemu-img made images; this one lets libFuzzer steer the mutations.)
  *
- * Each input is written to a private directory that also holds the backing
- * files the seed corpus refers to (backing.qcow2, backing.raw). A backing name
- * that is not a plain file name in that directory is skipped: it could name a
- * device or a pipe and block the fuzzer, which would find nothing in the driver.
+ * Each input is written to a private directory (img/) that also holds the
+ * backing files the seed corpus refers to (backing.qcow2, backing.raw) and
+ * traps: a FIFO, a symlink to a file outside, a subdirectory; next to img/ lies
+ * outside.raw. Backing names are whatever the input says: the backing callback
+ * opens them the way xenblk does (xb_open_beneath: beneath img/, no symlinks,
+ * non-blocking; the input's last byte picks openat2 or the fallback walk) and
+ * aborts if it ever got an fd of something outside img/; the driver must refuse
+ * every non-regular file the callback hands it (the FIFO) without blocking.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +25,12 @@
 
 #define READ_SPAN (256u << 10)
 
-static char dir[] = "/tmp/xb-fuzz-qcow2-XXXXXX";
-static char image_path[256];
+static char root[] = "/tmp/xb-fuzz-qcow2-XXXXXX";
+static char dir[300];
+static char image_path[400];
+static int dirfd_img = -1;
+static unsigned walk_flag; /* XB_BENEATH_WALK for this input, or 0 */
+static struct stat outside_st, target_st;
 
 static uint64_t be64(const uint8_t *p)
 {
@@ -31,30 +40,24 @@ static uint64_t be64(const uint8_t *p)
     return v;
 }
 
-static uint32_t be32(const uint8_t *p)
+/* The driver's backing callback, as xenblk's is: beneath img/ only (an absolute name is
+ * refused by xb_open_beneath itself), read-only, non-blocking. The driver checks the type. */
+static int open_backing(void *ctx, const char *parent, const char *name, const char *fmt, char *resolved, char *err)
 {
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-/* 1 if the header names no backing file, or one that is a plain name inside our directory. */
-static int backing_is_safe(const uint8_t *data, size_t size)
-{
-    if (size < 20)
-        return 1;
-    uint64_t off = be64(data + 8);
-    uint32_t len = be32(data + 16);
-    if (off == 0 || len == 0 || off >= size || len > size - off)
-        return 1; /* the driver refuses it before any open: nothing outside data to reach */
-    const uint8_t *name = data + off;
-    if (len == 2 && name[0] == '.' && name[1] == '.')
-        return 0;
-    for (uint32_t i = 0; i < len; i++) {
-        uint8_t c = name[i];
-        if (!(c == '.' || c == '_' || c == '-' || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
-              (c >= 'A' && c <= 'Z')))
-            return 0;
+    (void)ctx, (void)parent, (void)fmt;
+    int fd = xb_open_beneath(dirfd_img, name, O_RDONLY | O_NONBLOCK, walk_flag);
+    if (fd < 0) {
+        snprintf(err, XB_ERRLEN, "backing %s: %s", name, strerror(-fd));
+        return fd;
     }
-    return 1;
+    struct stat st;
+    if (fstat(fd, &st) || (st.st_dev == outside_st.st_dev && st.st_ino == outside_st.st_ino) ||
+        (st.st_dev == target_st.st_dev && st.st_ino == target_st.st_ino)) {
+        fprintf(stderr, "fuzz_qcow2: backing name '%s' reached a file outside the directory\n", name);
+        abort();
+    }
+    snprintf(resolved, XB_PATHLEN, "%s/%s", dir, name);
+    return fd;
 }
 
 static void write_file(const char *path, const uint8_t *data, size_t size)
@@ -69,7 +72,7 @@ static void write_file(const char *path, const uint8_t *data, size_t size)
 
 static void make_backing_files(void)
 {
-    char cmd[1024];
+    char cmd[2048];
     snprintf(cmd, sizeof(cmd),
              "cd %s && qemu-img create -q -f qcow2 -o cluster_size=512 backing.qcow2 1M && "
              "qemu-io -f qcow2 -c 'write -P 0x5a 0 8k' backing.qcow2 >/dev/null && "
@@ -77,28 +80,57 @@ static void make_backing_files(void)
              dir);
     if (system(cmd) != 0)
         fprintf(stderr, "fuzz_qcow2: no qemu-img: inputs with a backing file fail to open\n");
+    /* the traps */
+    char p[512], q[512];
+    snprintf(p, sizeof(p), "%s/outside.raw", root);
+    write_file(p, (const uint8_t *)"outside", 7);
+    snprintf(p, sizeof(p), "%s/pipe", dir);
+    if (mkfifo(p, 0600))
+        perror(p);
+    snprintf(p, sizeof(p), "%s/link", dir);
+    snprintf(q, sizeof(q), "%s/target.raw", root);
+    write_file(q, (const uint8_t *)"target", 6);
+    if (symlink(q, p))
+        perror(p);
+    snprintf(p, sizeof(p), "%s/sub", dir);
+    if (mkdir(p, 0700))
+        perror(p);
+    snprintf(p, sizeof(p), "%s/outside.raw", root);
+    if (stat(p, &outside_st) || stat(q, &target_st))
+        abort();
 }
 
 static void remove_dir(void)
 {
-    const char *names[] = {"image.qcow2", "backing.qcow2", "backing.raw"};
-    char path[256];
-    for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+    const char *files[] = {"img/image.qcow2", "img/backing.qcow2", "img/backing.raw", "img/pipe", "img/link",
+                           "outside.raw", "target.raw"};
+    const char *dirs[] = {"img/sub", "img", ""};
+    char path[512];
+    for (unsigned i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", root, files[i]);
         unlink(path);
     }
-    rmdir(dir);
+    for (unsigned i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", root, dirs[i]);
+        rmdir(path);
+    }
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    if (!mkdtemp(dir))
+    if (!mkdtemp(root))
         abort();
     atexit(remove_dir);
+    snprintf(dir, sizeof(dir), "%s/img", root);
+    if (mkdir(dir, 0700))
+        abort();
     snprintf(image_path, sizeof(image_path), "%s/image.qcow2", dir);
     make_backing_files();
+    dirfd_img = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd_img < 0)
+        abort();
     return 0;
 }
 
@@ -134,13 +166,16 @@ static void exercise(struct xb_image *img, const uint8_t *data, size_t size)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (!backing_is_safe(data, size))
-        return -1; /* not added to the corpus */
     write_file(image_path, data, size);
     char err[XB_ERRLEN];
-    /* The last byte's low bit (padding to the driver) picks read-only: images with snapshots open only so. */
+    /* The last byte's low bit (padding to the driver) picks read-only: images with snapshots open only so;
+     * its next bit picks the openat2-less walk for backing files. */
     unsigned flags = size && (data[size - 1] & 1) ? XB_OPEN_RDONLY : 0;
-    struct xb_image *img = xb_image_open(image_path, XB_FMT_QCOW2, flags, err);
+    walk_flag = size && (data[size - 1] & 2) ? XB_BENEATH_WALK : 0;
+    int fd = open(image_path, O_CLOEXEC | (flags & XB_OPEN_RDONLY ? O_RDONLY : O_RDWR));
+    if (fd < 0)
+        abort();
+    struct xb_image *img = xb_image_open_fd(fd, image_path, XB_FMT_QCOW2, flags, open_backing, NULL, err);
     if (!img)
         return 0;
     exercise(img, data, size);

@@ -310,8 +310,17 @@ class DeviceTask:
         loop = asyncio.get_running_loop()
         spec = self.spec
         wt = journals_on(self.ctx.dataplane)
+        st = cfg.storage
         self.image = await loop.run_in_executor(
-            None, lambda: open_image(spec, list(cfg.storage.allowed_dirs), cfg.storage.cache, meta_writethrough=wt)
+            None,
+            lambda: open_image(
+                spec,
+                list(st.allowed_dirs),
+                st.cache,
+                allowed_devices=list(st.allowed_devices),
+                backing_dirs=list(st.backing_dirs),
+                meta_writethrough=wt,
+            ),
         )
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512

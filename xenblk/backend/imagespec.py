@@ -2,8 +2,16 @@
 
 The format comes from the prefix or, without one, from the file type (block device or
 raw file) — never from the contents, which the guest may write (a planted qcow2 header
-could point a backing file at any host file). The path and every backing file of a
-qcow2 must resolve (realpath) under one of `storage.allowed_dirs`.
+could point a backing file at any host file).
+
+Where an image may be (docs/config.md, README "Security"):
+- a file: under one of `storage.allowed_dirs`, opened beneath that directory without following
+  any symlink (a tenant who can write there cannot point its image elsewhere, not even by
+  swapping a link in during the open), and a regular file;
+- a block device: only when its path matches one of `storage.allowed_devices` (fnmatch
+  patterns, e.g. /dev/vg0/guest-*; /dev is no directory of files);
+- a qcow2 backing file: only under `storage.backing_dirs` (read-only base images; empty by
+  default: no backing files), a regular file, each link of the chain checked before it is opened.
 
 `storage.qcow2_dirs` is the admin's rule for toolstacks that can only say raw (libxl's
 `backendtype=tap` accepts format=raw|vhd): a regular file under one of those directories
@@ -13,9 +21,11 @@ file, never from what the file contains.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +116,13 @@ def check_allowed(path: str, allowed_dirs: list[str], what: str = "image") -> No
         )
 
 
+def device_allowed(path: str, allowed_devices: Sequence[str]) -> bool:
+    """The path (as named, normalized: a `..` or `//` never sneaks past a pattern's `*`) matches a pattern."""
+    if os.path.normpath(path) != path:
+        return False
+    return any(fnmatch.fnmatchcase(path, pat) for pat in allowed_devices)
+
+
 def backing_chain(info: dict[str, Any], image_path: str) -> list[str]:
     """Every backing file of an opened image (from Image.info()), as absolute paths."""
     out: list[str] = []
@@ -120,35 +137,67 @@ def backing_chain(info: dict[str, Any], image_path: str) -> list[str]:
     return out
 
 
-def open_image(spec: ImageSpec, allowed_dirs: list[str], cache: str, *, meta_writethrough: bool = False) -> Any:
-    """Open the image after checking where it and its backing chain live; returns xenblk.storage.Image.
-    meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled)."""
-    from xenblk.storage import Image, StorageError
+def _block_only(mode: int) -> str | None:
+    from xenblk.storage import file_kind
 
-    check_allowed(spec.path, allowed_dirs)
-    fmt = spec.resolved_format()
-    if fmt == "block":
-        try:
-            if not stat.S_ISBLK(os.stat(spec.path).st_mode):
-                raise ImageSpecError(f"image {spec.path} is not a block device (format block)")
-        except OSError as e:
-            raise ImageSpecError(f"image {spec.path}: {e.strerror}") from None
+    return None if stat.S_ISBLK(mode) else f"is {file_kind(mode)}, not a block device"
+
+
+def open_image(
+    spec: ImageSpec,
+    allowed_dirs: Sequence[str],
+    cache: str,
+    *,
+    allowed_devices: Sequence[str] = (),
+    backing_dirs: Sequence[str] = (),
+    meta_writethrough: bool = False,
+) -> Any:
+    """Open the image where the rules above allow it; returns xenblk.storage.Image.
+    meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled)."""
+    from xenblk.storage import Image, StorageError, file_kind, open_checked, open_in_dir, under_dirs
+
+    path = spec.path
     try:
+        if device_allowed(path, allowed_devices):
+            # udev's names (/dev/vg/lv, /dev/mapper/...) are links root made: followed
+            fd = open_checked(
+                lambda fl: os.open(path, fl | os.O_CLOEXEC), path, readonly=spec.readonly, accept=_block_only
+            )
+        else:
+            hit = under_dirs(os.path.normpath(path), allowed_dirs)
+            if hit is None:
+                dirs, devs = (
+                    ", ".join(allowed_dirs) or "none configured",
+                    ", ".join(allowed_devices) or "none configured",
+                )
+                raise ImageSpecError(
+                    f"image {path} is outside storage.allowed_dirs ({dirs}) and matches no"
+                    f" storage.allowed_devices pattern ({devs})"
+                )
+
+            def file_only(mode: int) -> str | None:
+                if stat.S_ISBLK(mode):
+                    return (
+                        "is a block device: devices are served only when their path matches storage.allowed_devices"
+                        f" ({', '.join(allowed_devices) or 'none configured'})"
+                    )
+                return None if stat.S_ISREG(mode) else f"is {file_kind(mode)}, not an image file"
+
+            fd = open_in_dir(*hit, f"image {path}", readonly=spec.readonly, accept=file_only)
+        fmt = spec.format
+        if fmt == "block" and not stat.S_ISBLK(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageSpecError(f"image {path} is not a block device (format block)")
         # Block devices keep the driver's default (O_DIRECT); storage.cache applies to files.
-        img = Image.open(
-            spec.path,
+        is_block = fmt == "block" or (fmt is None and stat.S_ISBLK(os.fstat(fd).st_mode))
+        return Image.open_fd(
+            fd,
+            path,
             fmt,
             readonly=spec.readonly,
-            cache=None if fmt == "block" else cache,
+            cache=None if is_block else cache,
             meta_writethrough=meta_writethrough,
+            backing_dirs=backing_dirs,
         )
     except StorageError as e:
         raise ImageSpecError(str(e)) from None
-    try:
-        if fmt == "qcow2":
-            for b in backing_chain(img.info(), spec.path):
-                check_allowed(b, allowed_dirs, what="backing file")
-    except BaseException:
-        img.close()
-        raise
-    return img

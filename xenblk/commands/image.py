@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from xenblk import config
@@ -25,6 +26,14 @@ def register(sub: Any) -> None:
             choices=sorted(FORMATS),
             default=None,
             help="image format (default: raw, block for a device)",
+        )
+        q.add_argument(
+            "--backing-dir",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="also accept qcow2 backing files under DIR (besides storage.backing_dirs; repeatable); "
+            "backing files are regular files opened beneath such a directory without following symlinks",
         )
         q.add_argument("--json", action="store_true", help="print JSON")
         q.set_defaults(func=run)
@@ -53,7 +62,11 @@ def _print_info(info: dict[str, Any], indent: str = "") -> None:
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    with Image.open(args.path, args.format, readonly=True) as img:
+    # The same rules as the daemon's for what the image names (it may be a tenant's): backing
+    # files only from storage.backing_dirs (and --backing-dir), never a device, FIFO or socket;
+    # the image itself is what the admin named, opened without blocking on a FIFO.
+    backing_dirs = [*cfg.storage.backing_dirs, *(os.path.abspath(d) for d in args.backing_dir)]
+    with Image.open(args.path, args.format, readonly=True, backing_dirs=backing_dirs) as img:
         if args.image_command == "info":
             info = img.info()
             if args.json:
