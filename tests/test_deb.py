@@ -155,12 +155,25 @@ def test_installed_unit_passes_systemd_analyze_verify(root: Path, tmp_path: Path
     assert complaints == [], complaints
 
 
+# xenblk.service has MemoryDenyWriteExecute=yes: no memory may be writable and executable (cffi's
+# ffi.callback needs such memory, extern "Python" does not). Where the kernel has PR_SET_MDWE (6.3+), the
+# packaged daemon runs under it here, as under systemd; EINVAL (an older kernel) runs it without.
+MDWE_EXEC = (
+    "import ctypes, os, sys\n"
+    "r = ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0)  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN\n"
+    "assert r == 0 or ctypes.get_errno() == 22, os.strerror(ctypes.get_errno())\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
 def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: Path, sim_dir: Path) -> None:
     """Debian's python3-uvloop/-structlog/-prometheus-client/-pyroute2 of this release run the daemon:
-    the packaged `xenblk serve` on the sim host, the packaged block-xenblk adds a disk, a guest verifies."""
+    the packaged `xenblk serve` (under MemoryDenyWriteExecute, see MDWE_EXEC) on the sim host, the packaged
+    block-xenblk adds a disk, a guest verifies."""
     env = packaged_env(root)
     script = root / "etc/xen/scripts/block-xenblk"
-    with running_host(tmp_path, sim_dir, [str(root / "usr/bin/xenblk")], env, script) as host:
+    xenblk = [SYSPY, "-c", MDWE_EXEC, str(root / "usr/bin/xenblk")]
+    with running_host(tmp_path, sim_dir, xenblk, env, script) as host:
         maps = Path(f"/proc/{host.stack.serve.pid}/maps").read_text()
         assert f"{root}/{PKGDIR}/xenblk/_dataplane" in maps  # the packaged modules, not the checkout's
         assert os.path.realpath(f"/proc/{host.stack.serve.pid}/exe") == os.path.realpath(SYSPY)
