@@ -169,11 +169,11 @@ MDWE_EXEC = (
 def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: Path, sim_dir: Path) -> None:
     """Debian's python3-uvloop/-structlog/-prometheus-client/-pyroute2 of this release run the daemon:
     the packaged `xenblk serve` (under MemoryDenyWriteExecute, see MDWE_EXEC) on the sim host, the packaged
-    block-xenblk adds a disk, a guest verifies."""
+    block-xenblk adds a disk, a guest verifies; kernel uevents through Debian's pyroute2."""
     env = packaged_env(root)
     script = root / "etc/xen/scripts/block-xenblk"
     xenblk = [SYSPY, "-c", MDWE_EXEC, str(root / "usr/bin/xenblk")]
-    with running_host(tmp_path, sim_dir, xenblk, env, script) as host:
+    with running_host(tmp_path, sim_dir, xenblk, env, script, uevents=True) as host:
         maps = Path(f"/proc/{host.stack.serve.pid}/maps").read_text()
         assert f"{root}/{PKGDIR}/xenblk/_dataplane" in maps  # the packaged modules, not the checkout's
         assert os.path.realpath(f"/proc/{host.stack.serve.pid}/exe") == os.path.realpath(SYSPY)
@@ -187,3 +187,5 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
         verified_io(host, 8)
         assert host.libxl_remove(xp, 8).returncode == 0
         host.wait_gone(8)
+        # Debian's python3-pyroute2 listens to kernel uevents for block-device growth
+        assert '"event": "uevents.listening"' in host.stack.serve_log.read_text(), host.stack.log_tail()

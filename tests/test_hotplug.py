@@ -143,10 +143,16 @@ class Host:
 
 
 def start_serve(
-    tmp: Path, sim: Path, cfg: Path, xenblk: list[str] = XENBLK, env: dict[str, str] | None = None
+    tmp: Path,
+    sim: Path,
+    cfg: Path,
+    xenblk: list[str] = XENBLK,
+    env: dict[str, str] | None = None,
+    uevents: bool = False,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / f"serve-{time.monotonic_ns()}.log"
-    serve = subprocess.Popen([*xenblk, "--config", str(cfg), "serve", "--sim", str(sim), "--no-uevents"],
+    extra = [] if uevents else ["--no-uevents"]
+    serve = subprocess.Popen([*xenblk, "--config", str(cfg), "serve", "--sim", str(sim), *extra],
                              stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=tmp, env=env)  # fmt: skip  # noqa: SIM115
     return serve, log
 
@@ -158,6 +164,7 @@ def running_host(
     xenblk: list[str] = XENBLK,
     env: dict[str, str] | None = None,
     script: Path = SCRIPT,
+    uevents: bool = False,
 ) -> Iterator[Host]:
     """A sim host (this checkout) with `xenblk serve` run as XENBLK (this checkout's or an installed one)."""
     images = tmp_path / "images"
@@ -180,7 +187,7 @@ def running_host(
     serve = None
     try:
         _wait(lambda: (sim_dir / "host.json").exists(), hostp, "xenblk sim host")
-        serve, log = start_serve(tmp_path, sim_dir, cfg, xenblk, env)
+        serve, log = start_serve(tmp_path, sim_dir, cfg, xenblk, env, uevents)
         url = f"http://127.0.0.1:{port}/metrics"
         _wait(lambda: urllib.request.urlopen(url, timeout=2).read() is not None, serve, "xenblk serve")
         stack = Stack(sim=sim_dir, images=images, config=cfg, metrics_url=url, serve=serve, serve_log=log)
