@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 import urllib.request
@@ -185,6 +186,7 @@ def running_host(
     hostp = subprocess.Popen([*XENBLK, "sim", "host", "--dir", str(sim_dir)], stdout=subprocess.DEVNULL,
                              stderr=open(tmp_path / "host.log", "wb"), cwd=ROOT)  # fmt: skip  # noqa: SIM115
     serve = None
+    stack: Stack | None = None
     try:
         _wait(lambda: (sim_dir / "host.json").exists(), hostp, "xenblk sim host")
         serve, log = start_serve(tmp_path, sim_dir, cfg, xenblk, env, uevents)
@@ -194,6 +196,8 @@ def running_host(
         yield Host(stack=stack, tmp=tmp_path, wrapper=wrapper, script=script)
     finally:
         stop(serve)
+        if stack is not None:
+            stop(stack.serve)  # a test may have restarted it
         stop(hostp)
 
 
@@ -340,3 +344,49 @@ def test_vbd_refused_while_xen_blkback_is_loaded(host: Host) -> None:
             time.sleep(0.05)
     finally:
         assert stop(serve) == 0
+
+
+def test_a_script_that_only_writes_hotplug_status_still_gets_the_disk_served(host: Host) -> None:
+    """A hotplug script of its own that only writes hotplug-status=connected (no `xenblk hotplug`) is taken
+    as the go-ahead: the daemon opens the image then."""
+    image = host.stack.images / "s.raw"
+    subprocess.run(["truncate", "-s", "16M", str(image)], check=True)
+    xp = host.write_libxl_disk(9, "xvdb", f"aio:{image}")
+    host.wait_state(xp, "2")
+    host.xs_batch([("write", f"/local/domain/0/{xp}/hotplug-status", "connected")])
+    verified_io(host, 9)
+    assert host.libxl_remove(xp, 9).returncode == 0
+    assert host.open_fds_to(image) == []
+    host.wait_gone(9)
+
+
+def test_kill_9_restart_resumes_a_disk_added_through_the_script(host: Host) -> None:
+    """A disk the script added (B/script, hotplug-status=connected) is resumed by a restarted daemon like
+    any other: it must not wait for a second `take` (libxl runs the script once)."""
+    image = host.stack.images / "k.raw"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    xp = host.write_libxl_disk(10, "xvdb", f"aio:{image}")
+    host.wait_state(xp, "2")
+    assert host.hotplug("add", xp).returncode == 0
+    guest = host.stack.guest_proc(10, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--seed", "5",
+                                  "--until-stopped")  # fmt: skip
+    try:
+        host.wait_state(xp, "4")
+        host.stack.wait_served(100, 10, "xvdb")
+        host.stack.serve.kill()
+        assert host.stack.serve.wait(timeout=120) == -9
+        host.stack.serve, host.stack.serve_log = start_serve(host.tmp, host.stack.sim, host.stack.config)
+        host.stack.wait_served(100, 10, "xvdb")  # the new daemon's own count: it serves the rings again
+        guest.send_signal(signal.SIGTERM)
+        out, err = guest.communicate(timeout=120)
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.wait()
+    assert guest.returncode == 0, f"{out}\n{err}\n{host.stack.log_tail()}"
+    disks = json.loads(out)["disks"]
+    for d in disks.values() if isinstance(disks, dict) else disks:
+        assert d.get("errors", 0) == 0 and d.get("verify_errors", 0) == 0, d
+    assert '"device.resumed"' in host.stack.serve_log.read_text()
+    assert host.libxl_remove(xp, 10).returncode == 0
+    host.wait_gone(10)
