@@ -7,7 +7,7 @@
 # for Debian 12 (Python 3.11), on Debian 13 for Debian 13 (Python 3.13). Depends pins python3 to
 # that minor version, so apt refuses a package built for another release instead of failing later.
 # Build deps (installed by scripts/setup.sh): python3-dev python3-cffi python3-setuptools,
-# liburing-dev zlib1g-dev libzstd-dev, build-essential.
+# liburing-dev zlib1g-dev libzstd-dev libxen-dev, build-essential.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +55,8 @@ grep -q '^ExecStart=/usr/bin/xenblk serve$' "$STAGE/usr/lib/systemd/system/xenbl
   echo "# /etc/xenblk/xenblk.toml: xenblk's configuration (see /usr/share/doc/xenblk/config.md)."
   echo "# Every key is shown commented out with its default; uncomment and edit to change one."
   echo "# After editing: systemctl reload xenblk (log.*, storage.*, dataplane.*, metrics.*) or restart."
-  PYTHONPATH="$STAGE$PKGDIR" "$PY" -m xenblk config --defaults |
+  # from the staged package (cd: `-m` would put this checkout first on sys.path)
+  (cd "$STAGE$PKGDIR" && PYTHONPATH=. "$PY" -m xenblk config --defaults) |
     sed -e '1d' -e '/^\[/b' -e '/^#/b' -e '/^$/b' -e 's/^/# /'
 } >"$STAGE/etc/xenblk/xenblk.toml"
 chmod 0644 "$STAGE/etc/xenblk/xenblk.toml"
