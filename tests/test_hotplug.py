@@ -390,3 +390,20 @@ def test_kill_9_restart_resumes_a_disk_added_through_the_script(host: Host) -> N
     assert '"device.resumed"' in host.stack.serve_log.read_text()
     assert host.libxl_remove(xp, 10).returncode == 0
     host.wait_gone(10)
+
+
+def test_vbd_left_to_xen_blkback_loaded_after_the_start(host: Host) -> None:
+    """xen-blkback loaded while the daemon runs (udev loads it by its alias unless blacklisted): a new vbd
+    device is the kernel's; xenblk writes nothing to it and the script says why."""
+    module = host.stack.sim / "sys" / "module" / "xen_blkback"
+    module.mkdir(parents=True)
+    image = host.stack.images / "b.raw"
+    subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
+    xp = host.write_libxl_disk(11, "xvdb", str(image), btype="vbd")
+    r = host.hotplug("add", xp)
+    assert r.returncode != 0 and "xen-blkback is loaded" in r.stderr, r.stderr
+    assert host.read(f"/local/domain/0/{xp}/state") == "1"  # untouched: not InitWait, not Closed
+    assert host.read(f"/local/domain/0/{xp}/max-ring-page-order") is None
+    assert host.open_fds_to(image) == []
+    assert not [d for d in host.served() if d["domid"] == 11]
+    host.xs_batch([("rm", f"/local/domain/0/{xp}"), ("rm", f"/local/domain/11/device/vbd/{vdev_to_devid('xvdb')}")])

@@ -63,6 +63,7 @@ class Daemon:
         self.sys_dir = sys_dir  # the simulated host has its own (<sim dir>/sys)
         self.counters = DaemonCounters()
         self.devices: dict[Key, DeviceTask] = {}
+        self._left_to_blkback: set[Key] = set()
         self.ctx: DaemonContext | None = None
         self.metrics: MetricsServer | None = None
         self.control: ControlServer | None = None
@@ -75,10 +76,14 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def _blkback_loaded(self) -> Path | None:
+        module = self.sys_dir / "module" / "xen_blkback"
+        return module if module.exists() else None
+
     def check_kernel_backend(self) -> None:
         """Backend type vbd is also xen-blkback's: two backends on one dir would both map the rings."""
-        module = self.sys_dir / "module" / "xen_blkback"
-        if "vbd" in self.cfg.daemon.backend_types and module.exists():
+        module = self._blkback_loaded()
+        if "vbd" in self.cfg.daemon.backend_types and module is not None:
             raise XenblkError(
                 f"daemon.backend_types has vbd but the kernel's xen-blkback is loaded ({module}): both would serve "
                 "the same devices; unload it (modprobe -r xen-blkback, and blacklist it) or serve vbd3 only"
@@ -256,6 +261,13 @@ class Daemon:
             return
         if self._stop.is_set() or domid > 0x7FEF or devid >= 1 << 32:
             return
+        if btype == "vbd" and existing is None and (module := self._blkback_loaded()) is not None:
+            # Loaded after the start (udev loads it by the xen-backend:vbd alias unless blacklisted): the
+            # kernel serves vbd now; leave the device to it (`xenblk hotplug add` reports why).
+            if key not in self._left_to_blkback:  # once per device: every watch event comes here
+                self._left_to_blkback.add(key)
+                log.error("daemon.blkback_loaded", backend=f"{self._base(btype)}/{domid}/{devid}", module=str(module))
+            return
         state = parse_state(await self.ctx.xs.try_read(f"{self._base(btype)}/{domid}/{devid}/state"))
         if existing is not None and existing.crashed:
             # Closed with an error by a bug: serving it again could crash in a loop. A new attach
@@ -357,6 +369,11 @@ class Daemon:
             raise XenblkError("timeout must be a number of seconds in (0, 600]")
         path = f"{self._base(key[0])}/{key[1]}/{key[2]}"
         dev = self.devices.get(key)
+        if op == "take" and key[0] == "vbd" and dev is None and (module := self._blkback_loaded()) is not None:
+            raise XenblkError(
+                f"the kernel's xen-blkback is loaded ({module}) and serves backend type vbd; xenblk leaves {path} "
+                "to it (blacklist xen_blkback and reboot, or modprobe -r xen-blkback, to serve vbd with xenblk)"
+            )
         if op == "release":
             if dev is not None:
                 try:
