@@ -212,6 +212,10 @@ async def _backing_outside(h: Harness) -> str:
 
 
 async def _unknown_format(h: Harness) -> str:
+    return f"qed:{h.image('x.raw')}"
+
+
+async def _vhd(h: Harness) -> str:
     return f"vhd:{h.image('x.raw')}"
 
 
@@ -236,7 +240,8 @@ IMAGE_CASES: dict[str, tuple[ImageCase, str | None]] = {
     "outside allowed_dirs": (_outside, "outside storage.allowed_dirs"),
     "symlink out of allowed_dirs": (_symlink_out, "symbolic link"),
     "qcow2 backing file outside": (_backing_outside, "backing file"),
-    "unknown format": (_unknown_format, "unknown image format 'vhd'"),
+    "unknown format": (_unknown_format, "unknown image format 'qed'"),
+    "vhd": (_vhd, "vhd images are not supported yet"),
     "missing file": (_missing, "nope.raw"),
     "relative path": (_relative, "is not absolute"),
     "qcow2 header in a raw image": (_qcow2_planted_in_raw, None),
