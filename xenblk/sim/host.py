@@ -94,9 +94,9 @@ class SimHost:
         if isinstance(xsd_pid, int) and _is_xenstored(xsd_pid, rundir):
             log.warning("stopping the xenstored left by a killed sim host", pid=xsd_pid)
             os.kill(xsd_pid, signal.SIGKILL)
-            for _ in range(100):
-                if not _alive(xsd_pid):
-                    break
+            # gone in milliseconds when idle; the bound is for a loaded machine, not a guess at "long enough"
+            deadline = time.monotonic() + 30
+            while _alive(xsd_pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
         old_home = rundir.parent
         if old_home.parent == Path(_SHORT_BASE) and old_home.name.startswith("xbsim-") and old_home != self.socket_home:
