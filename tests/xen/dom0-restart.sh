@@ -1,51 +1,51 @@
 #!/bin/bash
-# Dom0 side of `make xen-restart` (run by tests/xen/run.sh restart inside the xen-vm Dom0).
-#  1. `xenblk serve` under a restart loop: the xen-vm Dom0 has no systemd (lib/dom0-stage is
-#     PID 1), so a bash loop does what the unit's Restart=on-failure RestartSec=1 does
+# Dom0 side of `make xen-restart` (run by tests/xen/run.sh inside the test Dom0, either flavour).
+#  1. `xenblk serve` under a restart loop that does what the unit's Restart=on-failure
+#     RestartSec=1 does (the same loop on both flavours, so the kills below are ours to count)
 #  2. a PV guest; `xenblk attach` gives it a raw file (xvdb) and a dm-linear + dm-error device
 #     (xvdd: first half on a loop device, second half `error`)
-#  3. while the guest's fio write+verify loop runs on xvdb, kill -9 the daemon twice; each time
-#     it must come back (list answers), the backends stay Connected (4), `device.resumed` logged
-#  4. the guest: every fio pass verified, no I/O error on xvdb, the dm-error half fails its
-#     reads; Dom0: xenblk_errors_total{reason="io"} > 0, no stale_connection, SIGTERM exits
-# Env: XEN_TEST_OUT (a shared dir for logs), XEN_TEST_INITRD. Exit status: failures (0 = pass).
+#  3. the guest runs crc32c write+verify passes on xvdb until told to stop, announcing each pass.
+#     Kill k (kill -9 of the daemon) is triggered by a pass that started after the previous
+#     restart with its I/O seen flowing through the daemon (its request counter grew); after
+#     each kill: the daemon is back (list answers), the backends stayed Connected (4),
+#     `device.resumed` logged once per disk, and the pass that was running verified. After the
+#     last kill a pass that started after the restart must verify too; then Dom0 says stop.
+#  4. the guest: no I/O error on xvdb, the dm-error half fails its reads; Dom0:
+#     xenblk_errors_total{reason="io"} > 0, no stale_connection, SIGTERM exits 0
+# Nothing waits for a time to pass: every wait is for a marker, with a generous failure bound,
+# so a fast guest just runs more passes and a slow one fewer.
+# Env: XEN_TEST_OUT, XEN_TEST_INITRD (dom0-lib.sh), XEN_RESTART_KILLS (default 2),
+# XEN_RESTART_PASS_MIB (MiB per guest pass, default 16, at most 16; 1 = short passes),
+# XEN_RESTART_HOGS (busy loops in Dom0 during the kills, default 0), XEN_TEST_BOUND (dom0-lib.sh).
+# Exit status: failures (0 = pass).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 source "$ROOT/tests/xen/dom0-lib.sh"
 OUT=${XEN_TEST_OUT:?}
 INITRD=${XEN_TEST_INITRD:?}
 KILLS=${XEN_RESTART_KILLS:-2}
+HOGS=${XEN_RESTART_HOGS:-0}    # busy loops in Dom0 during the kills: a slower machine, same checks
 IMG=/dev/shm/xenblk-restart
 mkdir -p "$IMG"
 CONF=$OUT/xenblk.toml
 xb() { "$XENBLK" --config "$CONF" "$@"; }
+platform
 
 step "images"
-random_image "$IMG/raw.img" 64
+random_image "$IMG/raw.img" 64 && ok "raw.img (64 MiB random)" || bad "raw.img"
 truncate -s 32M "$IMG/dm.img"
 loop=$(losetup -f --show "$IMG/dm.img") || bad "losetup"
 modprobe dm-mod 2> /dev/null
-# no udev in the test Dom0: libdevmapper makes the /dev/mapper node itself
-DMDISKS=xvdd
-printf '0 32768 linear %s 0\n32768 32768 error\n' "$loop" | DM_DISABLE_UDEV=1 dmsetup create --noudevsync xbdmerr &&
-    [ -b /dev/mapper/xbdmerr ] && ok "dm-linear + dm-error device /dev/mapper/xbdmerr" ||
-    { bad "dmsetup create xbdmerr"; DMDISKS=; }
-
-cat > "$CONF" << TOML
-[daemon]
-backend_types = ["vbd3"]
-run_dir = "/run/xenblk"
-state_dir = "/var/lib/xenblk"
-[log]
-format = "json"
-level = "debug"
-[metrics]
-listen = "127.0.0.1:9469"
-[storage]
-allowed_dirs = ["$IMG", "/dev"]
-TOML
-
-ip link set lo up # the test Dom0 leaves loopback down: the metrics endpoint listens on 127.0.0.1
+DISKS=(xvdb)
+# libdevmapper makes the /dev/mapper node itself (DM_DISABLE_UDEV, see dom0-lib.sh), with or without udev
+if printf '0 32768 linear %s 0\n32768 32768 error\n' "$loop" | dmsetup create --noudevsync xbdmerr &&
+    wait_for "$BOUND" test -b /dev/mapper/xbdmerr; then
+    ok "dm-linear + dm-error device /dev/mapper/xbdmerr"
+    DISKS+=(xvdd)
+else
+    bad "dmsetup create xbdmerr"
+fi
+write_config "$CONF" "$IMG"
 
 step "xenblk serve under a restart loop (Restart=on-failure, RestartSec=1)"
 supervise() {
@@ -57,97 +57,132 @@ supervise() {
         rc=$?
         echo "$(date -u +%T) serve exited with status $rc" >> "$OUT/restarts.log"
         [ "$rc" = 0 ] && break # Restart=on-failure: a clean exit stays down
-        sleep 1
+        sleep 1                # RestartSec=1 (what the unit does, not a wait for anything)
     done
 }
 supervise &
 SUP_PID=$!
 serve_pid() { cat /run/xenblk-serve.pid 2> /dev/null; }
-wait_up() { # wait_up OLD_PID: a new serve process answers `xenblk list`
-    local t0=$SECONDS t p
-    while :; do
-        t=$((SECONDS - t0))
-        p=$(serve_pid)
-        [ -n "$p" ] && [ "$p" != "$1" ] && xb list > /dev/null 2>&1 && { echo "$t"; return 0; }
-        [ $t -ge 120 ] && return 1
-        sleep 1
-    done
+serving() { # serving OLD_PID: a serve process other than OLD_PID answers `xenblk list`
+    local p; p=$(serve_pid)
+    [ -n "$p" ] && [ "$p" != "$1" ] && xb list > /dev/null 2>&1
 }
-t=$(wait_up none) && ok "xenblk serve up (pid $(serve_pid)) after ${t}s" || bad "xenblk serve did not come up"
+t0=$SECONDS
+wait_for "$BOUND" serving none && ok "xenblk serve up (pid $(serve_pid)) after $((SECONDS - t0))s" ||
+    bad "xenblk serve did not come up (bound ${BOUND}s)"
 
 step "guest"
 name=xbrestart
-guest_start "$name" "$INITRD" 2 "xbmode=restart xbdisks=xvdb${DMDISKS:+,$DMDISKS} xbseconds=${XEN_RESTART_SECONDS:-60}" || bad "xl create"
+vdevs=$(IFS=,; echo "${DISKS[*]}")
+guest_start "$name" "$INITRD" 2 "xbmode=restart xbdisks=$vdevs xbpassmib=${XEN_RESTART_PASS_MIB:-16}" || bad "xl create"
 domid=$(xl domid "$name")
-guest_ready "$name" 180
-xb attach "$domid" "$IMG/raw.img" --vdev xvdb --format raw --wait --timeout 240 && ok "attach raw.img as xvdb" ||
-    bad "attach raw.img as xvdb"
-if [ -n "$DMDISKS" ]; then
-    xb attach "$domid" /dev/mapper/xbdmerr --vdev xvdd --format block --wait --timeout 240 &&
-        ok "attach /dev/mapper/xbdmerr as xvdd" || bad "attach /dev/mapper/xbdmerr as xvdd"
-fi
-xb list
-bstate() { xenstore-read "/local/domain/0/backend/vbd3/$domid/$(devid "$1")/state" 2> /dev/null; }
-
-step "kill -9 the daemon mid-I/O, $KILLS times"
-t=0
-until grep -qs 'GUEST restart-io-start' "$CONSOLE_DIR/guest-$name.log"; do
-    [ $t -ge 300 ] && { bad "the guest workload did not start"; break; }
-    sleep 1; t=$((t + 1))
+guest_ready "$name" "$BOUND"
+declare -A IMAGE=([xvdb]=$IMG/raw.img [xvdd]=/dev/mapper/xbdmerr) FORMAT=([xvdb]=raw [xvdd]=block)
+for v in "${DISKS[@]}"; do
+    xb attach "$domid" "${IMAGE[$v]}" --vdev "$v" --format "${FORMAT[$v]}" --wait --timeout "$BOUND" &&
+        ok "attach ${IMAGE[$v]} as $v" || bad "attach ${IMAGE[$v]} as $v"
 done
+xb list
+
+step "kill -9 the daemon mid-I/O, $KILLS times, each on a guest progress marker"
+hog_pids=()
+for _ in $(seq "$HOGS"); do
+    (while :; do :; done) &
+    hog_pids+=($!)
+done
+[ "$HOGS" -gt 0 ] && echo "($HOGS busy loops in Dom0 until the guest stops its passes)"
+resumed() { grep -c '"device.resumed"' "$OUT/serve.log"; }
+started() { tr -d '\r' < "$CONSOLE_DIR/guest-$name.log" | sed -n 's/^GUEST restart-pass \([0-9]*\) started.*/\1/p' | tail -1; }
+END='^GUEST (FAIL|restart-io-done)' # the workload stopped: no marker will come any more
+# progress_after N: a pass numbered above N has started (passes above N start after the resume)
+progress_after() { [ "$(started)" -gt "$1" ] 2> /dev/null; }
+after=0
 for k in $(seq "$KILLS"); do
-    sleep 5
-    if grep -qs 'GUEST restart-io-done' "$CONSOLE_DIR/guest-$name.log"; then
-        bad "kill $k: the guest workload already finished (raise XEN_RESTART_SECONDS)"; break
-    fi
-    before=$(grep -c '"device.resumed"' "$OUT/serve.log")
-    old=$(serve_pid)
-    kill -KILL "$old" && echo "$(date -u +%T) kill -9 $old" | tee -a "$OUT/restarts.log"
-    if t=$(wait_up "$old"); then
-        ok "kill $k: serve back (pid $(serve_pid)) after ${t}s"
+    # 1. a pass that started after the previous restart...
+    t0=$SECONDS
+    until progress_after $after; do
+        if guest_said "$name" "$END" || ! xl domid "$name" > /dev/null 2>&1 || [ $((SECONDS - t0)) -ge "$BOUND" ]; then
+            bad "kill $k: no guest pass started after pass $after (bound ${BOUND}s)"; break 2
+        fi
+        sleep 1
+    done
+    # 2. ...with its I/O flowing through the running daemon (the request counter grows)
+    base=$(disk_requests "$domid" xvdb)
+    if wait_for "$BOUND" eval '[ "$(disk_requests "$domid" xvdb)" -gt "$base" ]'; then
+        ok "kill $k: pass $(started) running, xvdb requests growing past $base"
     else
-        bad "kill $k: serve not back after 120s"; tail -30 "$OUT/serve.log"; break
+        bad "kill $k: no xvdb request served after pass $(started) started (bound ${BOUND}s)"; break
     fi
-    for v in xvdb $DMDISKS; do
-        s=$(bstate $v)
+    before=$(resumed)
+    old=$(serve_pid)
+    kill -KILL "$old"
+    # the pass the kill hit: the last one started (the guest runs them back to back, and one
+    # started after the kill blocks on its first request until the daemon is back)
+    p=$(started)
+    if guest_said "$name" "^GUEST restart-pass $p verified"; then
+        where="between pass $p and the next" # only shell lines between two passes: rare
+    else
+        where="during pass $p"
+    fi
+    echo "$(date -u +%T) kill -9 $old $where" | tee -a "$OUT/restarts.log"
+    t0=$SECONDS
+    if wait_for "$BOUND" serving "$old"; then
+        ok "kill $k: serve back (pid $(serve_pid)) after $((SECONDS - t0))s"
+    else
+        bad "kill $k: serve not back (bound ${BOUND}s)"; tail -30 "$OUT/serve.log"; break
+    fi
+    for v in "${DISKS[@]}"; do
+        s=$(backend_state vbd3 "$domid" "$v")
         [ "$s" = 4 ] && ok "kill $k: $v backend still Connected (4)" || bad "kill $k: $v backend state $s"
     done
-    t=0
-    want=$((1 + ${#DMDISKS} / 4)) # one per disk
-    while [ $(($(grep -c '"device.resumed"' "$OUT/serve.log") - before)) -lt $want ] && [ $t -lt 60 ]; do sleep 1; t=$((t + 1)); done
-    n=$(($(grep -c '"device.resumed"' "$OUT/serve.log") - before))
-    [ "$n" -ge $want ] && ok "kill $k: device.resumed for all $want disks" || bad "kill $k: device.resumed $n times, expected $want"
+    if wait_for "$BOUND" eval '[ $(($(resumed) - before)) -ge ${#DISKS[@]} ]'; then
+        ok "kill $k: device.resumed for all ${#DISKS[@]} disks"
+    else
+        bad "kill $k: device.resumed $(($(resumed) - before)) times, expected ${#DISKS[@]} (bound ${BOUND}s)"
+    fi
+    after=$(started) # the daemon serves again: passes numbered above this start after the resume
+    # 3. the pass in flight across the kill verifies
+    guest_wait "$name" "^GUEST restart-pass $p verified" "$BOUND" "$END" &&
+        ok "kill $k (landed $where): pass $p verified" ||
+        { bad "kill $k: pass $p did not verify (see guest-console.txt)"; break; }
 done
-
-if [ -n "$DMDISKS" ]; then # the error counters, while the guest still has its disks
-    t=0
-    until grep -qs 'GUEST dm-error-checked' "$CONSOLE_DIR/guest-$name.log"; do
-        { [ $t -ge 300 ] || ! xl domid "$name" > /dev/null 2>&1; } && break
-        sleep 1; t=$((t + 1))
-    done
-    metrics=$("$ROOT/.venv/bin/python" -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=10).read().decode())' 2>&1)
-    printf '%s\n' "$metrics" > "$OUT/metrics.txt"
-    io=$(grep '^xenblk_errors_total{.*reason="io"' <<< "$metrics" | awk '{s += $NF} END {print s + 0}')
-    [ "${io%.*}" -gt 0 ] && ok "xenblk_errors_total{reason=\"io\"} = $io" || bad "xenblk_errors_total{reason=\"io\"} = $io (metrics.txt)"
+last=$((after + 1))
+if [ "$fails" = 0 ]; then
+    guest_wait "$name" "^GUEST restart-pass $last verified" "$BOUND" "$END" &&
+        ok "pass $last, started after the last restart, verified" || bad "pass $last did not verify"
 fi
+guest_tell_until "$name" stop '^GUEST restart-io-done' "$BOUND" &&
+    ok "the guest stopped its passes when told: $(tr -d '\r' < "$CONSOLE_DIR/guest-$name.log" | grep -o 'restart-io-done.*')" ||
+    bad "the guest did not stop its passes when told (bound ${BOUND}s)"
+
+[ ${#hog_pids[@]} -gt 0 ] && kill "${hog_pids[@]}"
+
+step "dm-error disk: error counter"
+if [ "${#DISKS[@]}" -lt 2 ]; then
+    skip "no dm-error device"
+elif guest_wait "$name" '^GUEST dm-error-checked' "$BOUND"; then # the guest still has its disks
+    metrics > "$OUT/metrics.txt"
+    io=$(awk '/^xenblk_errors_total\{.*reason="io"/ {s += $NF} END {printf "%d\n", s}' "$OUT/metrics.txt")
+    [ "$io" -gt 0 ] && ok "xenblk_errors_total{reason=\"io\"} = $io" || bad "xenblk_errors_total{reason=\"io\"} = $io (metrics.txt)"
+else
+    bad "the guest did not report its dm-error check (bound ${BOUND}s)"
+fi
+# the payload holds its disks until told (a no-op for a guest that already powered off)
+guest_tell_until "$name" release 'payload exit status' "$BOUND" > /dev/null
 
 step "guest payload"
-out=$(xen-vm-guest wait "$name" --timeout "${XEN_TEST_GUEST_TIMEOUT:-480}")
-rc=$?
-printf '%s\n' "$out" > "$OUT/guest-console.txt"
-grep -E '^GUEST' <<< "$out"
-[ $rc = 0 ] && ok "guest payload passed" || bad "guest payload exit status $rc (console: guest-console.txt)"
+guest_finish "$name" $((BOUND * 2))
 
 step "after the guest"
 grep -q '"device.stale_connection"' "$OUT/serve.log" && bad "serve.log has device.stale_connection" ||
     ok "no device.stale_connection in serve.log"
 xb list && ok "the daemon still serves" || bad "xenblk list"
 kill -TERM "$(serve_pid)"
+wait_for "$BOUND" eval '! kill -0 $SUP_PID 2> /dev/null' || { bad "serve still running ${BOUND}s after SIGTERM"; kill -KILL "$(serve_pid)"; }
 wait "$SUP_PID"
 tail -1 "$OUT/restarts.log" | grep -q 'status 0$' && ok "xenblk serve exited 0 on SIGTERM" ||
     bad "xenblk serve on SIGTERM: $(tail -1 "$OUT/restarts.log")"
 cat "$OUT/restarts.log"
 grep -ciE '"level": *"(error|critical)"|Traceback' "$OUT/serve.log" | xargs -I{} echo "serve.log: {} error lines"
-dmsetup remove xbdmerr; losetup -d "$loop"
-echo "xen-restart: $fails failures"
-exit $((fails > 100 ? 100 : fails))
+dmsetup remove --retry xbdmerr; losetup -d "$loop"
+summary xen-restart

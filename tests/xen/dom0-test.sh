@@ -1,5 +1,5 @@
 #!/bin/bash
-# Dom0 side of `make xen-test` (run by tests/xen/run.sh inside the xen-vm Dom0).
+# Dom0 side of `make xen-test` (run by tests/xen/run.sh inside the test Dom0, either flavour).
 #  1. the LVM check of the block-device driver (tests/xen/lvm-storage.sh)
 #  2. `xenblk serve` from the checkout on the real platform, as the systemd unit runs it
 #  3. a PV guest with no disks; `xenblk attach` gives it a raw file (xvdb), a qcow2 over a
@@ -8,7 +8,8 @@
 #  4. after the guest: discards reached the images, qemu-img check is clean, SIGTERM stops the daemon
 # XEN_TEST_BACKEND=blkback serves the same disks with the in-kernel blkback instead (all raw),
 # to check the harness itself against a known-good backend.
-# Env: XEN_TEST_OUT (a shared dir for logs), XEN_TEST_INITRD. Exit status: failures (0 = pass).
+# Every wait is for a condition (a console line, a XenStore state) with a failure bound only.
+# Env: XEN_TEST_OUT, XEN_TEST_INITRD (dom0-lib.sh). Exit status: failures (0 = pass).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 source "$ROOT/tests/xen/dom0-lib.sh"
@@ -18,21 +19,21 @@ BACKEND=${XEN_TEST_BACKEND:-xenblk}
 IMG=/dev/shm/xenblk-test
 mkdir -p "$IMG"
 SERVE_PID=
+platform
 
 step "LVM: the block-device driver on a linear and a thin LV"
 if [ -n "${XEN_TEST_SKIP_LVM:-}" ]; then
-    echo "(skipped: XEN_TEST_SKIP_LVM)"
+    skip "XEN_TEST_SKIP_LVM"
 elif "$ROOT/tests/xen/lvm-storage.sh" "$IMG/lvm" > "$OUT/lvm.log" 2>&1; then
-    grep -c '^LVM ok' "$OUT/lvm.log" | xargs -I{} echo "DOM0 ok: LVM storage checks ({} passed)"
+    ok "LVM storage checks ($(grep -c '^LVM ok' "$OUT/lvm.log") passed; $(grep -m1 '^LVM platform' "$OUT/lvm.log"))"
 else
     grep -E '^LVM (FAIL|failures)' "$OUT/lvm.log"; bad "LVM storage checks (log: lvm.log)"
 fi
 
 step "images"
-random_image "$IMG/raw.img" 64
-random_image "$IMG/base.raw" 64
-qemu-img create -q -f qcow2 -b "$IMG/base.raw" -F raw "$IMG/disk.qcow2"
-lv=$(thin_lv "$IMG" xbtvg thin 64) || bad "thin LV"
+random_image "$IMG/raw.img" 64 && random_image "$IMG/base.raw" 64 && ok "raw.img, base.raw (64 MiB random)" || bad "random images"
+qemu-img create -q -f qcow2 -b "$IMG/base.raw" -F raw "$IMG/disk.qcow2" && ok "disk.qcow2 over base.raw" || bad "qemu-img create"
+lv=$(thin_lv "$IMG" xbtvg thin 64) && ok "thin LV $lv" || bad "thin LV"
 if [ "$BACKEND" = blkback ]; then
     random_image "$IMG/second.img" 64 # blkback serves no qcow2
 fi
@@ -41,7 +42,7 @@ step "guest"
 name=xbtest
 guest_start "$name" "$INITRD" 2 "xbmode=test xbdisks=xvdb,xvdc,xvdd xbqueues=2" || bad "xl create"
 domid=$(xl domid "$name")
-guest_ready "$name" 180
+guest_ready "$name" "$BOUND"
 
 step "attach ($BACKEND)"
 declare -A IMAGE FORMAT PHY
@@ -49,19 +50,7 @@ IMAGE=([xvdb]=$IMG/raw.img [xvdc]=$IMG/disk.qcow2 [xvdd]=$lv)
 FORMAT=([xvdb]=raw [xvdc]=qcow2 [xvdd]=block)
 if [ "$BACKEND" = xenblk ]; then
     betype=vbd3
-    cat > "$OUT/xenblk.toml" << TOML
-[daemon]
-backend_types = ["vbd3"]
-run_dir = "/run/xenblk"
-state_dir = "/var/lib/xenblk"
-[log]
-format = "json"
-level = "debug"
-[metrics]
-listen = "127.0.0.1:9469"
-[storage]
-allowed_dirs = ["$IMG", "/dev"]
-TOML
+    write_config "$OUT/xenblk.toml" "$IMG"
     start_daemon "$OUT/xenblk.toml" "$OUT/serve.log"
 else
     betype=vbd
@@ -75,7 +64,7 @@ attach_disk() {
     local v=$1
     if [ "$BACKEND" = xenblk ]; then
         "$XENBLK" --config "$OUT/xenblk.toml" attach "$domid" "${IMAGE[$v]}" --vdev "$v" --format "${FORMAT[$v]}" \
-            --wait --timeout 240
+            --wait --timeout "$BOUND"
     else
         xen-vm-guest attach-by-hand "$domid" "$v" "/local/domain/0/backend/vbd/$domid/$(devid "$v")" \
             type=phy params="${PHY[$v]}" physical-device="$(stat -L -c %t:%T "${PHY[$v]}")"
@@ -84,7 +73,7 @@ attach_disk() {
 detach_disk() {
     local v=$1 id; id=$(devid "$1")
     if [ "$BACKEND" = xenblk ]; then
-        "$XENBLK" --config "$OUT/xenblk.toml" detach "$domid" "$v" --timeout 60
+        "$XENBLK" --config "$OUT/xenblk.toml" detach "$domid" "$v" --timeout "$BOUND"
     else
         xenstore-rm "/local/domain/$domid/device/vbd/$id" && xenstore-rm "/local/domain/0/backend/vbd/$domid/$id"
     fi
@@ -101,12 +90,10 @@ reattach_on_request() {
         sleep 1
     done
     step "the guest closed its disks: detach and re-attach"
-    local v st t
+    local v
     for v in xvdb xvdc xvdd; do
-        t=0
-        while st=$(xenstore-read "/local/domain/0/backend/$betype/$domid/$(devid $v)/state" 2> /dev/null) &&
-            [ "$st" != 6 ] && [ $t -lt 30 ]; do sleep 1; t=$((t + 1)); done
-        [ "$st" = 6 ] && ok "$v: backend followed the guest to Closed" || bad "$v: backend state $st after the guest closed"
+        wait_for "$BOUND" eval '[ "$(backend_state $betype $domid $v)" = 6 ]' && ok "$v: backend followed the guest to Closed" ||
+            bad "$v: backend state $(backend_state $betype $domid $v) after the guest closed (bound ${BOUND}s)"
         detach_disk $v && ok "$v: detached" || bad "$v: detach"
         attach_disk $v && ok "$v: re-attached" || bad "$v: re-attach"
     done
@@ -120,8 +107,10 @@ if [ "$BACKEND" = xenblk ]; then # what the daemon sees, every 20 s, to watch a 
     monitor_pid=$!
 fi
 
-# what the guest's blkfront negotiated, as the frontend wrote it
-sleep 2
+# what the guest's blkfront negotiated, as the frontend wrote it (all there once it is Connected)
+for v in xvdb xvdc xvdd; do
+    wait_for "$BOUND" eval '[ "$(frontend_state $domid $v)" = 4 ]' || bad "$v: frontend state $(frontend_state $domid $v), not Connected (bound ${BOUND}s)"
+done
 xenstore-ls -fp "/local/domain/0/backend/$betype/$domid" > "$OUT/xenstore-backend.txt" 2>&1
 xenstore-ls -fp "/local/domain/$domid/device/vbd" > "$OUT/xenstore-frontend.txt" 2>&1
 for v in xvdb xvdc xvdd; do
@@ -135,15 +124,11 @@ for v in xvdb xvdc xvdd; do
 done
 
 step "guest payload"
-out=$(xen-vm-guest wait "$name" --timeout "${XEN_TEST_GUEST_TIMEOUT:-480}")
-rc=$?
-printf '%s\n' "$out" > "$OUT/guest-console.txt"
-grep -E '^GUEST' <<< "$out"
+guest_finish "$name" $((BOUND * 2))
 wait $reattach_pid
 [ -n "${monitor_pid:-}" ] && kill "$monitor_pid"
 cat "$OUT/reattach.log"
-fails=$((fails + $(grep -c '^DOM0 FAIL' "$OUT/reattach.log")))
-[ $rc = 0 ] && ok "guest payload passed" || bad "guest payload exit status $rc (console: guest-console.txt)"
+add_fails "$OUT/reattach.log"
 
 step "after the guest"
 # the guest wrote 0xab over [32, 40) MiB of every disk, then discarded it
@@ -170,5 +155,4 @@ else
     xenstore-rm "/local/domain/0/backend/vbd/$domid"
     for v in xvdb xvdc; do losetup -d "${PHY[$v]}"; done
 fi
-echo "xen-test ($BACKEND): $fails failures"
-exit $((fails > 100 ? 100 : fails))
+summary "xen-test ($BACKEND)"

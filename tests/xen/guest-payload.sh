@@ -5,9 +5,12 @@
 # Kernel arguments (xl `extra`):
 #   xbdisks=xvdb,xvdc,...   the disks to wait for (attached after boot, by the Dom0 script)
 #   xbmode=test|bench|restart  test: verify, discard, unbind/bind; bench: the fio table jobs;
-#                           restart: crc32c fio on xvdb while Dom0 kills the daemon, then the
+#                           restart: crc32c fio passes on xvdb until Dom0 says stop (Dom0 kills
+#                           the daemon meanwhile, each kill triggered by a pass marker), then the
 #                           dm-error disk (xvdd) reads OK in its good half and fails in its bad half
-#   xbseconds=S             restart: how long the fio loop runs (default 60)
+#   xbmaxpasses=N           restart: failure bound if Dom0 never says stop (default 100000)
+#   xbpassmib=N             restart: MiB written and verified per pass (default 16; 1 makes
+#                           passes short, so a kill can also land between two passes)
 #   xbqueues=N              test: the number of blk-mq queues every disk must have
 #   xbruntime=S             bench: seconds per fio job (default 5)
 #   xbreload=0|1            reload blkfront with bigger limits first (default 1); 0 when disks are
@@ -17,8 +20,10 @@
 # (with persistent grants blkfront preallocates a page per grant: (segments + 1) x ring
 # slots x queues x disks; 16-page rings with 256 segments OOM a 512 MB guest), prints "GUEST ready" (the Dom0 script attaches the disks only then), waits for
 # the disks, and prints one "GUEST ok: ..." or "GUEST FAIL: ..." line per check.
+# Nothing here waits for "long enough": the guest prints progress markers Dom0 acts on, and
+# Dom0 answers with "xbctl WORD" lines on the guest's console input (dom0-lib.sh guest_tell).
 # Exit status: the number of failures (0 = all passed).
-mode=test disks=xvdb queues=1 runtime=5 reload=1 seconds=60
+mode=test disks=xvdb queues=1 runtime=5 reload=1 maxpasses=100000 passmib=16
 for a in $(cat /proc/cmdline); do
     case $a in
         xbdisks=*) disks=$(echo "${a#*=}" | tr , ' ') ;;
@@ -26,12 +31,28 @@ for a in $(cat /proc/cmdline); do
         xbqueues=*) queues=${a#*=} ;;
         xbruntime=*) runtime=${a#*=} ;;
         xbreload=*) reload=${a#*=} ;;
-        xbseconds=*) seconds=${a#*=} ;;
+        xbmaxpasses=*) maxpasses=${a#*=} ;;
+        xbpassmib=*) passmib=${a#*=} ;;
     esac
 done
 fail=0
 ok() { echo "GUEST ok: $*"; }
 bad() { echo "GUEST FAIL: $*"; fail=$((fail + 1)); }
+
+# What Dom0 says: "xbctl WORD" lines on the console input (xenconsoled feeds the Dom0 side of
+# the guest's pty into the console ring). A background reader keeps them in /tmp/xbctl. Its
+# stdin is named explicitly: without job control an asynchronous list would get /dev/null.
+: > /tmp/xbctl
+(while read -r w a; do [ "$w" = xbctl ] && echo "$a" >> /tmp/xbctl; done) < /dev/console &
+dom0_said() { grep -qx "$1" /tmp/xbctl; }
+# dom0_wait WORD BOUND: poll for WORD once a second; BOUND (seconds) is only a failure bound
+dom0_wait() {
+    local t=0
+    until dom0_said "$1"; do
+        [ $t -ge "$2" ] && return 1
+        sleep 1; t=$((t + 1))
+    done
+}
 
 if [ "$reload" = 1 ]; then
     mod=$(grep blkfront /lib/modules/order)
@@ -107,7 +128,7 @@ discard_check() {
 # device is not. So, like a toolstack, the Dom0 script then detaches and re-attaches the
 # disks (new frontend nodes, new xenbus devices) when it sees "GUEST reattach-please".
 rebind_check() {
-    local d dev
+    local d dev t
     for d in $disks; do
         dd if=/dev/urandom of=/tmp/pat-$d bs=4096 count=64 2> /dev/null
         dd if=/tmp/pat-$d of=/dev/$d bs=4096 seek=12288 count=64 oflag=direct conv=fsync 2> /dev/null # 48 MiB
@@ -116,13 +137,16 @@ rebind_check() {
         dev=$(basename "$(readlink /sys/block/$d/device)")
         echo "$dev" > /sys/bus/xen/drivers/vbd/unbind && ok "$d: unbind $dev" || bad "$d: unbind $dev"
     done
-    sleep 1
-    for d in $disks; do [ -b /dev/$d ] && bad "$d still present after unbind"; done
+    for d in $disks; do # the node goes when blkfront's remove has run (bound: 120 s)
+        t=0
+        while [ -b /dev/$d ] && [ $t -lt 120 ]; do sleep 1; t=$((t + 1)); done
+        [ -b /dev/$d ] && bad "$d still present 120s after unbind"
+    done
     for dev in $(ls /sys/bus/xen/devices | grep '^vbd-'); do
         echo "$dev" > /sys/bus/xen/drivers/vbd/bind || bad "bind $dev"
     done
     echo "GUEST reattach-please"
-    wait_disks 300 || return
+    wait_disks 1800 || return
     ok "all disks back after unbind and re-attach"
     for d in $disks; do
         dd if=/dev/$d of=/tmp/back-$d bs=4096 skip=12288 count=64 iflag=direct 2> /dev/null
@@ -133,25 +157,32 @@ rebind_check() {
     done
 }
 
-# restart_io DISK: write+verify passes (crc32c, 64k random writes, 16 MiB each at a rotating
-# offset) for $seconds, so the daemon kills of Dom0 land mid-I/O; then no I/O error on DISK
+# restart_io DISK: write+verify passes (crc32c, 64k random writes, $passmib MiB each at one of
+# four rotating offsets) until Dom0 says "stop". Each pass is announced ("GUEST restart-pass N started") and
+# its verdict printed ("GUEST restart-pass N verified"): Dom0 kills the daemon only once a pass
+# has started and its I/O is seen flowing, and says stop only after the passes in flight
+# across the kills and one more started after the last restart have verified. So how fast
+# this guest runs changes how many passes there are, not what is checked.
 restart_io() {
-    local d=$1 end n=0 rc
-    end=$(($(date +%s) + seconds))
+    local d=$1 n=0 good=0 rc
     echo "GUEST restart-io-start"
-    while [ "$(date +%s)" -lt "$end" ]; do
+    while ! dom0_said stop; do
+        if [ $n -ge "$maxpasses" ]; then bad "$d: Dom0 did not say stop within $maxpasses passes"; break; fi
+        n=$((n + 1))
+        echo "GUEST restart-pass $n started"
         fio --name=restart$n --filename=/dev/$d --direct=1 --ioengine=libaio --rw=randwrite --bs=64k \
-            --iodepth=8 --offset=$(((n % 4) * 16))M --size=16M --verify=crc32c --do_verify=1 \
+            --iodepth=8 --offset=$(((n % 4) * 16))M --size=${passmib}M --verify=crc32c --do_verify=1 \
             --verify_fatal=1 --eta=never --output=/tmp/fio-restart.txt
         rc=$?
         if [ $rc != 0 ] || ! grep -q 'err= 0' /tmp/fio-restart.txt; then
             bad "$d: fio pass $n rc=$rc: $(grep -i -m3 -e verify -e err /tmp/fio-restart.txt | tr '\n' ' ')"
             break
         fi
-        n=$((n + 1))
+        echo "GUEST restart-pass $n verified"
+        good=$((good + 1))
     done
-    echo "GUEST restart-io-done"
-    [ $n -gt 0 ] && ok "$d: $n fio write+verify passes (crc32c) across the daemon restarts"
+    echo "GUEST restart-io-done passes=$good"
+    [ $good -gt 0 ] && ok "$d: $good fio write+verify passes (crc32c) across the daemon restarts"
     if dmesg | grep -i "dev $d\|blkfront.*$d\|$d.*error" | grep -qi error; then
         bad "$d: I/O errors in dmesg: $(dmesg | grep -i "$d" | grep -i -m3 error | tr '\n' ' ')"
     else
@@ -194,7 +225,7 @@ bench() {
     done
 }
 
-wait_disks 600 || { echo "GUEST failures=$fail"; exit $fail; }
+wait_disks 1800 || { echo "GUEST failures=$fail"; exit $fail; }
 if [ "$mode" = bench ]; then
     bench
 elif [ "$mode" = restart ]; then
@@ -202,7 +233,8 @@ elif [ "$mode" = restart ]; then
     case " $disks " in *" xvdd "*)
         dm_error_check xvdd
         echo "GUEST dm-error-checked"
-        sleep 20 ;; # the disks stay connected while Dom0 reads the daemon's error counters
+        # the disks stay connected until Dom0 has read the daemon's error counters
+        dom0_wait release 1800 || bad "Dom0 did not say release (bound 1800s)" ;;
     esac
 else
     for d in $disks; do
