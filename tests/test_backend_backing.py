@@ -13,9 +13,11 @@ import contextlib
 import os
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,6 +221,41 @@ async def test_block_device_image_needs_allowed_devices(harness: Harness, loop_d
     await h.attach(1, "xvdd", params=f"phy:/dev/loop0/../{Path(loop_dev).name}", mode="r")
     await _closed_with(h, 1, "xvdd", "storage.allowed_devices")
     await _assert_bystander_fine(h)
+
+
+def test_symlink_swapped_in_right_after_the_path_check(tmp_path: Path) -> None:
+    """The swap placed deterministically: the moment the image's path check returns (a profile hook
+    on the checking function, old or new), the tenant's file becomes a symlink to another's file.
+    Checking a name and then opening it again lets the swap win; opening once, beneath the
+    directory without following links, leaves nothing to win."""
+    from xenblk.backend.imagespec import ImageSpecError, open_image, parse_params
+
+    images = tmp_path / "images"
+    images.mkdir()
+    victim = _secret(tmp_path / "victim.raw")
+    own = images / "mine.raw"
+    own.write_bytes(bytes(1 << 20))
+    swapped: list[str] = []
+
+    def swap_after_check(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code.co_name in ("is_allowed", "under_dirs") and not swapped:
+            swapped.append(frame.f_code.co_name)
+            os.symlink(victim, images / ".tmp")
+            os.replace(images / ".tmp", own)
+
+    sys.setprofile(swap_after_check)
+    try:
+        img = open_image(parse_params(str(own), "r"), [str(images)], "writeback")
+    except ImageSpecError as e:
+        assert "symbolic link" in str(e), e
+    else:
+        try:
+            assert img.read(0, 7) != b"another", "served another tenant's file: the symlink swapped in won"
+        finally:
+            img.close()
+    finally:
+        sys.setprofile(None)
+    assert swapped, "the path check was never seen"
 
 
 def test_symlink_swap_during_open_never_serves_the_target(tmp_path: Path) -> None:

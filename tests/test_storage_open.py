@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures.storage import qemu_img
 from xenblk.backend.imagespec import ImageSpecError, open_image, parse_params
-from xenblk.storage import Image, StorageError, open_beneath
+from xenblk.storage import Image, StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,8 @@ def walk(request: pytest.FixtureRequest) -> bool:
 
 
 def test_open_beneath_refuses_links_escapes_and_absolute_names(tmp_path: Path, walk: bool) -> None:
+    from xenblk.storage import open_beneath
+
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
     (d / "sub" / "f").write_bytes(b"inside")
