@@ -220,6 +220,18 @@ async def test_block_device_image_needs_allowed_devices(harness: Harness, loop_d
     # a pattern never matches through `..`
     await h.attach(1, "xvdd", params=f"phy:/dev/loop0/../{Path(loop_dev).name}", mode="r")
     await _closed_with(h, 1, "xvdd", "storage.allowed_devices")
+    # an LV as the toolstack names it: udev's link (/dev/<vg>/<lv> -> ../dm-N) matched by the
+    # pattern, followed to the device
+    vg = h.images.parent / "vg0"
+    vg.mkdir()
+    (vg / "guest-a").symlink_to(loop_dev)
+    (vg / "not-a-device").write_bytes(bytes(4096))
+    h.cfg.storage.allowed_devices = [f"{vg}/guest-*", f"{vg}/not-*"]  # type: ignore[attr-defined,unused-ignore]
+    await h.attach(1, "xvde", params=f"{vg}/guest-a", mode="r")
+    await wait_state(h.xs, h.b(1, "xvde"), 2)
+    assert h.daemon.find(1, "xvde").image_format == "block"
+    await h.attach(1, "xvdf", params=f"{vg}/not-a-device", mode="r")
+    await _closed_with(h, 1, "xvdf", "is a regular file, not a block device")
     await _assert_bystander_fine(h)
 
 

@@ -3,8 +3,8 @@ device, the metrics endpoint, the control socket, kernel uevents, signals and sy
 
 SIGTERM/SIGINT: every device is drained and closed (B/state = 6; the backend dirs stay,
 so the next start serves them again); exit status 0.
-SIGHUP: reload the config file. What reloads: log.level and log.format; storage.allowed_dirs
-and storage.cache (checked when a device next opens its image); dataplane.* (advertised at
+SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
+allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
 a device's next InitWait); metrics.enabled/listen (the endpoint is restarted if they change).
 What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
 """
