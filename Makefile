@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup native demo test lint test-py test-c fuzz bench xen-test xen-bench xen-restart clean
+.PHONY: setup native demo test test-fast test-debian13 lint test-py test-c fuzz bench xen-test xen-bench xen-restart clean
 
 setup:
 	@scripts/setup.sh
@@ -25,9 +25,17 @@ test-py: setup
 	$(PY) -m pytest -q tests
 
 # each part timed (scripts/test-all.sh prints the table); a failed part does not hide the later ones
-TEST_PARTS ?= setup lint test-c test-py xen-test
+TEST_PARTS ?= setup lint test-c test-py xen-test test-debian13
 test:
 	@scripts/test-all.sh $(TEST_PARTS)
+
+# what runs without Xen: lint, C tests + fuzz smoke, pytest (test-debian13 runs this inside Debian 13)
+test-fast:
+	@scripts/test-all.sh setup lint test-c test-py
+
+# make demo + make test-fast in a fresh Debian 13 root (debootstrap, cached in /var/cache/xenblk-debian13)
+test-debian13:
+	@scripts/debian13.sh
 
 fuzz: setup
 	$(MAKE) -C native/tests fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-300}
