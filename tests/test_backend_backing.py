@@ -312,3 +312,27 @@ def test_symlink_swap_during_open_never_serves_the_target(tmp_path: Path) -> Non
         stop.set()
         t.join()
     assert served and refused  # both states were met: the flipper ran during the opens
+
+
+@pytest.mark.parametrize(
+    ("toml", "error"),
+    [
+        ('allowed_dirs = ["/var/lib/xen/images", "/dev"]', "would reach the host's devices"),
+        ('allowed_dirs = ["/dev/shm/"]', "files anyone can write"),
+        ('backing_dirs = ["/"]', "'storage.backing_dirs'"),
+        ('backing_dirs = ["base"]', "is not an absolute path"),
+        ('allowed_devices = ["loop*"]', "is not an absolute path"),
+        ('allowed_dirs = ["/dev/shm/xenblk-images"]\nallowed_devices = ["/dev/vg0/guest-*"]', None),
+    ],
+)
+def test_storage_paths_in_the_config(tmp_path: Path, toml: str, error: str | None) -> None:
+    from xenblk import config
+    from xenblk.errors import ConfigError
+
+    p = tmp_path / "x.toml"
+    p.write_text(f"[storage]\n{toml}\n")
+    if error is None:
+        assert config.load(p).storage.allowed_devices == ["/dev/vg0/guest-*"]
+        return
+    with pytest.raises(ConfigError, match=error):
+        config.load(p)

@@ -7,6 +7,7 @@ an unknown key or a bad value is a ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class DataplaneConfig:
 @dataclass
 class StorageConfig:
     allowed_dirs: list[str] = field(default_factory=lambda: ["/var/lib/xen/images", "/var/lib/xenblk/images"])
-    """Image files must lie under one of these (opened beneath it, no symlinks followed); never /dev."""
+    """Image files must lie under one of these (opened beneath it, no symlinks followed); not /dev itself."""
     allowed_devices: list[str] = field(default_factory=list)
     """Block devices served: fnmatch patterns of their paths, e.g. "/dev/vg0/guest-*"; empty: none."""
     backing_dirs: list[str] = field(default_factory=list)
@@ -131,15 +132,20 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+_TOO_WIDE = ("/", "/dev", "/dev/shm", "/tmp", "/var/tmp")
+
+
 def _check_storage_paths(key: str, value: list[str]) -> None:
     for v in value:
         if not v.startswith("/"):
             raise ConfigError(f"config key {key!r}: {v!r} is not an absolute path")
-        if key != "storage.allowed_devices" and (v.rstrip("/") in ("", "/dev") or v.startswith("/dev/")):
-            # /dev holds every disk of the host (and /dev/shm anyone's files): devices are named one by one
+        if key != "storage.allowed_devices" and os.path.normpath(v) in _TOO_WIDE:
+            # / and /dev hold every disk of the host (devices are named one by one, in allowed_devices);
+            # /dev/shm, /tmp and /var/tmp hold files anyone can write. A directory made for images inside
+            # one of them is fine.
             raise ConfigError(
-                f"config key {key!r}: {v!r} would reach the host's devices; name block devices in"
-                " storage.allowed_devices (patterns such as /dev/vg0/guest-*)"
+                f"config key {key!r}: {v!r} would reach the host's devices or files anyone can write; name a"
+                " directory made for images (block devices go in storage.allowed_devices, e.g. /dev/vg0/guest-*)"
             )
 
 
