@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from xenblk.sim.xenstored import find_xenstored
+
 XENBLK = [sys.executable, "-m", "xenblk"]
 DOMID = 1
 
@@ -110,7 +112,7 @@ def full_demo() -> int:
     )
     host = serve = None
     try:
-        say("simulated Xen host: the real xenstored 4.17 + the grant/event broker")
+        say(f"simulated Xen host: the real xenstored ({find_xenstored()}) + the grant/event broker")
         host = subprocess.Popen([*XENBLK, "sim", "host", "--dir", str(sim)], stdout=subprocess.DEVNULL)
         wait_for(sim / "host.json", host, "xenblk sim host")
         print(f"host ready in {sim}: {json.loads((sim / 'host.json').read_text())['xenstored_path']}")
