@@ -58,8 +58,9 @@ if [ ! -s "$PRISTINE" ] || [ -n "${XENBLK_DEBIAN13_REFRESH:-}" ]; then
   safe_rm "$CACHE/bootstrap"
   mkdir -p "$CACHE/debootstrap-debs"
   # make is the one thing the quick start assumes (`make demo`); everything else is setup.sh's to install.
-  debootstrap --variant=minbase --include=make --cache-dir="$CACHE/debootstrap-debs" \
-    "$SUITE" "$CACHE/bootstrap" "$mirror" >"$CACHE/debootstrap.log" 2>&1 ||
+  # In a private mount namespace: the /proc debootstrap mounts in the target cannot outlive it on the host.
+  unshare --mount --propagation private debootstrap --variant=minbase --include=make \
+    --cache-dir="$CACHE/debootstrap-debs" "$SUITE" "$CACHE/bootstrap" "$mirror" >"$CACHE/debootstrap.log" 2>&1 ||
     { tail -20 "$CACHE/debootstrap.log"; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
   tar -C "$CACHE/bootstrap" --numeric-owner -cf "$PRISTINE.tmp" .
   mv "$PRISTINE.tmp" "$PRISTINE"
@@ -124,8 +125,15 @@ unshare --mount --propagation private --pid --fork --kill-child -- bash -euo pip
   mount --bind "$CACHE/pip-cache" "$R/root/.cache/pip"
   chroot "$R" chown -R _apt:root /var/cache/apt/archives/partial
   chroot "$R" /usr/bin/env -i "$@" bash -euo pipefail -c "cd /root/xenblk && $STEPS"
-' debian13-ns "$RUN" "$CACHE" "$STEPS" "${envs[@]}"
+' debian13-ns "$RUN" "$CACHE" "$STEPS" "${envs[@]}" &
+ns=$!
+# Stopped from outside (make's Ctrl-C, a CI timeout's TERM): take the namespace down with us.
+# unshare --fork ignores INT and TERM itself; KILL it, and --kill-child's death signal takes the namespace's PID 1
+# and so every process in it.
+trap 'kill -KILL "$ns" 2>/dev/null; wait "$ns"; say "stopped"; exit 130' INT TERM HUP
+wait "$ns"
 rc=$?
+trap - INT TERM HUP
 set -e
 say "in the root: $([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)") in $((SECONDS - t0)) s; total $((SECONDS - t_all)) s"
 exit "$rc"
