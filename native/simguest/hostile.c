@@ -123,6 +123,94 @@ static void flood(struct xb_sg_queue *q)
                 q->st.notifies++;
 }
 
+/* Counts the responses there are (the ids are not checked: these modes reuse one slot for every
+ * request). 1 if there were some, 0 if none, -1 on a broken answer. */
+static int count_responses(struct xb_sg_queue *q)
+{
+    struct xb_sring_header *h = hdr(q);
+    uint32_t rp = __atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE);
+    if ((uint32_t)(rp - q->rsp_cons) > q->req_prod_pvt - q->rsp_cons)
+        return -1;
+    if (rp == q->rsp_cons)
+        return 0;
+    for (; q->rsp_cons != rp; q->rsp_cons++) {
+        int16_t status;
+        memcpy(&status, (uint8_t *)xb_ring_entry(q->sring, q->abi, q->rsp_cons, q->ring_size) + 10, sizeof(status));
+        q->st.responses++;
+        q->st.error_responses += status != XB_RSP_OKAY;
+    }
+    q->last_progress_ns = now_ns();
+    return 1;
+}
+
+/* Publish, then take the responses there are or sleep until the backend answers. 0: go on; -1: stop
+ * (broken answer, stop asked, runtime over, or no answer for the io timeout). */
+static int publish_and_wait(struct xb_sg_queue *q)
+{
+    struct xb_sring_header *h = hdr(q);
+    sg_publish(q);
+    int r = count_responses(q);
+    if (r)
+        return r < 0 ? -1 : 0;
+    if (q->rsp_cons == q->req_prod_pvt)
+        return 0;
+    __atomic_store_n(&h->rsp_event, q->rsp_cons + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&h->rsp_prod, __ATOMIC_ACQUIRE) != q->rsp_cons)
+        return 0;
+    if (stopping(q) || now_ns() >= q->deadline_ns || now_ns() - q->last_progress_ns > q->cfg.io_timeout_ns)
+        return -1;
+    int64_t ms = ms_until(q->deadline_ns), idle = ms_until(q->last_progress_ns + q->cfg.io_timeout_ns);
+    sg_wait(q, idle < ms ? idle : ms);
+    return 0;
+}
+
+static void push_write(struct xb_sg_queue *q, struct slot *s)
+{
+    s->kind = K_WRITE;
+    for (unsigned part = 0; part < q->parts; part++)
+        sg_push_rw(q, s, 0, part);
+    q->st.writes++;
+    q->st.bytes_written += q->cfg.bs;
+}
+
+static void big_writes(struct xb_sg_queue *q)
+{
+    struct slot *s = &q->slots[0];
+    uint64_t k = 0;
+    q->last_progress_ns = now_ns();
+    while (!stopping(q) && now_ns() < q->deadline_ns) {
+        while (ring_free(q) >= q->parts && (!q->cfg.total_ios || k < q->cfg.total_ios)) {
+            s->block = q->cfg.region_start + k++ % q->cfg.region_blocks;
+            push_write(q, s);
+        }
+        if (q->cfg.total_ios && k >= q->cfg.total_ios && q->rsp_cons == q->req_prod_pvt)
+            break;
+        if (publish_and_wait(q) < 0)
+            break;
+    }
+}
+
+static void discard_loop(struct xb_sg_queue *q)
+{
+    struct slot *s = &q->slots[0];
+    s->block = q->cfg.region_start;
+    q->last_progress_ns = now_ns();
+    for (uint64_t k = 0; !q->cfg.total_ios || k < q->cfg.total_ios; k++) {
+        push_write(q, s);
+        while (q->rsp_cons != q->req_prod_pvt)
+            if (publish_and_wait(q) < 0)
+                return;
+        sg_push_discard(q, s, 0);
+        q->st.discards++;
+        while (q->rsp_cons != q->req_prod_pvt)
+            if (publish_and_wait(q) < 0)
+                return;
+        if (stopping(q) || now_ns() >= q->deadline_ns)
+            return;
+    }
+}
+
 void sg_hostile_run(struct xb_sg_queue *q)
 {
     switch (q->cfg.hostile) {
@@ -130,6 +218,8 @@ void sg_hostile_run(struct xb_sg_queue *q)
     case XB_SG_HOSTILE_GARBAGE: garbage(q); break;
     case XB_SG_HOSTILE_NO_DRAIN: no_drain(q); break;
     case XB_SG_HOSTILE_FLOOD: flood(q); break;
+    case XB_SG_HOSTILE_BIG_WRITES: big_writes(q); break;
+    case XB_SG_HOSTILE_DISCARD_LOOP: discard_loop(q); break;
     default: break;
     }
 }

@@ -142,7 +142,7 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     c.evt_send_fd = q->cfg.evt_send_fd;
     c.handle = q->cfg.handle;
     c.backend_domid = q->cfg.backend_domid;
-    if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_REWRITE) {
+    if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_DISCARD_LOOP) {
         sg_errf(err, "unknown hostile mode %d", c.hostile);
         return -1;
     }

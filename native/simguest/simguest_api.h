@@ -41,6 +41,11 @@ enum xb_sg_hostile {
     XB_SG_HOSTILE_NO_DRAIN, /* fill the ring once and never consume a response */
     XB_SG_HOSTILE_FLOOD,    /* kick the event channel in a tight loop with nothing to do */
     XB_SG_HOSTILE_REWRITE,  /* the workload, while a second thread keeps flipping published requests */
+    /* keep the ring full of bs-sized writes (e.g. 1 MiB indirect) over one I/O's pages, each to the next
+     * block of the region: the backend is asked to hold ring size x bs, whatever the guest's memory */
+    XB_SG_HOSTILE_BIG_WRITES,
+    /* write the region's first block, discard it, again, never flushing (one request at a time) */
+    XB_SG_HOSTILE_DISCARD_LOOP,
 };
 
 struct xb_sg_domain;

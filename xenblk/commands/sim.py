@@ -76,11 +76,17 @@ def _register_guest(ssub: Any) -> None:
         choices=list(HOSTILE_MODES),
         default=None,
         help="misbehave for --runtime (default 2 s): overflow the request producer, send garbage requests, revoke "
-        "grants of in-flight requests, never drain responses, flood the event channel with notifications, or "
-        "rewrite published requests while the backend processes them; the run succeeds if the handshake did",
+        "grants of in-flight requests, never drain responses, flood the event channel with notifications, "
+        "rewrite published requests while the backend processes them, keep the ring full of --bs writes over one "
+        "I/O's pages (big-writes), or write and discard one block in a loop, never flushing (discard-loop); the run "
+        "succeeds if the handshake did",
     )
     g.add_argument(
-        "--count", type=int, default=None, metavar="N", help="--hostile garbage: send N requests per disk, then stop"
+        "--count",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--hostile garbage: send N requests per disk; big-writes: N writes; discard-loop: N rounds; then stop",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=run_guest)

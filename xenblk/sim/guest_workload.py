@@ -25,7 +25,11 @@ HOSTILE_MODES = {
     "no-drain": lib.XB_SG_HOSTILE_NO_DRAIN,
     "flood": lib.XB_SG_HOSTILE_FLOOD,
     "rewrite": lib.XB_SG_HOSTILE_REWRITE,
+    "big-writes": lib.XB_SG_HOSTILE_BIG_WRITES,
+    "discard-loop": lib.XB_SG_HOSTILE_DISCARD_LOOP,
 }
+# modes whose --count bounds the run (garbage: requests; big-writes: writes; discard-loop: rounds)
+COUNTED_MODES = ("garbage", "big-writes", "discard-loop")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
@@ -85,8 +89,11 @@ class Workload:
                 raise WorkloadError("--hostile needs a --runtime and a workload, and cannot --verify")
         if self.until_stopped and (self.runtime is not None or self.size is not None or self.hostile is not None):
             raise WorkloadError("--until-stopped runs until SIGTERM: not with --runtime, --size or --hostile")
-        if self.count is not None and (self.hostile != "garbage" or self.count < 1):
-            raise WorkloadError("--count N (N >= 1) is the number of requests of --hostile garbage")
+        if self.count is not None and (self.hostile not in COUNTED_MODES or self.count < 1):
+            raise WorkloadError(
+                "--count N (N >= 1) is the number of requests of --hostile garbage, writes of big-writes, "
+                "rounds of discard-loop"
+            )
         if not 0 <= self.seed < 1 << 64:
             raise WorkloadError("--seed must fit in 64 bits")
 
