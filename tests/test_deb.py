@@ -179,13 +179,20 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
         assert os.path.realpath(f"/proc/{host.stack.serve.pid}/exe") == os.path.realpath(SYSPY)
         image = host.stack.images / "a.raw"
         subprocess.run(["truncate", "-s", "16M", str(image)], check=True)
-        xp = host.write_libxl_disk(8, "xvdb", f"aio:{image}")
-        host.wait_state(xp, "2")
-        r = host.hotplug("add", xp)
-        assert r.returncode == 0, r.stderr + host.stack.log_tail()
-        assert host.read(f"/local/domain/0/{xp}/hotplug-status") == "connected"
+        # and a qcow2 over a backing file: opening the chain calls back into Python from C
+        base, q = host.stack.images / "base" / "base.raw", host.stack.images / "qcow2" / "over.img"
+        subprocess.run(["truncate", "-s", "16M", str(base)], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(q)], check=True)
+        xps = [host.write_libxl_disk(8, "xvdb", f"aio:{image}"), host.write_libxl_disk(8, "xvdc", f"aio:{q}")]
+        for xp in xps:
+            host.wait_state(xp, "2")
+            r = host.hotplug("add", xp)
+            assert r.returncode == 0, r.stderr + host.stack.log_tail()
+            assert host.read(f"/local/domain/0/{xp}/hotplug-status") == "connected"
+        assert {d["vdev"]: d["format"] for d in host.served()} == {"xvdb": "raw", "xvdc": "qcow2"}
         verified_io(host, 8)
-        assert host.libxl_remove(xp, 8).returncode == 0
+        for xp in xps:
+            assert host.libxl_remove(xp, 8).returncode == 0
         host.wait_gone(8)
         # Debian's python3-pyroute2 listens to kernel uevents for block-device growth
         assert '"event": "uevents.listening"' in host.stack.serve_log.read_text(), host.stack.log_tail()

@@ -170,11 +170,12 @@ def running_host(
     """A sim host (this checkout) with `xenblk serve` run as XENBLK (this checkout's or an installed one)."""
     images = tmp_path / "images"
     (images / "qcow2").mkdir(parents=True)
+    (images / "base").mkdir()
     port = free_port()
     cfg = tmp_path / "xenblk.toml"
     cfg.write_text(
         f'[daemon]\nbackend_types = ["vbd3", "vbd"]\nrun_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
-        f'[storage]\nallowed_dirs = ["{images}"]\nqcow2_dirs = ["{images}/qcow2"]\n'
+        f'[storage]\nallowed_dirs = ["{images}"]\nqcow2_dirs = ["{images}/qcow2"]\nbacking_dirs = ["{images}/base"]\n'
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\nlevel = "debug"\n'
     )
     wrapper = tmp_path / "xenblk-on-sim"

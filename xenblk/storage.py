@@ -164,11 +164,11 @@ def open_backing_file(parent: str, name: str, backing_dirs: Sequence[str]) -> tu
 
 
 class _BackingOpener:
-    """The xb_backing_fn C calls for each backing file of a chain (see open_backing_file)."""
+    """What the xb_backing_fn C calls for each backing file of a chain does (see open_backing_file); C calls
+    lib.xb_py_open_backing with a handle to this object as ctx."""
 
     def __init__(self, backing_dirs: Sequence[str]) -> None:
         self.dirs = list(backing_dirs)
-        self.cb = ffi.callback("xb_backing_fn", self._call)
         self.error: StorageError | None = None  # the refusal, whole (C's copy is cut at XB_ERRLEN)
 
     def _call(self, ctx: Any, parent_c: Any, name_c: Any, fmt_c: Any, resolved_c: Any, err_c: Any) -> int:
@@ -185,6 +185,16 @@ class _BackingOpener:
         b = os.fsencode(path)[: lib.XB_PATHLEN - 1]
         ffi.memmove(resolved_c, b + b"\0", len(b) + 1)
         return fd
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def xb_py_open_backing(ctx: Any, parent_c: Any, name_c: Any, fmt_c: Any, resolved_c: Any, err_c: Any) -> int:
+    # extern "Python", not ffi.callback: no W+X memory (xenblk.service has MemoryDenyWriteExecute=yes)
+    try:
+        opener: _BackingOpener = ffi.from_handle(ctx)
+    except BaseException:  # nothing may unwind into C
+        return -_errno.EIO
+    return opener._call(ctx, parent_c, name_c, fmt_c, resolved_c, err_c)
 
 
 def _set_err(err_c: Any, msg: str) -> None:
@@ -277,7 +287,8 @@ class Image:
             flags |= lib.XB_OPEN_WRITETHROUGH_META
         err = ffi.new("char[]", lib.XB_ERRLEN)
         opener = _BackingOpener(backing_dirs)
-        ptr = lib.xb_image_open_fd(fd, os.fsencode(name), FORMATS[fmt], flags, opener.cb, ffi.NULL, err)
+        handle = ffi.new_handle(opener)  # alive for the whole call: C calls back only during it
+        ptr = lib.xb_image_open_fd(fd, os.fsencode(name), FORMATS[fmt], flags, lib.xb_py_open_backing, handle, err)
         if ptr == ffi.NULL:
             if opener.error is not None:  # the chain stops at the first refusal: that is the cause
                 raise opener.error
