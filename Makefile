@@ -14,8 +14,8 @@ demo: setup
 	$(PY) -m xenblk.demo
 
 lint: setup
-	.venv/bin/ruff check xenblk tests bench native
-	.venv/bin/ruff format --check xenblk tests bench native
+	.venv/bin/ruff check xenblk tests bench native packaging
+	.venv/bin/ruff format --check xenblk tests bench native packaging
 	.venv/bin/mypy xenblk
 
 test-c: setup
