@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup native demo test test-fast test-debian13 lint test-py test-c fuzz bench xen-test xen-bench xen-restart clean
+.PHONY: setup native demo test test-fast test-debian13 lint test-py test-c fuzz bench xen-test xen-test-d12 xen-test-d13 xen-bench xen-restart clean
 
 setup:
 	@scripts/setup.sh
@@ -44,19 +44,29 @@ bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.hostile --runtime 2
 
-# Real Xen 4.17 + Dom0 + a PV guest under QEMU (../shared/xen-vm); logs in build/xen-test/ and
-# build/xen-restart/ (the second boot: kill -9 of the daemon under a verified guest workload, dm-error)
+# Real Xen under QEMU (tests/xen/vm/xenvm, software emulation) in two Dom0 flavours:
+# d12 = Debian 12 / Xen 4.17 / C xenstored, d13 = Debian 13 / Xen 4.20 / oxenstored under systemd.
+# Per flavour: the xenblk test boot (tests/xen/dom0-test.sh) and the restart boot (kill -9 of the
+# daemon under a verified guest workload, dm-error; dom0-restart.sh). Logs: build/xen-<flavour>-<what>/.
+# A failed boot does not stop the others; the target fails at the end.
+XEN_FLAVOURS ?= d12 d13
+XEN_FLAVOUR ?= d12
 xen-test: setup
-	tests/xen/run.sh test
-	tests/xen/run.sh restart
+	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f test || rc=1; tests/xen/run.sh $$f restart || rc=1; done; exit $$rc
 
-# kill -9 of xenblk serve (twice) under a crc32c-verified guest fio; dm-error disk; build/xen-restart/
+xen-test-d12: setup
+	@rc=0; tests/xen/run.sh d12 test || rc=1; tests/xen/run.sh d12 restart || rc=1; exit $$rc
+
+xen-test-d13: setup
+	@rc=0; tests/xen/run.sh d13 test || rc=1; tests/xen/run.sh d13 restart || rc=1; exit $$rc
+
+# kill -9 of xenblk serve (twice) under a crc32c-verified guest fio; dm-error disk; both flavours
 xen-restart: setup
-	tests/xen/run.sh restart
+	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f restart || rc=1; done; exit $$rc
 
-# blkback vs qdisk vs xenblk inside one guest; table in bench/results/xen-<date>.txt
+# blkback vs qdisk vs xenblk inside one guest (XEN_FLAVOUR, default d12); table in bench/results/
 xen-bench: setup
-	tests/xen/run.sh bench
+	tests/xen/run.sh $(XEN_FLAVOUR) bench
 
 # Debian package for this machine's release: build/xenblk_<version>_<arch>.deb (packaging/build-deb.sh)
 .PHONY: deb
