@@ -13,9 +13,17 @@
  * non-blocking; the input's last byte picks openat2 or the fallback walk) and
  * aborts if it ever got an fd of something outside img/; the driver must refuse
  * every non-regular file the callback hands it (the FIFO) without blocking.
+ *
+ * The input's last byte also picks metadata write-through (how the daemon opens
+ * qcow2) and a second thread that discards and flushes while the first one
+ * reads, writes and maps (the driver's lock against I/O racing flush and
+ * discard). Whatever the image, its file must not grow past what the driver
+ * promises: virtual size + metadata + the reserve + slack, or its size at open
+ * + the slack (issue 14).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,6 +163,18 @@ static void exercise(struct xb_image *img, const uint8_t *data, size_t size)
         if (img->ops->map(img, off, 4096, i & 1, &ext) == 1)
             img->ops->unmap(img, &ext);
     }
+    /* A guest that never flushes: write and discard one cluster, again and again (issue 14 item 2;
+     * unbounded, each round grew the file by a cluster). Small clusters only: cheap per round. Half the
+     * inputs (every round costs the driver an ordered flush). */
+    struct xb_image_desc d;
+    if (size && (data[size - 1] & 16) && !(img->caps & XB_CAP_READONLY) && xb_image_describe(img, &d) == 0 &&
+        d.cluster_size && d.cluster_size <= 65536 && vsize >= 2ull * d.cluster_size) {
+        uint64_t cs = d.cluster_size, off = (pick % (vsize - cs)) / cs * cs;
+        memset(buf, 0x77, 512);
+        for (int k = 0; k < 128; k++) /* more rounds than the bound's slack has clusters */
+            if (xb_image_write(img, buf, 512, off) < 0 || xb_image_discard(img, off, cs, 0) < 0)
+                break;
+    }
     if (vsize >= 65536)
         xb_image_discard(img, (pick % vsize) & ~65535ull, 65536 <= vsize - ((pick % vsize) & ~65535ull) ? 65536 : 0,
                          0);
@@ -162,6 +182,49 @@ static void exercise(struct xb_image *img, const uint8_t *data, size_t size)
     xb_image_flush(img);
     if (vsize)
         xb_image_read(img, buf, vsize < READ_SPAN ? (size_t)vsize : READ_SPAN, 0);
+}
+
+struct racer {
+    struct xb_image *img;
+    uint64_t pick;
+};
+
+/* Discards and flushes while exercise() runs on the main thread. */
+static void *race_main(void *arg)
+{
+    struct racer *r = arg;
+    uint64_t vsize = r->img->size;
+    for (int i = 0; i < 8 && vsize >= 65536; i++) {
+        uint64_t off = ((r->pick + (uint64_t)i * 65536) % vsize) & ~65535ull;
+        xb_image_discard(r->img, off, 65536 <= vsize - off ? 65536 : vsize - off, 0);
+        if (i & 1)
+            xb_image_flush(r->img);
+    }
+    return NULL;
+}
+
+static uint64_t file_size(void)
+{
+    struct stat st;
+    if (stat(image_path, &st))
+        abort();
+    return (uint64_t)st.st_size;
+}
+
+/* Generous outer bound of the driver's size bound (qcow2_refcount.c cap_init): every guest cluster,
+ * its L2 tables, L1, header, refcounts at 64 bits for all of it (twice: a moved reftable), the reserve
+ * and 32 clusters more. */
+static uint64_t size_bound(struct xb_image *img, uint64_t at_open)
+{
+    struct xb_image_desc d;
+    if (xb_image_describe(img, &d) || !d.cluster_size)
+        return UINT64_MAX;
+    uint64_t cs = d.cluster_size, n = (img->size + cs - 1) / cs;
+    n += (n * 8 + cs - 1) / cs * 2 + 1; /* L2 tables, L1, header */
+    n += 64 + 32;                       /* reserve + slack */
+    n += (n * 8 + cs - 1) / cs * 2 + 4; /* refcount blocks and reftables */
+    uint64_t cap = n * cs, grown = at_open + 96 * cs;
+    return cap > grown ? cap : grown;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -172,13 +235,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * its next bit picks the openat2-less walk for backing files. */
     unsigned flags = size && (data[size - 1] & 1) ? XB_OPEN_RDONLY : 0;
     walk_flag = size && (data[size - 1] & 2) ? XB_BENEATH_WALK : 0;
+    if (size && (data[size - 1] & 4))
+        flags |= XB_OPEN_WRITETHROUGH_META;
+    int race = size && (data[size - 1] & 8);
     int fd = open(image_path, O_CLOEXEC | (flags & XB_OPEN_RDONLY ? O_RDONLY : O_RDWR));
     if (fd < 0)
         abort();
     struct xb_image *img = xb_image_open_fd(fd, image_path, XB_FMT_QCOW2, flags, open_backing, NULL, err);
     if (!img)
         return 0;
+    uint64_t at_open = file_size();
+    struct racer rc = {img, size >= 16 ? be64(data + size - 16) : 0};
+    pthread_t th;
+    race = race && !(flags & XB_OPEN_RDONLY) && pthread_create(&th, NULL, race_main, &rc) == 0;
     exercise(img, data, size);
+    if (race)
+        pthread_join(th, NULL);
+    if (file_size() > size_bound(img, at_open)) {
+        fprintf(stderr, "fuzz_qcow2: the image grew from %llu to %llu bytes, past its bound %llu\n",
+                (unsigned long long)at_open, (unsigned long long)file_size(),
+                (unsigned long long)size_bound(img, at_open));
+        abort();
+    }
     struct xb_check_result res;
     xb_image_check(img, &res, err);
     struct xb_image_desc d;
