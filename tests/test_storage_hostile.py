@@ -242,3 +242,35 @@ def test_metadata_cluster_with_refcount_zero_is_never_handed_out(img: Path, tabl
         assert im.read(2 * MiB, 65536) == b"\xcd" * 65536
         for k in range(8):
             assert im.read(MiB + k * 65536, 65536) == bytes([0x10 + k]) * 65536
+
+
+def _zstd_cluster(make_qcow2: Callable[..., Path]) -> tuple[Path, int]:
+    """A zstd qcow2 whose first cluster is compressed (by qemu-io); returns (path, host offset of its data)."""
+    p = make_qcow2("z.qcow2", "1M", cluster_size=65536, compression_type="zstd")
+    qemu_io(p, "qcow2", "write -c -P 0x33 0 64k")
+    h = _header(p)
+    raw = p.read_bytes()
+    l2 = struct.unpack(">Q", raw[h["l1_off"] : h["l1_off"] + 8])[0] & 0x00FFFFFFFFFFFE00
+    e = struct.unpack(">Q", raw[l2 : l2 + 8])[0]
+    assert e & (1 << 62), "compressed"
+    return p, e & ((1 << (62 - 8)) - 1)
+
+
+@pytest.mark.parametrize("window_log", [17, 27, 31])
+def test_zstd_frame_with_a_huge_window_is_refused(make_qcow2: Callable[..., Path], window_log: int) -> None:
+    """Issue 14 item 5: a compressed cluster inflates to one cluster, so a zstd frame may not ask for a
+    window beyond it (up to 2 GiB: memory a guest-made image could make the daemon allocate per read)."""
+    p, off = _zstd_cluster(make_qcow2)
+    with Image.open(str(p), "qcow2") as im:
+        assert im.read(0, 65536) == b"\x33" * 65536  # what qemu wrote reads back
+    # magic, no content size, a window descriptor (exponent window_log - 10), one last RLE block of 64 KiB
+    frame = struct.pack("<IBB", 0xFD2FB528, 0, (window_log - 10) << 3)
+    frame += ((65536 << 3) | (1 << 1) | 1).to_bytes(3, "little") + b"\x5a"
+    _patch(p, off, f"{len(frame)}s", frame)
+    with Image.open(str(p), "qcow2") as im:
+        if window_log <= 17:  # within a 64 KiB cluster (2^16, rounded up to zstd's next window): fine
+            assert im.read(0, 65536) == b"\x5a" * 65536
+        else:
+            with pytest.raises(StorageError):
+                im.read(0, 65536)
+            assert im.read(65536, 512) == bytes(512), "the rest of the image still reads"

@@ -26,6 +26,7 @@ static void qc_free(struct qcow2 *q)
     free(q->rt);
     free(q->pending);
     free(q->infl);
+    qc_codec_free(q);
     if (q->fd >= 0)
         close(q->fd);
     pthread_mutex_destroy(&q->lock);

@@ -80,6 +80,10 @@ struct qcow2 {
     uint64_t reserve[QC_RESERVE_MAX]; /* cluster indices */
     unsigned nreserve;
     int64_t wt_l1_idx; /* L1 entry of a new L2 table not yet written through; -1 none */
+    /* Decompression state, made at the first compressed read and reused (under lock): one zstd
+     * context (window limited to a cluster) and one zlib stream per image, not one per read. */
+    void *zstd_dctx;
+    void *zlib_stream;
     struct xb_image *backing;
     char backing_file[1024];
     char backing_fmt[32];
@@ -115,6 +119,9 @@ void qc_inflight_del(struct qcow2 *q, uint64_t host_cluster_off);
 void qc_unalloc_cluster(struct qcow2 *q, uint64_t host_off);
 int qc_release_reserve(struct qcow2 *q);
 int qc_write_through(struct qcow2 *q, uint8_t *l2);
+
+/* compressed clusters */
+void qc_codec_free(struct qcow2 *q);
 
 /* mapping */
 int qc_l2_entry(struct qcow2 *q, uint64_t off, int alloc, uint8_t **l2, uint32_t *idx);

@@ -75,6 +75,53 @@ static int get_entry(struct qcow2 *q, uint64_t off, uint64_t *e)
     return r;
 }
 
+void qc_codec_free(struct qcow2 *q)
+{
+    if (q->zstd_dctx)
+        ZSTD_freeDCtx(q->zstd_dctx);
+    if (q->zlib_stream) {
+        inflateEnd(q->zlib_stream);
+        free(q->zlib_stream);
+    }
+    q->zstd_dctx = q->zlib_stream = NULL;
+}
+
+/* The image's zstd context: a compressed cluster inflates to one cluster, so a frame asking for a
+ * larger window (up to 2 GiB, memory a guest-made image would make us allocate) is refused. */
+static ZSTD_DCtx *zstd_ctx(struct qcow2 *q)
+{
+    if (!q->zstd_dctx) {
+        ZSTD_DCtx *d = ZSTD_createDCtx();
+        if (!d)
+            return NULL;
+        int wlog = (int)q->cluster_bits + 1 > 10 ? (int)q->cluster_bits + 1 : 10; /* zstd's minimum window: 1 KiB */
+        if (ZSTD_isError(ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, wlog))) {
+            ZSTD_freeDCtx(d);
+            return NULL;
+        }
+        q->zstd_dctx = d;
+    } else {
+        ZSTD_DCtx_reset(q->zstd_dctx, ZSTD_reset_session_only); /* keeps the window limit */
+    }
+    return q->zstd_dctx;
+}
+
+static z_stream *zlib_ctx(struct qcow2 *q)
+{
+    if (!q->zlib_stream) {
+        z_stream *s = calloc(1, sizeof(*s));
+        if (!s)
+            return NULL;
+        if (inflateInit2(s, -15) != Z_OK) { /* raw deflate, 32 KiB window: qemu's format */
+            free(s);
+            return NULL;
+        }
+        q->zlib_stream = s;
+        return s;
+    }
+    return inflateReset(q->zlib_stream) == Z_OK ? q->zlib_stream : NULL;
+}
+
 static int decompress(struct qcow2 *q, uint64_t e, uint8_t *out)
 {
     uint64_t coff, clen;
@@ -87,20 +134,18 @@ static int decompress(struct qcow2 *q, uint64_t e, uint8_t *out)
     ssize_t rr = xb_pread_known(q->fd, in, clen, coff, q->disk_size);
     int ret = rr < 0 ? (int)rr : -EIO;
     if (rr >= 0 && q->ctype == 0) {
-        z_stream s;
-        memset(&s, 0, sizeof(s));
-        if (inflateInit2(&s, -15) == Z_OK) {
-            s.next_in = in;
-            s.avail_in = (uInt)clen;
-            s.next_out = out;
-            s.avail_out = (uInt)q->cs;
-            int z = inflate(&s, Z_FINISH);
-            if ((z == Z_STREAM_END || z == Z_BUF_ERROR) && s.avail_out == 0)
+        z_stream *s = zlib_ctx(q);
+        if (s) {
+            s->next_in = in;
+            s->avail_in = (uInt)clen;
+            s->next_out = out;
+            s->avail_out = (uInt)q->cs;
+            int z = inflate(s, Z_FINISH);
+            if ((z == Z_STREAM_END || z == Z_BUF_ERROR) && s->avail_out == 0)
                 ret = 0;
-            inflateEnd(&s);
         }
     } else if (rr >= 0) {
-        ZSTD_DCtx *d = ZSTD_createDCtx();
+        ZSTD_DCtx *d = zstd_ctx(q);
         if (d) {
             ZSTD_inBuffer ib = {in, clen, 0};
             ZSTD_outBuffer ob = {out, q->cs, 0};
@@ -113,7 +158,6 @@ static int decompress(struct qcow2 *q, uint64_t e, uint8_t *out)
             }
             if (ob.pos == ob.size)
                 ret = 0;
-            ZSTD_freeDCtx(d);
         }
     }
     free(in);
