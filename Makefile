@@ -68,10 +68,11 @@ xen-restart: setup
 xen-bench: setup
 	tests/xen/run.sh $(XEN_FLAVOUR) bench
 
-# Debian package for this machine's release: build/xenblk_<version>_<arch>.deb (packaging/build-deb.sh)
+# Debian package for this machine's release: build/xenblk_<version>_<arch>.deb (packaging/build-deb.sh);
+# SUITE=trixie (or another release): built in a minimal root of that release, build/<suite>/ (deb-for.sh)
 .PHONY: deb
 deb: setup
-	packaging/build-deb.sh
+	@if [ -n "$(SUITE)" ]; then packaging/deb-for.sh "$(SUITE)"; else packaging/build-deb.sh; fi
 
 clean:
 	rm -rf build xenblk/_*.so .pytest_cache .mypy_cache .ruff_cache

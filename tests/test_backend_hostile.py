@@ -3,6 +3,7 @@ while another device of another guest stays Connected and the daemon carries on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -290,3 +291,39 @@ async def test_forced_removal_during_close_leaves_no_ghost_backend(harness: Harn
     await h.xs.rm(f)
     await wait_for(lambda: _no_device(h, 1, "xvdb"), "device task ended")
     assert await h.xs.try_read(b) is None and await h.xs.try_read(f"{b}/state") is None
+
+
+async def test_frontend_rewriting_its_keys_forever_is_closed_not_crashed(harness: Harness) -> None:
+    """Issue 14 item 5: while the backend reads the frontend's keys in a transaction, the guest keeps
+    rewriting one of them, so every attempt conflicts. The device is closed with an error saying so;
+    its task lives on (it was marked crashed before and never served again), the bystander is fine,
+    and once the guest stops and restarts the frontend it connects."""
+    h = harness
+    await _bystander(h)
+    await h.attach(1, "xvdb")
+    f = h.f(1, "xvdb")
+    stop = asyncio.Event()
+    rewrites = 0
+
+    async def rewrite_forever() -> None:
+        nonlocal rewrites
+        while not stop.is_set():
+            await h.xs.write(f"{f}/protocol", "x86_64-abi" if rewrites % 2 else "x86_32-abi")
+            rewrites += 1
+
+    await h.frontend(1, "xvdb", state=1)  # keys written, not Initialised yet
+    writer = asyncio.create_task(rewrite_forever())
+    try:
+        await wait_for(lambda: _true(rewrites > 10), "the guest is rewriting its keys")
+        await h.xs.write(f"{f}/state", "3")
+        await _closed_with(h, 1, "xvdb", "kept changing its keys")
+    finally:
+        stop.set()
+        await writer
+    task = h.daemon.find(1, "xvdb")
+    assert not task.crashed and not task.finished
+    await _assert_bystander_fine(h)
+    await h.xs.write(f"{f}/protocol", "x86_64-abi")
+    await h.xs.write(f"{f}/state", "1")
+    await h.connect(1, "xvdb")
+    assert await h.xs.try_read(f"{h.b(1, 'xvdb')}/error") is None

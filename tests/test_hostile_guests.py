@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from typing import Any
 
@@ -199,3 +200,43 @@ def test_1mib_indirect_flood_on_a_fresh_qcow2_keeps_rss_bounded(stack: Stack) ->
     stack.attach(2, image(stack, "after.raw", 8 * MiB), "xvdb")
     rc, result = stack.guest(2, "--rw", "randrw", "--iodepth", "4", "--verify", "--seed", "3", "--size", "2M")
     assert rc == 0, f"{result}\n{stack.log_tail()}"
+
+
+def control_device(stack: Stack, domid: int) -> dict[str, Any]:
+    """The daemon's own view of domid's disk (control socket op list)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(stack.config.parent / "run" / "control.sock"))
+        s.sendall(b'{"op":"list"}\n')
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            assert chunk, "control socket closed"
+            buf += chunk
+    (dev,) = [d for d in json.loads(buf)["devices"] if d["domid"] == domid]
+    return dict(dev)
+
+
+def test_reconnect_loop_backs_off_and_quiets_its_log(stack: Stack) -> None:
+    """Issue 14 item 5: a guest that connects and leaves again and again, never doing I/O, costs the
+    daemon threads and an io_uring each time: past 3 such connections in a row the next one waits (a
+    growing pause), and only the 4th, 8th... such cycle is logged at info. Counted, not timed."""
+    stack.attach(1, image(stack, "loop.raw", 8 * MiB), "xvdb")
+    cycles = 8
+    for _ in range(cycles):
+        rc, out = stack.guest(1, "--idle", "--runtime", "0.01")
+        assert rc == 0, f"{out}\n{stack.log_tail()}"
+    dev = control_device(stack, 1)
+    assert dev["connections"] == cycles, dev
+    # reconnects 1..7 found the previous connection fruitless 1..7 times in a row: 4..7 waited
+    assert dev["reconnect_backoffs"] == cycles - 1 - 3, dev
+    lines = [json.loads(ln) for ln in stack.serve_log.read_text().splitlines() if ln.startswith("{")]
+    info = [ln for ln in lines if ln.get("event") == "device.reconnect" and ln.get("level") == "info"]
+    assert [ln["fruitless"] for ln in info] == [1, 2, 3, 4], info  # 5, 6, 7 at debug
+    # a connection that serves a request starts the count again: the verified run still waited (the 8th
+    # idle one before it served nothing), the idle run after it does not
+    rc, out = stack.guest(1, "--rw", "randrw", "--verify", "--size", "256k")
+    assert rc == 0, f"{out}\n{stack.log_tail()}"
+    rc, out = stack.guest(1, "--idle", "--runtime", "0.01")
+    assert rc == 0, f"{out}\n{stack.log_tail()}"
+    dev = control_device(stack, 1)
+    assert dev["connections"] == cycles + 2 and dev["reconnect_backoffs"] == cycles - 3, dev

@@ -25,13 +25,32 @@ from xenblk.backend.states import parse_state
 from xenblk.config import Config
 from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView
-from xenblk.xenstore import Transaction, XenStore, XenStoreError, XenStoreUnavailable
+from xenblk.xenstore import Transaction, TryAgain, XenStore, XenStoreError, XenStoreUnavailable
 
 VDISK_CDROM = 1
 VDISK_REMOVABLE = 2
 VDISK_READONLY = 4
 HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
 RETRY_SECONDS = 0.5  # after xenstored was unreachable
+# A frontend that reconnects without ever getting a request served (a reconnect loop, a guest rewriting
+# its keys forever) is served again after a growing pause: the first FREE_RECONNECTS at once, then
+# BACKOFF_FIRST, doubling, up to BACKOFF_MAX seconds. Each connection builds threads and an io_uring.
+FREE_RECONNECTS = 3
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 4.0
+
+
+def reconnect_backoff(fruitless: int) -> float:
+    """Seconds to wait before serving again after `fruitless` connections in a row served nothing."""
+    if fruitless <= FREE_RECONNECTS:
+        return 0.0
+    return min(BACKOFF_FIRST * (1 << min(fruitless - FREE_RECONNECTS - 1, 16)), BACKOFF_MAX)
+
+
+def cycle_logged(fruitless: int) -> bool:
+    """Whether a connection cycle's info lines are logged: the first ones of a fruitless run, then only
+    the 4th, 8th, 16th... (the others at debug), so a reconnect loop cannot flood the journal."""
+    return fruitless <= FREE_RECONNECTS or fruitless & (fruitless - 1) == 0
 
 
 class Phase(enum.Enum):
@@ -89,6 +108,10 @@ class DeviceTask:
         self.crashed = False  # the task died of a bug: not served again until re-attached or restarted
         self._resume_on: set[int] = set()
         self._seen_other_than_1 = False
+        self._served = False  # the current connection had a request served (a reconnect loop does not)
+        self.fruitless = 0  # connections in a row that served nothing
+        self.backoffs = 0  # reconnects delayed by reconnect_backoff()
+        self._backoff_until: float | None = None
         self.frontend_connected = False  # the daemon has seen F=4 since this connection began
         # A toolstack that runs a hotplug script (libxl writes B/script) gets InitWait before the image is
         # opened: libxl runs the script only after InitWait, and the script's `xenblk hotplug add` (control op
@@ -224,7 +247,9 @@ class DeviceTask:
             resume = fs in self._resume_on or (fs == S.INITIALISING and self._seen_other_than_1)
             if not resume:
                 return False
-            self.log.info("device.reconnect", frontend=state_name(fs))
+            if not self._backoff_ready():
+                return False
+            self._cycle_info("device.reconnect", frontend=state_name(fs), fruitless=self.fruitless)
             if not await self._prepare():
                 return False
         if self.phase is Phase.INIT_WAIT and self.image is None:
@@ -247,7 +272,7 @@ class DeviceTask:
             return False
         if self.phase is Phase.CONNECTED:
             if fs in (S.CLOSING, S.CLOSED):
-                self.log.info("device.frontend_closing", frontend=state_name(fs))
+                self._cycle_info("device.frontend_closing", frontend=state_name(fs))
                 await self._stop_dataplane()
                 await self._write_state(S.CLOSED)
                 self._enter_closed(resume_on=set(), fs=fs)
@@ -264,6 +289,32 @@ class DeviceTask:
                     self.frontend_connected = True
                 await self._check_queues(fs)
         return False
+
+    def _backoff_ready(self) -> bool:
+        """At a reconnect: count a connection that served nothing and, past FREE_RECONNECTS of them in a
+        row, wait (the task is woken when the pause is over; other events only look again)."""
+        loop = asyncio.get_running_loop()
+        if self._backoff_until is None:
+            self.fruitless = 0 if self._served else self.fruitless + 1
+            self._served = False
+            delay = reconnect_backoff(self.fruitless)
+            if delay:
+                self.backoffs += 1
+                self._backoff_until = loop.time() + delay
+                self._cycle_info("device.reconnect_backoff", seconds=delay, fruitless=self.fruitless)
+                loop.call_later(delay, self._changed.set)
+                return False
+            return True
+        if loop.time() < self._backoff_until:
+            return False
+        self._backoff_until = None
+        return True
+
+    def _cycle_info(self, event: str, **kw: Any) -> None:
+        if cycle_logged(self.fruitless):
+            self.log.info(event, **kw)
+        else:
+            self.log.debug(event, **kw)
 
     def _enter_closed(self, resume_on: set[int], fs: int | None) -> None:
         self.phase = Phase.CLOSED
@@ -287,7 +338,7 @@ class DeviceTask:
             await t.write(f"{self.bpath}/state", str(int(state)))
 
         await self.ctx.xs.transact(body)
-        self.log.info("device.state", state=state_name(state), previous=state_name(self.state))
+        self._cycle_info("device.state", state=state_name(state), previous=state_name(self.state))
         self.state = int(state)
 
     async def _close_with_error(self, reason: str, fs: int | None = None) -> None:
@@ -448,6 +499,15 @@ class DeviceTask:
         except FrontendError as e:
             await self._close_with_error(str(e), fs)
             return
+        except TryAgain:
+            # Every read of the keys conflicted with a write to them: a frontend rewriting its keys
+            # forever. Its own doing: close this device (it is served again when the frontend restarts).
+            await self._close_with_error(
+                "the frontend kept changing its keys while they were read (every XenStore transaction "
+                "conflicted); close and restart the frontend",
+                fs,
+            )
+            return
         spec = self.spec
         assert spec is not None
         readonly = spec.readonly or bool(self.image.readonly)
@@ -491,7 +551,7 @@ class DeviceTask:
                 return
             raise
         self.phase = Phase.CONNECTED
-        self.log.info(
+        self._cycle_info(
             "device.connected",
             protocol=fe.protocol,
             ring_pages=fe.ring_pages,
@@ -555,7 +615,10 @@ class DeviceTask:
         retired = await loop.run_in_executor(None, stop)
         with self._stats_lock:
             self._retired = retired
-        self.log.info("device.stopped")
+        if any(int(getattr(o, "requests", 0)) for q in retired for o in getattr(q, "op", ())):
+            self._served = True
+            self.fruitless = 0
+        self._cycle_info("device.stopped")
 
     def _close_image(self) -> None:
         img, self.image = self.image, None
@@ -648,6 +711,7 @@ class DeviceTask:
             "in_flight": sum(int(getattr(q, "in_flight", 0)) for q in view.queues) if self._running else 0,
             "connections": self.connections,
             "resizes": self.resizes,
+            "reconnect_backoffs": self.backoffs,
         }
 
 
