@@ -55,8 +55,9 @@ grep -q '^ExecStart=/usr/bin/xenblk serve$' "$STAGE/usr/lib/systemd/system/xenbl
   echo "# /etc/xenblk/xenblk.toml: xenblk's configuration (see /usr/share/doc/xenblk/config.md)."
   echo "# Every key is shown commented out with its default; uncomment and edit to change one."
   echo "# After editing: systemctl reload xenblk (log.*, storage.*, dataplane.*, metrics.*) or restart."
-  # from the staged package (cd: `-m` would put this checkout first on sys.path)
-  (cd "$STAGE$PKGDIR" && PYTHONPATH=. "$PY" -m xenblk config --defaults) |
+  # what `xenblk config --defaults` prints, from the staged package (cd: not this checkout's), without
+  # the CLI's runtime imports (structlog...), which a build root need not have
+  (cd "$STAGE$PKGDIR" && "$PY" -c 'from xenblk.config import defaults_toml; print(defaults_toml(), end="")') |
     sed -e '1d' -e '/^\[/b' -e '/^#/b' -e '/^$/b' -e 's/^/# /'
 } >"$STAGE/etc/xenblk/xenblk.toml"
 chmod 0644 "$STAGE/etc/xenblk/xenblk.toml"
@@ -71,8 +72,12 @@ Copyright: $(date -u -d "@$SOURCE_DATE_EPOCH" +%Y) the xenblk authors (see the g
 License: GPL-2.0-only
  On Debian systems the full text is in /usr/share/common-licenses/GPL-2.
 EOF
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " + local changes" || true)
+if [ -n "${DEB_COMMIT:-}" ]; then # deb-for.sh: built in a copy without .git
+  commit=$DEB_COMMIT dirty=
+else
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " + local changes" || true)
+fi
 cat <<EOF | gzip -9n >"$STAGE/usr/share/doc/xenblk/changelog.gz"
 xenblk ($VERSION) unstable; urgency=medium
 
