@@ -7,7 +7,7 @@
 # PID namespaces with /proc, /sys, /dev, /dev/pts and /dev/shm mounted. The namespaces make cleanup certain: their
 # mounts and any process left behind die with them, whatever way the run ends; nothing is ever mounted in the
 # host's namespace. So every run proves that scripts/setup.sh installs everything on a pristine Debian 13; only the
-# downloads are cached (.debs, pip's cache), so a cached run costs the installs, not the downloads.
+# downloads of .debs are cached, so a cached run costs the installs, not the apt downloads.
 #
 #   scripts/debian13.sh                  (root; cache in $XENBLK_DEBIAN13_CACHE, default /var/cache/xenblk-debian13)
 #   XENBLK_DEBIAN13_STEPS='make demo'    what to run in the copy (default: make demo && make test-fast)
@@ -87,8 +87,8 @@ fi
 if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$RUN/etc/pip.conf"; fi
 # No daemon starts from a package's postinst in a chroot (prometheus would, and would take port 9090 of the host).
 printf '#!/bin/sh\nexit 101\n' >"$RUN/usr/sbin/policy-rc.d" && chmod 755 "$RUN/usr/sbin/policy-rc.d"
-# Downloads survive between runs: apt's .deb archive and pip's cache are directories of the cache, bound in.
-mkdir -p "$CACHE/apt-archives/partial" "$CACHE/pip-cache"
+# Downloads survive between runs: apt's .deb archive is a directory of the cache, bound in.
+mkdir -p "$CACHE/apt-archives/partial"
 # A copy of the working tree: what git tracks (as it is now) plus new files not ignored; no .venv, no build/.
 mkdir -p "$RUN/root/xenblk"
 git -C "$REPO" ls-files -co --exclude-standard -z |
@@ -112,7 +112,7 @@ set +e
 # anyway, so a long-lived leftover process could not pin them either.
 unshare --mount --propagation private --pid --fork --kill-child -- bash -euo pipefail -c '
   R=$1 CACHE=$2 STEPS=$3; shift 3
-  cleanup() { umount -R "$R/proc" "$R/sys" "$R/dev" "$R/var/cache/apt/archives" "$R/root/.cache/pip" 2>/dev/null || true; }
+  cleanup() { umount -R "$R/proc" "$R/sys" "$R/dev" "$R/var/cache/apt/archives" 2>/dev/null || true; }
   trap cleanup EXIT
   mount -t proc proc "$R/proc"
   mount -t sysfs sysfs "$R/sys"
@@ -121,8 +121,6 @@ unshare --mount --propagation private --pid --fork --kill-child -- bash -euo pip
   mount --bind "$R/dev/pts/ptmx" "$R/dev/ptmx"
   mount -t tmpfs -o mode=1777,nosuid,nodev shm "$R/dev/shm"
   mount --bind "$CACHE/apt-archives" "$R/var/cache/apt/archives"
-  mkdir -p "$R/root/.cache/pip"
-  mount --bind "$CACHE/pip-cache" "$R/root/.cache/pip"
   chroot "$R" chown -R _apt:root /var/cache/apt/archives/partial
   chroot "$R" /usr/bin/env -i "$@" bash -euo pipefail -c "cd /root/xenblk && $STEPS"
 ' debian13-ns "$RUN" "$CACHE" "$STEPS" "${envs[@]}" &
