@@ -13,7 +13,7 @@
 #   XENBLK_DEBIAN13_STEPS='make demo'    what to run in the copy (default: make demo && make test-fast)
 #   XENBLK_DEBIAN13_REFRESH=1            debootstrap the pristine root again
 #   XENBLK_DEBIAN13_REUSE=1              (debugging only) keep the last run's root, just copy the tree in again
-# The last run's root stays in $CACHE/run for a look after a failure (removed by the next run).
+# After a failure the run's root stays in $CACHE/run for a look (removed by the next run); after a pass it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -134,4 +134,5 @@ rc=$?
 trap - INT TERM HUP
 set -e
 say "in the root: $([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)") in $((SECONDS - t0)) s; total $((SECONDS - t_all)) s"
+if [ "$rc" = 0 ] && [ -z "${XENBLK_DEBIAN13_REUSE:-}" ]; then safe_rm "$RUN"; else say "its root is left in $RUN"; fi
 exit "$rc"
