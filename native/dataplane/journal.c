@@ -218,19 +218,33 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
         seterr(err, "journal %s: out of memory", j->path);
         return -1;
     }
-    /* Ring order: a barrier is the last request taken (nothing is taken while one waits). */
+    /* Ring order: a barrier is the last request taken (nothing is taken while one waits). Ordered by
+     * age before req_cons, not from rsp: requests are answered out of order, so one taken long before
+     * (a slow flush while ring_size others completed) may still be in flight and comes first. */
     j->replay_n = 0;
     for (uint32_t i = 0; i < q->ring_size; i++) {
         if (j->slots[i].state != XB_JSLOT_TAKEN)
             continue;
+        if ((uint32_t)(cons - 1 - j->slots[i].idx) >= 0x80000000u) {
+            seterr(err, "journal %s: request slot %u names ring index %u, not taken before %u", j->path, i,
+                   j->slots[i].idx, cons);
+            return -1;
+        }
         unsigned k = j->replay_n++;
-        while (k > 0 && (uint32_t)(j->slots[j->replay[k - 1]].idx - rsp) > (uint32_t)(j->slots[i].idx - rsp)) {
+        while (k > 0 && (uint32_t)(j->slots[j->replay[k - 1]].idx - cons) > (uint32_t)(j->slots[i].idx - cons)) {
             j->replay[k] = j->replay[k - 1];
             k--;
         }
         j->replay[k] = i;
-        free_list_remove(q, &q->reqs[i]);
     }
+    /* Each ring index was taken once (a journal that says otherwise was not written in this order). */
+    for (unsigned k = 1; k < j->replay_n; k++)
+        if (j->slots[j->replay[k]].idx == j->slots[j->replay[k - 1]].idx) {
+            seterr(err, "journal %s: ring index %u taken twice", j->path, j->slots[j->replay[k]].idx);
+            return -1;
+        }
+    for (unsigned k = 0; k < j->replay_n; k++)
+        free_list_remove(q, &q->reqs[j->replay[k]]);
     __atomic_store_n(&h->rsp_prod_pvt, rsp, __ATOMIC_RELEASE);
     __atomic_store_n(&h->req_cons, cons, __ATOMIC_RELEASE);
     for (uint32_t i = 0; i < q->ring_size; i++)

@@ -1,0 +1,1 @@
+-I../dataplane -I../platform -luring -latomic
