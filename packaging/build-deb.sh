@@ -144,5 +144,8 @@ chmod 0755 "$STAGE/DEBIAN/postinst" "$STAGE/DEBIAN/prerm" "$STAGE/DEBIAN/postrm"
 # Same timestamps for the same commit; root-owned files without fakeroot.
 find "$STAGE" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 find "$STAGE" -type d -exec chmod 0755 {} +
+# running the staged package (config generation, module checks) leaves bytecode behind: the
+# package ships sources only, python3 compiles them on the target
+find "$STAGE" -name __pycache__ -type d -prune -exec rm -rf {} +
 dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >/dev/null
 echo "$DEB"

@@ -140,7 +140,11 @@ level = "${3:-debug}"
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
 [storage]
-allowed_dirs = ["$2", "/dev"]
+allowed_dirs = ["$2"]
+# the qcow2 of dom0-test sits over a base image in the same directory
+backing_dirs = ["$2"]
+# block devices are named explicitly: the thin LV of dom0-test, the dm-error device of dom0-restart
+allowed_devices = ["/dev/xbtvg/*", "/dev/mapper/xbtvg-*", "/dev/mapper/xbdmerr", "/dev/dm-*"]
 TOML
 }
 
