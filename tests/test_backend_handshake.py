@@ -78,6 +78,24 @@ async def test_frontend_close_then_reconnect(harness: Harness, step_log: StepLog
     assert dev.connections == 2 and dev.disk_view().reconnects == 1
 
 
+async def test_frontend_closed_then_connected_again_without_initialising_is_served(harness: Harness) -> None:
+    # what a guest's unbind + bind of blkfront does when the bind probes while the backend still
+    # says Connected: blkfront grants new rings and goes Initialised, never through Initialising;
+    # left unserved, its first read hangs and so does the guest's xenbus (seen on real Xen)
+    h = harness
+    await h.attach(1, "xvdb")
+    await h.connect(1, "xvdb")
+    first = h.dp.running(1, XVDB)
+    f, b = h.f(1, "xvdb"), h.b(1, "xvdb")
+    await h.xs.write(f"{f}/state", "6")
+    await wait_state(h.xs, b, 6)
+    assert first.stopped and first.closed
+    await h.frontend(1, "xvdb", queues=2, wait_initwait=False)
+    await wait_state(h.xs, b, 4)
+    assert len(h.dp.connects) == 2 and len(h.dp.running(1, XVDB).fe.queues) == 2
+    assert await h.xs.try_read(f"{b}/error") is None
+
+
 async def test_detach_waits_for_the_frontend_and_removes_the_backend(harness: Harness) -> None:
     h = harness
     await h.attach(1, "xvdb")

@@ -95,7 +95,14 @@ reattach_on_request() {
         wait_for "$BOUND" eval '[ "$(backend_state $betype $domid $v)" = 6 ]' && ok "$v: backend followed the guest to Closed" ||
             bad "$v: backend state $(backend_state $betype $domid $v) after the guest closed (bound ${BOUND}s)"
         detach_disk $v && ok "$v: detached" || bad "$v: detach"
-        attach_disk $v && ok "$v: re-attached" || bad "$v: re-attach"
+        if attach_disk $v; then
+            ok "$v: re-attached"
+        else # what both ends say; the other disks would wait the same bound again
+            bad "$v: re-attach"
+            xenstore-ls -fp "/local/domain/$domid/device/vbd" 2>&1 | sed 's/^/DOM0   /'
+            xenstore-ls -fp "/local/domain/0/backend/$betype/$domid" 2>&1 | sed 's/^/DOM0   /'
+            return 1
+        fi
     done
 }
 reattach_on_request > "$OUT/reattach.log" 2>&1 &

@@ -62,6 +62,17 @@ if [ "$reload" = 1 ]; then
 fi
 echo "GUEST ready mode=$mode disks=$disks vcpus=$(nproc)"
 
+# xenbus_view: what this guest's xenbus and blkfront see (printed while a wait drags on)
+xenbus_view() {
+    local x
+    for x in /sys/bus/xen/devices/vbd-*; do
+        [ -e "$x" ] || continue
+        echo "GUEST   ${x##*/}: nodename=$(cat $x/nodename 2> /dev/null) state=$(cat $x/state 2> /dev/null)" \
+            "driver=$(basename "$(readlink $x/driver 2> /dev/null)" 2> /dev/null)"
+    done
+    dmesg | grep -i -e vbd -e blkfront -e xenbus | tail -8 | sed 's/^/GUEST   dmesg: /'
+}
+
 # wait_disks TIMEOUT: every disk in $disks present (block node and a non-zero size)
 wait_disks() {
     local t=0 d missing
@@ -71,7 +82,8 @@ wait_disks() {
             [ -b /dev/$d ] && [ "$(cat /sys/block/$d/size 2> /dev/null)" -gt 0 ] 2> /dev/null || missing="$missing $d"
         done
         [ -z "$missing" ] && return 0
-        [ $t -ge "$1" ] && { bad "disks missing after ${1}s:$missing"; return 1; }
+        [ $t -ge "$1" ] && { bad "disks missing after ${1}s:$missing"; xenbus_view; return 1; }
+        [ $t -gt 0 ] && [ $((t % 60)) = 0 ] && { echo "GUEST waiting ${t}s for:$missing"; xenbus_view; }
         sleep 1; t=$((t + 1))
     done
 }

@@ -275,7 +275,9 @@ class DeviceTask:
                 self._cycle_info("device.frontend_closing", frontend=state_name(fs))
                 await self._stop_dataplane()
                 await self._write_state(S.CLOSED)
-                self._enter_closed(resume_on=set(), fs=fs)
+                # A blkfront rebound while this backend still said Connected connects again at once
+                # (new rings, Initialised/Connected, never Initialising): serve it, as blkback does.
+                self._enter_closed(resume_on={S.INITIALISED, S.CONNECTED}, fs=fs)
             elif fs is None:
                 await self._close_with_error("frontend state node disappeared while connected", fs)
             elif fs == -1:
@@ -348,7 +350,7 @@ class DeviceTask:
         self.guest_log.warning("device.error", error=reason)
         with contextlib.suppress(_Vanished):
             await self._transact_state({"error": reason[:1000]}, S.CLOSED)
-        self._enter_closed(resume_on=set(), fs=fs)
+        self._enter_closed(resume_on={S.INITIALISED, S.CONNECTED}, fs=fs)
 
     async def _open_image(self) -> None:
         """Check params and open the image (raises ImageSpecError)."""
