@@ -18,7 +18,15 @@ import pytest
 from bench import xen_bench
 
 XEN = Path(__file__).resolve().parent / "xen"
-BASH_SCRIPTS = ["run.sh", "dom0-test.sh", "dom0-bench.sh", "dom0-lib.sh", "lvm-storage.sh"]
+BASH_SCRIPTS = [
+    "run.sh",
+    "dom0-all.sh",
+    "dom0-test.sh",
+    "dom0-restart.sh",
+    "dom0-bench.sh",
+    "dom0-lib.sh",
+    "lvm-storage.sh",
+]
 
 
 @pytest.mark.parametrize("name", BASH_SCRIPTS)
@@ -27,7 +35,9 @@ def test_bash_syntax(name: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("name", ["run.sh", "dom0-test.sh", "dom0-bench.sh", "lvm-storage.sh"])
+@pytest.mark.parametrize(
+    "name", ["run.sh", "dom0-all.sh", "dom0-test.sh", "dom0-restart.sh", "dom0-bench.sh", "lvm-storage.sh"]
+)
 def test_entry_scripts_are_executable(name: str) -> None:
     assert os.access(XEN / name, os.X_OK), f"tests/xen/{name} is run directly and must be executable"
 

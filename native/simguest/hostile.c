@@ -117,7 +117,7 @@ static void no_drain(struct xb_sg_queue *q)
 static void flood(struct xb_sg_queue *q)
 {
     uint64_t one = 1;
-    while (!stopping(q) && now_ns() < q->deadline_ns)
+    while (!stopping(q) && now_ns() < q->deadline_ns && (!q->cfg.total_ios || q->st.notifies < q->cfg.total_ios))
         for (unsigned i = 0; i < 1024; i++)
             if (write(q->cfg.evt_send_fd, &one, sizeof(one)) == sizeof(one))
                 q->st.notifies++;

@@ -2,7 +2,8 @@
 # Host side of `make xen-test` / `xen-restart` / `xen-bench`: boots real Xen + a Debian Dom0
 # under QEMU (software emulation) with the in-repo harness tests/xen/vm/xenvm and runs one
 # Dom0 script there.
-#   tests/xen/run.sh [d12|d13] [test|bench|lvm|restart]     (defaults: $XEN_FLAVOUR or d12; test)
+#   tests/xen/run.sh [d12|d13] [test|bench|lvm|restart|all]  (defaults: $XEN_FLAVOUR or d12; test)
+#     all: test then restart in one boot (dom0-all.sh), what `make test` runs
 #     d12: Debian 12, Xen 4.17, C xenstored (the harness's PID 1)
 #     d13: Debian 13, Xen 4.20, oxenstored started by Debian's xen.service under systemd
 # Env: XEN_TEST_BACKEND=blkback (test: the harness against the in-kernel backend),
@@ -22,7 +23,8 @@ case $WHAT in
     bench) script=tests/xen/dom0-bench.sh ;;
     lvm) script=tests/xen/lvm-storage.sh ;;
     restart) script=tests/xen/dom0-restart.sh ;;
-    *) echo "usage: $0 [d12|d13] [test|bench|lvm|restart]" >&2; exit 2 ;;
+    all) script=tests/xen/dom0-all.sh ;;
+    *) echo "usage: $0 [d12|d13] [test|bench|lvm|restart|all]" >&2; exit 2 ;;
 esac
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -35,7 +37,9 @@ INITRD=$OUT/guest.cpio.gz
 export XEN_TEST_OUT=$OUT XEN_TEST_INITRD=$INITRD XEN_BENCH_RUNTIME=${XEN_BENCH_RUNTIME:-5}
 echo "xen-$FLAVOUR-$WHAT: setup + guest initramfs took $(($(date +%s) - start))s"
 rc=0
-"$XENVM" run "$FLAVOUR" --timeout "${XEN_TEST_TIMEOUT:-1800}" --mem 4096 --log "$OUT/serial.log" --share "$OUT" -- \
+# the whole boot's failure bound: generous, a slow machine only takes longer
+timeout=${XEN_TEST_TIMEOUT:-$([ "$WHAT" = all ] && echo 3000 || echo 2400)}
+"$XENVM" run "$FLAVOUR" --timeout "$timeout" --mem 4096 --log "$OUT/serial.log" --share "$OUT" -- \
     "$ROOT/$script" 2>&1 | tee "$OUT/run.log" || rc=$?
 if [ "$WHAT" = bench ] && [ -s "$OUT/guest-console.txt" ]; then
     "$ROOT/.venv/bin/python" -m bench.xen_bench "$OUT/guest-console.txt" --runtime "${XEN_BENCH_RUNTIME:-5}" || rc=1

@@ -107,6 +107,8 @@ class DeviceTask:
         self._shutdown = False
         self.crashed = False  # the task died of a bug: not served again until re-attached or restarted
         self._resume_on: set[int] = set()
+        self._fs_at_close: int | None = None  # the frontend's state when this backend closed
+        self._frontend_moved = False  # it was seen in another state since
         self._seen_other_than_1 = False
         self._served = False  # the current connection had a request served (a reconnect loop does not)
         self.fruitless = 0  # connections in a row that served nothing
@@ -244,7 +246,13 @@ class DeviceTask:
         elif self.phase is Phase.CLOSED:
             if fs != S.INITIALISING:
                 self._seen_other_than_1 = True
-            resume = fs in self._resume_on or (fs == S.INITIALISING and self._seen_other_than_1)
+            if fs != self._fs_at_close:
+                self._frontend_moved = True
+            # Only a frontend that moved since the close: one still Connected to the rings this backend
+            # refused would be refused again, in a loop, its error node never there long enough to read.
+            resume = (fs in self._resume_on and self._frontend_moved) or (
+                fs == S.INITIALISING and self._seen_other_than_1
+            )
             if not resume:
                 return False
             if not self._backoff_ready():
@@ -321,6 +329,8 @@ class DeviceTask:
     def _enter_closed(self, resume_on: set[int], fs: int | None) -> None:
         self.phase = Phase.CLOSED
         self._resume_on = resume_on
+        self._fs_at_close = fs
+        self._frontend_moved = False
         self._seen_other_than_1 = fs != S.INITIALISING
 
     async def _write_state(self, state: int) -> None:

@@ -86,7 +86,8 @@ def _register_guest(ssub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="--hostile garbage: send N requests per disk; big-writes: N writes; discard-loop: N rounds; then stop",
+        help="--hostile garbage: send N requests per disk; big-writes: N writes; discard-loop: N rounds; flood: N "
+        "notifications; then stop",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=run_guest)

@@ -28,8 +28,9 @@ HOSTILE_MODES = {
     "big-writes": lib.XB_SG_HOSTILE_BIG_WRITES,
     "discard-loop": lib.XB_SG_HOSTILE_DISCARD_LOOP,
 }
-# modes whose --count bounds the run (garbage: requests; big-writes: writes; discard-loop: rounds)
-COUNTED_MODES = ("garbage", "big-writes", "discard-loop")
+# modes whose --count bounds the run (garbage: requests; big-writes: writes; discard-loop: rounds;
+# flood: notifications)
+COUNTED_MODES = ("garbage", "big-writes", "discard-loop", "flood")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
@@ -92,7 +93,7 @@ class Workload:
         if self.count is not None and (self.hostile not in COUNTED_MODES or self.count < 1):
             raise WorkloadError(
                 "--count N (N >= 1) is the number of requests of --hostile garbage, writes of big-writes, "
-                "rounds of discard-loop"
+                "rounds of discard-loop, notifications of flood"
             )
         if not 0 <= self.seed < 1 << 64:
             raise WorkloadError("--seed must fit in 64 bits")

@@ -1,0 +1,21 @@
+#!/bin/bash
+# Dom0 side of `make xen-test-<flavour>`: the test boot's script (dom0-test.sh) and then the
+# restart boot's (dom0-restart.sh) in one Dom0, each with its own log dir under XEN_TEST_OUT
+# (test/, restart/). One boot instead of two: a Debian 13 Dom0 under systemd takes minutes to
+# come up under TCG, and each script leaves the Dom0 as it found it (its guest gone, its daemon
+# stopped, its devices detached), which the second one's own checks would catch otherwise.
+# Env: as dom0-test.sh and dom0-restart.sh. Exit status: the sum of their failures (at most 100).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${XEN_TEST_OUT:?}
+rc=0 results=()
+for what in test restart; do
+    mkdir -p "$OUT/$what"
+    echo "==== $what (dom0-$what.sh; logs in $OUT/$what)"
+    XEN_TEST_OUT=$OUT/$what "$ROOT/tests/xen/dom0-$what.sh" 2>&1 | tee "$OUT/$what/run.log"
+    r=${PIPESTATUS[0]}
+    results+=("$what: exit status $r")
+    rc=$((rc + r))
+done
+echo "==== xen-test on ${XEN_TEST_FLAVOUR:-?}: ${results[*]}"
+exit $((rc > 100 ? 100 : rc))
