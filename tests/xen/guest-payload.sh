@@ -11,6 +11,8 @@
 #   xbmaxpasses=N           restart: failure bound if Dom0 never says stop (default 100000)
 #   xbpassmib=N             restart: MiB written and verified per pass (default 16; 1 makes
 #                           passes short, so a kill can also land between two passes)
+#   xbregions=N             restart: passes rotate over N regions of 16 MiB (default 4; more
+#                           regions = every pass allocates, for a fresh qcow2)
 #   xbqueues=N              test: the number of blk-mq queues every disk must have
 #   xbruntime=S             bench: seconds per fio job (default 5)
 #   xbreload=0|1            reload blkfront with bigger limits first (default 1); 0 when disks are
@@ -23,7 +25,7 @@
 # Nothing here waits for "long enough": the guest prints progress markers Dom0 acts on, and
 # Dom0 answers with "xbctl WORD" lines on the guest's console input (dom0-lib.sh guest_tell).
 # Exit status: the number of failures (0 = all passed).
-mode=test disks=xvdb queues=1 runtime=5 reload=1 maxpasses=100000 passmib=16
+mode=test disks=xvdb queues=1 runtime=5 reload=1 maxpasses=100000 passmib=16 regions=4
 for a in $(cat /proc/cmdline); do
     case $a in
         xbdisks=*) disks=$(echo "${a#*=}" | tr , ' ') ;;
@@ -33,6 +35,7 @@ for a in $(cat /proc/cmdline); do
         xbreload=*) reload=${a#*=} ;;
         xbmaxpasses=*) maxpasses=${a#*=} ;;
         xbpassmib=*) passmib=${a#*=} ;;
+        xbregions=*) regions=${a#*=} ;;
     esac
 done
 fail=0
@@ -181,7 +184,7 @@ restart_io() {
         n=$((n + 1))
         echo "GUEST restart-pass $n started"
         fio --name=restart$n --filename=/dev/$d --direct=1 --ioengine=libaio --rw=randwrite --bs=64k \
-            --iodepth=8 --offset=$(((n % 4) * 16))M --size=${passmib}M --verify=crc32c --do_verify=1 \
+            --iodepth=8 --offset=$(((n % regions) * 16))M --size=${passmib}M --verify=crc32c --do_verify=1 \
             --verify_fatal=1 --eta=never --output=/tmp/fio-restart.txt
         rc=$?
         if [ $rc != 0 ] || ! grep -q 'err= 0' /tmp/fio-restart.txt; then
@@ -193,6 +196,17 @@ restart_io() {
     done
     echo "GUEST restart-io-done passes=$good"
     [ $good -gt 0 ] && ok "$d: $good fio write+verify passes (crc32c) across the daemon restarts"
+    # every verified pass's data once more, now that the kills are over (the same job replays the
+    # same blocks; a later pass over the same region has its own data, so only the last per region)
+    local k first=$((good > regions ? good - regions + 1 : 1)) again=0
+    for k in $(seq $first $good); do
+        fio --name=restart$k --filename=/dev/$d --direct=1 --ioengine=libaio --rw=randwrite --bs=64k \
+            --iodepth=8 --offset=$(((k % regions) * 16))M --size=${passmib}M --verify=crc32c --verify_only=1 \
+            --verify_fatal=1 --eta=never --output=/tmp/fio-reverify.txt && grep -q 'err= 0' /tmp/fio-reverify.txt &&
+            again=$((again + 1)) ||
+            bad "$d: pass $k's data no longer verifies: $(grep -i -m3 -e verify -e err /tmp/fio-reverify.txt | tr '\n' ' ')"
+    done
+    [ $good -gt 0 ] && [ $again = $((good - first + 1)) ] && ok "$d: the data of passes $first..$good verifies again after the restarts"
     if dmesg | grep -i "dev $d\|blkfront.*$d\|$d.*error" | grep -qi error; then
         bad "$d: I/O errors in dmesg: $(dmesg | grep -i "$d" | grep -i -m3 error | tr '\n' ' ')"
     else
