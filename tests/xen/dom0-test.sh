@@ -160,6 +160,9 @@ PY
     "$XENBLK" --config "$OUT/xenblk.toml" list
     stop_daemon
     grep -ciE '"level": *"(error|critical)"|Traceback' "$OUT/serve.log" | xargs -I{} echo "serve.log: {} error lines"
+    # the toolstack's cleanup of the dead guest's disks (nodes `xenblk attach` wrote, which xl
+    # does not know): the restart script that may run next in this Dom0 starts from nothing
+    xenstore-rm "/local/domain/0/backend/vbd3/$domid" 2> /dev/null
 else
     xenstore-rm "/local/domain/0/backend/vbd/$domid"
     for v in xvdb xvdc; do losetup -d "${PHY[$v]}"; done
