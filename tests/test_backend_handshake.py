@@ -19,8 +19,8 @@ from tests.fixtures.backend import (
     wait_state,
 )
 from xenblk.backend import control, toolstack
-from xenblk.sim.vdev import vdev_to_devid
 from xenblk.sim.xenstored import Xenstored
+from xenblk.xen.vdev import vdev_to_devid
 from xenblk.xenstore import XenStore
 
 pytestmark = pytest.mark.uvloop

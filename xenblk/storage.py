@@ -58,6 +58,12 @@ def file_kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def default_format(mode: int) -> str:
+    """The format of an image named without one: block for a block device, else raw. Never read
+    from the contents, which the guest may write (a planted qcow2 header)."""
+    return "block" if stat.S_ISBLK(mode) else "raw"
+
+
 def open_beneath(dirfd: int, rel: str, flags: int, *, walk: bool = False) -> int:
     """os.open of `rel` beneath the directory `dirfd` that never follows a symlink nor leaves the
     directory (see xb_open_beneath); walk=True forces the openat2-less fallback (tests)."""
@@ -268,7 +274,7 @@ class Image:
         failure too). fmt None: block for a block device, else raw."""
         try:
             if fmt is None:
-                fmt = "block" if stat.S_ISBLK(os.fstat(fd).st_mode) else "raw"
+                fmt = default_format(os.fstat(fd).st_mode)
             if fmt not in FORMATS:
                 raise StorageError(f"{name}: unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
             if cache is not None and cache not in CACHE_MODES:

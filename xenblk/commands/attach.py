@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
     from xenblk.backend import toolstack
-    from xenblk.backend.states import XenbusState as S
+    from xenblk.xen.states import XenbusState as S
     from xenblk.xenstore import XenStore
 
     btype = args.btype or cfg.daemon.backend_types[0]

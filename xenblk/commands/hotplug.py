@@ -19,6 +19,7 @@ from typing import Any
 
 from xenblk import config
 from xenblk.commands._common import add_sim_arg
+from xenblk.xen.paths import domain_path
 
 # libxl kills a hotplug script after 40 s (LIBXL_HOTPLUG_TIMEOUT); answer well before that.
 DEFAULT_TIMEOUT = 30.0
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
 
 def absolute(backend: str, self_domid: int) -> str:
     """XENBUS_PATH is relative to the backend domain's home, as XenStore resolves relative paths."""
-    return backend if backend.startswith("/") else f"/local/domain/{self_domid}/{backend.strip('/')}"
+    return backend if backend.startswith("/") else f"{domain_path(self_domid)}/{backend.strip('/')}"
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    from xenblk.backend.states import name
+    from xenblk.xen.states import name
 
     head = (
         f"{'DOMID':>5} {'VDEV':<6} {'STATE':<12} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<42} IMAGE"
