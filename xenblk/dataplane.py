@@ -16,7 +16,7 @@ from typing import Any
 
 from xenblk import _dataplane, storage  # type: ignore[attr-defined]
 from xenblk.errors import XenblkError
-from xenblk.platform import EventChannel, Platform
+from xenblk.xenplatform import EventChannel, Platform
 
 ffi: Any = _dataplane.ffi
 lib: Any = _dataplane.lib

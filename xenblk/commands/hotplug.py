@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, xenstore_path
 from xenblk.xen.paths import domain_path
 
 # libxl kills a hotplug script after 40 s (LIBXL_HOTPLUG_TIMEOUT); answer well before that.
@@ -55,7 +55,6 @@ def absolute(backend: str, self_domid: int) -> str:
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
     from xenblk.backend import control
-    from xenblk.backend.toolstack import xenstore_path
     from xenblk.errors import XenblkError
 
     backend = args.backend or os.environ.get("XENBUS_PATH", "")

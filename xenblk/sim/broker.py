@@ -100,7 +100,8 @@ class _Ports:
         raise _Refused("no free event-channel port")
 
 
-def _memfd(name: str, size: int) -> int:
+def sealed_memfd(name: str, size: int) -> int:
+    """A guest's memory or grant table: a memfd whose size is sealed."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
@@ -220,9 +221,9 @@ class Broker:
         if dom is None:
             mem_pages = _int(req, "mem_pages", 1, MAX_MEM_PAGES, DEFAULT_MEM_PAGES)
             entries = _int(req, "gnttab_entries", 1, MAX_GNTTAB_ENTRIES, DEFAULT_GNTTAB_ENTRIES)
-            mem_fd = _memfd(f"xenblk-dom{domid}-mem", mem_pages * PAGE_SIZE)
+            mem_fd = sealed_memfd(f"xenblk-dom{domid}-mem", mem_pages * PAGE_SIZE)
             try:
-                gnt_fd = _memfd(f"xenblk-dom{domid}-gnttab", entries * GRANT_ENTRY_SIZE)
+                gnt_fd = sealed_memfd(f"xenblk-dom{domid}-gnttab", entries * GRANT_ENTRY_SIZE)
             except BaseException:
                 os.close(mem_fd)
                 raise

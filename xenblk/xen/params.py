@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import re
 
+from xenblk.errors import XenblkError
+
 FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "block": "block", "phy": "block"}
 _PREFIX = re.compile(r"([a-z0-9]+):(.*)", re.DOTALL)
+
+
+class ParamsError(XenblkError):
+    """An image and format that do not make one `params`."""
 
 
 def split_prefix(params: str) -> tuple[str | None, str]:

@@ -11,24 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from xenblk.backend.imagespec import ImageSpecError
-from xenblk.config import Config
 from xenblk.errors import XenblkError
-from xenblk.xen.params import FORMAT_ALIASES, join_params, split_known
+from xenblk.xen.params import FORMAT_ALIASES, ParamsError, join_params, split_known
 from xenblk.xen.paths import backend_path, backend_type_path, frontend_path
 from xenblk.xen.states import XenbusState as S
 from xenblk.xen.states import name, parse_state
 from xenblk.xen.vdev import devid_to_vdev, vdev_to_devid
 from xenblk.xenstore import Perm, Transaction, XenStore, XenStoreError
-
-
-def xenstore_path(cfg: Config, sim_dir: str | None) -> str | None:
-    """The xenstored socket: the sim host's, else [xenstore] path, else the client's default lookup."""
-    if sim_dir is not None:
-        from xenblk.sim.broker import read_host_json
-
-        return str(read_host_json(sim_dir)["xenstored_path"])
-    return cfg.xenstore.path or None
 
 
 @dataclass(frozen=True)
@@ -52,7 +41,7 @@ def image_params(image: str, fmt: str | None) -> str:
     prefix, rest = split_known(image)
     if prefix is not None:
         if fmt is not None and FORMAT_ALIASES[prefix] != FORMAT_ALIASES.get(fmt, fmt):
-            raise ImageSpecError(f"image {image!r} says format {prefix} but --format is {fmt}")
+            raise ParamsError(f"image {image!r} says format {prefix} but --format is {fmt}")
         fmt, image = prefix, rest
     path = os.path.abspath(image)
     return join_params(fmt, path)
