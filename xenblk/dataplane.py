@@ -25,8 +25,6 @@ ABIS = {"x86_64-abi": lib.XB_ABI_X86_64, "x86_32-abi": lib.XB_ABI_X86_32}
 OPS = ("read", "write", "flush", "discard", "barrier")
 REFUSALS = ("bad_op", "nseg", "sect", "range", "align", "readonly", "secure", "indirect", "grant", "unsupported")
 ERRORS = ("io", "nospc", "grant", "other", "quota")
-# Upper bounds (ns) of the latency histograms; the last bucket is +Inf.
-LAT_BOUNDS_NS: tuple[int, ...] = tuple(int(lib.xb_lat_bounds_ns[i]) for i in range(lib.XB_LAT_BUCKETS - 1))
 
 
 class DataplaneError(XenblkError):

@@ -29,7 +29,6 @@ from xenblk.xen.states import parse_state
 from xenblk.xenstore import Transaction, TryAgain, XenStore, XenStoreError, XenStoreUnavailable
 
 VDISK_CDROM = 1
-VDISK_REMOVABLE = 2
 VDISK_READONLY = 4
 HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
 RETRY_SECONDS = 0.5  # after xenstored was unreachable
