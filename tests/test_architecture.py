@@ -50,5 +50,5 @@ def test_only_the_simulator_and_the_cli_import_the_simulator() -> None:
 
 def test_the_rule_sees_imports_inside_functions() -> None:
     tree = ast.parse("def f():\n    from xenblk.sim.broker import BrokerClient\n    from .sim import host\n")
-    assert "xenblk.sim.broker" in _imported(tree, "xenblk.platform")
-    assert "xenblk.sim" in _imported(tree, "xenblk.platform")
+    assert "xenblk.sim.broker" in _imported(tree, "xenblk.xenplatform")
+    assert "xenblk.sim" in _imported(tree, "xenblk.xenplatform")

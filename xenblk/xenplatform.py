@@ -3,8 +3,9 @@
 A thin layer over `native/platform/` (in xenblk._dataplane). `Platform` is what the data plane
 uses; `RealPlatform` is real Xen, where the C side talks to /dev/xen/gntdev and /dev/xen/evtchn
 and needs nothing from here beyond opening it. The simulated host's implementation
-(`xenblk.sim.platform.SimPlatform`) lives with the simulator: the CLI composition points
-(`xenblk serve`, the demo) choose one and hand it in, so the product never imports the simulator.
+(`xenblk.sim.platform.SimPlatform`) lives with the simulator: the CLI composition point
+(`xenblk serve`, through xenblk/commands/_common.py) chooses one and hands it in, so the product
+never imports the simulator.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Platform:
     Implementations say what attaching a new domain, forgetting one, binding and closing a
     channel and closing the platform need beyond that (the `_..._locked` hooks and bind_evtchn)."""
 
-    kind = ""  # "real" | "sim", for messages
+    kind = ""  # "real" | "sim": which implementation this is
 
     def __init__(self, ptr: Any, self_domid: int) -> None:
         self.ptr = ptr
