@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from xenblk.errors import XenblkError
+from xenblk.xen.paths import domain_path
 from xenblk.xenstore import Perm, XenStore
 
 log = structlog.get_logger(__name__)
@@ -242,11 +243,11 @@ class Broker:
 
     async def _xs_missing(self, dom: _Domain) -> bool:
         assert self._xs is not None
-        return await self._xs.try_read(f"/local/domain/{dom.domid}/domid") is None
+        return await self._xs.try_read(f"{domain_path(dom.domid)}/domid") is None
 
     async def _introduce(self, dom: _Domain) -> None:
         assert self._xs is not None
-        base = f"/local/domain/{dom.domid}"
+        base = domain_path(dom.domid)
         await self._xs.write(f"{base}/name", dom.name)
         await self._xs.write(f"{base}/domid", str(dom.domid))
         await self._xs.set_perms(base, [Perm("n", dom.domid), Perm("r", 0)])
@@ -273,7 +274,7 @@ class Broker:
         self.ports.pop(domid, None)
         dom.close()
         assert self._xs is not None
-        await self._xs.rm(f"/local/domain/{domid}")
+        await self._xs.rm(domain_path(domid))
         log.info("sim domain destroyed", domid=domid)
         return {"ok": True}, []
 
