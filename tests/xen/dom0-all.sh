@@ -12,9 +12,13 @@ rc=0 results=()
 for what in test restart; do
     mkdir -p "$OUT/$what"
     echo "==== $what (dom0-$what.sh; logs in $OUT/$what)"
-    # not `| tee`: a daemon the script starts in passing (dmeventd for a thin pool) keeps its
-    # stdout open, and a pipe would wait for it forever
-    XEN_TEST_OUT=$OUT/$what "$ROOT/tests/xen/dom0-$what.sh" > >(tee "$OUT/$what/run.log") 2>&1
+    # into a file, followed until the script exits: a daemon the script starts in passing
+    # (dmeventd for a thin pool) keeps its stdout open, so a pipe to tee would wait for it
+    # forever, and the d12 Dom0 has no /dev/fd for a process substitution
+    XEN_TEST_OUT=$OUT/$what "$ROOT/tests/xen/dom0-$what.sh" > "$OUT/$what/run.log" 2>&1 &
+    pid=$!
+    tail -n +1 -f --pid=$pid "$OUT/$what/run.log"
+    wait $pid
     r=$?
     results+=("$what: exit status $r")
     rc=$((rc + r))
