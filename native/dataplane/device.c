@@ -1,6 +1,5 @@
 /* Devices and their queues as the control plane drives them (xb_dataplane.h). */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,50 +9,39 @@
 #include "queue.h"
 #include "slowpath.h"
 
-static void seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void seterr(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_ERRLEN, fmt, ap);
-    va_end(ap);
-}
-
 struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, const struct xb_device_config *cfg,
                                 char *err)
 {
     if (!p || !img || !cfg) {
-        seterr(err, "device: missing platform, image or config");
+        xb_seterr(err, "device: missing platform, image or config");
         return NULL;
     }
     if (cfg->abi != XB_ABI_X86_64 && cfg->abi != XB_ABI_X86_32) {
-        seterr(err, "device %u: unknown ABI %d", cfg->handle, (int)cfg->abi);
+        xb_seterr(err, "device %u: unknown ABI %d", cfg->handle, (int)cfg->abi);
         return NULL;
     }
     if (cfg->ring_pages < 1 || cfg->ring_pages > XB_MAX_RING_PAGES || (cfg->ring_pages & (cfg->ring_pages - 1))) {
-        seterr(err, "device %u: ring of %u pages (allowed: a power of two, 1..%u)", cfg->handle, cfg->ring_pages,
+        xb_seterr(err, "device %u: ring of %u pages (allowed: a power of two, 1..%u)", cfg->handle, cfg->ring_pages,
                XB_MAX_RING_PAGES);
         return NULL;
     }
     if (cfg->nr_queues < 1 || cfg->nr_queues > XB_MAX_QUEUES) {
-        seterr(err, "device %u: %u queues (allowed 1..%u)", cfg->handle, cfg->nr_queues, XB_MAX_QUEUES);
+        xb_seterr(err, "device %u: %u queues (allowed 1..%u)", cfg->handle, cfg->nr_queues, XB_MAX_QUEUES);
         return NULL;
     }
     if (cfg->max_indirect_segments > XB_MAX_INDIRECT_SEGMENTS) {
-        seterr(err, "device %u: max_indirect_segments %u (allowed 0..%u)", cfg->handle, cfg->max_indirect_segments,
+        xb_seterr(err, "device %u: max_indirect_segments %u (allowed 0..%u)", cfg->handle, cfg->max_indirect_segments,
                XB_MAX_INDIRECT_SEGMENTS);
         return NULL;
     }
     uint32_t lb = img->logical_block >> XB_SECTOR_SHIFT;
     if (lb == 0 || (lb & (lb - 1)) || lb > XB_PAGE_SIZE >> XB_SECTOR_SHIFT) {
-        seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
+        xb_seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
         return NULL;
     }
     struct xb_device *d = calloc(1, sizeof(*d));
     if (!d) {
-        seterr(err, "device %u: out of memory", cfg->handle);
+        xb_seterr(err, "device %u: out of memory", cfg->handle);
         return NULL;
     }
     d->p = p;
@@ -119,16 +107,16 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     pthread_mutex_lock(&d->lock);
     int rc = -1;
     if (d->stopped) {
-        seterr(err, "device %u: stopped", d->cfg.handle);
+        xb_seterr(err, "device %u: stopped", d->cfg.handle);
         goto out;
     }
     if (qi >= d->cfg.nr_queues || d->q[qi].started) {
-        seterr(err, "device %u: queue %u %s", d->cfg.handle, qi,
+        xb_seterr(err, "device %u: queue %u %s", d->cfg.handle, qi,
                qi >= d->cfg.nr_queues ? "does not exist" : "already started");
         goto out;
     }
     if (nrefs != d->cfg.ring_pages) {
-        seterr(err, "device %u queue %u: %u ring refs for a ring of %u pages", d->cfg.handle, qi, nrefs,
+        xb_seterr(err, "device %u queue %u: %u ring refs for a ring of %u pages", d->cfg.handle, qi, nrefs,
                d->cfg.ring_pages);
         goto out;
     }
@@ -137,7 +125,7 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     q->sring = xb_grant_map(d->p, d->cfg.domid, refs, nrefs, 1, &q->ring_map, merr);
     if (!q->sring) {
         __atomic_store_n(&q->stats.grant_map_failures, q->stats.grant_map_failures + 1, __ATOMIC_RELAXED);
-        seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
+        xb_seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
         goto out;
     }
     q->ring_size = xb_ring_size(d->cfg.abi, nrefs);
@@ -167,7 +155,7 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->slow_done = NULL;
     if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
-        seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
+        xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
         goto fail;
     }
     q->free_reqs = NULL;
@@ -193,19 +181,19 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         /* io_uring disabled (kernel.io_uring_disabled, seccomp): every request takes the synchronous path. */
         q->uring_ok = 0;
     } else if (urc < 0) {
-        seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
+        xb_seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
         goto fail;
     } else {
         q->uring_ok = 1;
         urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
         if (urc < 0) {
-            seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
+            xb_seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
             goto fail;
         }
     }
     int wrc = xb_pool_start(&d->pool);
     if (wrc < 0) {
-        seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
+        xb_seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
         goto fail;
     }
     q->ch = ch;
@@ -213,7 +201,7 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     __atomic_store_n(&q->failed, 0, __ATOMIC_RELAXED);
     int prc = pthread_create(&q->thread, NULL, xb_queue_main, q);
     if (prc != 0) {
-        seterr(err, "device %u queue %u: cannot start thread: %s", d->cfg.handle, qi, strerror(prc));
+        xb_seterr(err, "device %u queue %u: cannot start thread: %s", d->cfg.handle, qi, strerror(prc));
         goto fail;
     }
     q->started = 1;
@@ -290,7 +278,7 @@ int xb_device_queue_failed(struct xb_device *d, unsigned qi, char *err)
         return 0;
     if (!__atomic_load_n(&d->q[qi].failed, __ATOMIC_ACQUIRE))
         return 0;
-    seterr(err, "%s", d->q[qi].fail_msg);
+    xb_seterr(err, "%s", d->q[qi].fail_msg);
     return 1;
 }
 

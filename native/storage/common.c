@@ -15,16 +15,6 @@
 
 const char *xb_storage_version(void) { return "2"; }
 
-void xb_seterr(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_ERRLEN, fmt, ap);
-    va_end(ap);
-}
-
 ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off)
 {
     size_t done = 0;

@@ -1,9 +1,9 @@
 /* The synchronous API of xenblk._storage that Python calls (see api.cdef). */
 #ifndef XB_STORAGE_API_H
 #define XB_STORAGE_API_H
+#include "common_api.h"
+#include "xb_err.h"
 #include "xb_storage.h"
-
-#define XB_ERRLEN 256
 
 struct xb_check_result {
     uint64_t corruptions;  /* references the refcounts do not cover, or metadata out of bounds */
