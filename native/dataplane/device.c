@@ -101,6 +101,82 @@ static void queue_teardown(struct xb_queue *q)
     q->ch = NULL;
 }
 
+/* A freshly mapped ring: continue from the responses already published, nothing in flight yet. */
+static void queue_reset(struct xb_device *d, struct xb_queue *q, unsigned nrefs)
+{
+    q->ring_size = xb_ring_size(d->cfg.abi, nrefs);
+    /* BACK_RING_ATTACH: continue from the responses already published (a fresh ring has 0). */
+    q->rsp_prod_pvt = __atomic_load_n(&q->sring->rsp_prod, __ATOMIC_ACQUIRE);
+    q->req_cons = q->rsp_prod_pvt;
+    q->in_flight = 0;
+    q->barrier = NULL;
+    q->mem_used = q->mem_cached = 0;
+    q->mem_wait = q->mem_wait_tail = NULL;
+    q->mem_released = 0;
+    /* The device's budget split between its queues, never below one largest request per
+     * queue (else such a request could never run). */
+    uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
+    unsigned segs = d->cfg.max_indirect_segments > XB_MAX_SEGMENTS_PER_REQUEST ? d->cfg.max_indirect_segments
+                                                                              : XB_MAX_SEGMENTS_PER_REQUEST;
+    uint64_t per = budget / d->cfg.nr_queues, biggest = (uint64_t)segs * XB_PAGE_SIZE;
+    q->mem_limit = (size_t)(per > biggest ? per : biggest);
+}
+
+/* The request slots (one per ring entry, all on the free list), the indirect page buffer and the eventfds. */
+static int queue_alloc(struct xb_device *d, struct xb_queue *q, unsigned qi, char *err)
+{
+    q->reqs = calloc(q->ring_size, sizeof(*q->reqs));
+    if (posix_memalign((void **)&q->indirect_buf, XB_PAGE_SIZE,
+                       (size_t)XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_PAGE_SIZE) != 0)
+        q->indirect_buf = NULL;
+    q->cq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->slow_done = NULL;
+    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
+        xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
+        return -1;
+    }
+    q->free_reqs = NULL;
+    for (uint32_t i = q->ring_size; i-- > 0;) {
+        q->reqs[i].q = q;
+        q->reqs[i].next_free = q->free_reqs;
+        q->free_reqs = &q->reqs[i];
+    }
+    return 0;
+}
+
+/* The queue's io_uring, its completions signalled on cq_fd; none (uring_ok 0) where io_uring is disabled. */
+static int queue_uring_init(struct xb_device *d, struct xb_queue *q, unsigned qi, char *err)
+{
+    /* Room in the completion queue for every extent of every request the ring can hold, so
+     * completions never overflow into the kernel's backlog. */
+    unsigned cq = 4 * XB_URING_ENTRIES;
+    while (cq < q->ring_size * XB_MAX_EXTENTS)
+        cq *= 2;
+    struct io_uring_params params;
+    memset(&params, 0, sizeof(params));
+    params.flags = IORING_SETUP_CQSIZE;
+    params.cq_entries = cq;
+    int urc = io_uring_queue_init_params(XB_URING_ENTRIES, &q->uring, &params);
+    if (urc == -ENOSYS || urc == -EPERM) {
+        /* io_uring disabled (kernel.io_uring_disabled, seccomp): every request takes the synchronous path. */
+        q->uring_ok = 0;
+        return 0;
+    }
+    if (urc < 0) {
+        xb_seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
+        return -1;
+    }
+    q->uring_ok = 1;
+    urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
+    if (urc < 0) {
+        xb_seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
+        return -1;
+    }
+    return 0;
+}
+
 int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t *refs, unsigned nrefs,
                           struct xb_evtchn *ch, char *err)
 {
@@ -128,69 +204,14 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         xb_seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
         goto out;
     }
-    q->ring_size = xb_ring_size(d->cfg.abi, nrefs);
-    /* BACK_RING_ATTACH: continue from the responses already published (a fresh ring has 0). */
-    q->rsp_prod_pvt = __atomic_load_n(&q->sring->rsp_prod, __ATOMIC_ACQUIRE);
-    q->req_cons = q->rsp_prod_pvt;
-    q->in_flight = 0;
-    q->barrier = NULL;
-    q->mem_used = q->mem_cached = 0;
-    q->mem_wait = q->mem_wait_tail = NULL;
-    q->mem_released = 0;
-    {
-        /* The device's budget split between its queues, never below one largest request per
-         * queue (else such a request could never run). */
-        uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
-        unsigned segs = d->cfg.max_indirect_segments > XB_MAX_SEGMENTS_PER_REQUEST ? d->cfg.max_indirect_segments
-                                                                                  : XB_MAX_SEGMENTS_PER_REQUEST;
-        uint64_t per = budget / d->cfg.nr_queues, biggest = (uint64_t)segs * XB_PAGE_SIZE;
-        q->mem_limit = (size_t)(per > biggest ? per : biggest);
-    }
-    q->reqs = calloc(q->ring_size, sizeof(*q->reqs));
-    if (posix_memalign((void **)&q->indirect_buf, XB_PAGE_SIZE,
-                       (size_t)XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_PAGE_SIZE) != 0)
-        q->indirect_buf = NULL;
-    q->cq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    q->slow_done = NULL;
-    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
-        xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
+    queue_reset(d, q, nrefs);
+    if (queue_alloc(d, q, qi, err) < 0)
         goto fail;
-    }
-    q->free_reqs = NULL;
-    for (uint32_t i = q->ring_size; i-- > 0;) {
-        q->reqs[i].q = q;
-        q->reqs[i].next_free = q->free_reqs;
-        q->free_reqs = &q->reqs[i];
-    }
     /* journal hook: a resumed ring continues from the journal's indexes (journal.c) */
     if (xb_journal_attach(q, err) < 0)
         goto fail;
-    /* Room in the completion queue for every extent of every request the ring can hold, so
-     * completions never overflow into the kernel's backlog. */
-    unsigned cq = 4 * XB_URING_ENTRIES;
-    while (cq < q->ring_size * XB_MAX_EXTENTS)
-        cq *= 2;
-    struct io_uring_params params;
-    memset(&params, 0, sizeof(params));
-    params.flags = IORING_SETUP_CQSIZE;
-    params.cq_entries = cq;
-    int urc = io_uring_queue_init_params(XB_URING_ENTRIES, &q->uring, &params);
-    if (urc == -ENOSYS || urc == -EPERM) {
-        /* io_uring disabled (kernel.io_uring_disabled, seccomp): every request takes the synchronous path. */
-        q->uring_ok = 0;
-    } else if (urc < 0) {
-        xb_seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
+    if (queue_uring_init(d, q, qi, err) < 0)
         goto fail;
-    } else {
-        q->uring_ok = 1;
-        urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
-        if (urc < 0) {
-            xb_seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
-            goto fail;
-        }
-    }
     int wrc = xb_pool_start(&d->pool);
     if (wrc < 0) {
         xb_seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
