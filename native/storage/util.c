@@ -6,25 +6,6 @@
 #include <unistd.h>
 #include "storage_int.h"
 
-ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0) {
-            memset((char *)buf + done, 0, len - done);
-            break;
-        }
-        done += (size_t)r;
-    }
-    return (ssize_t)len;
-}
-
 ssize_t xb_pread_known(int fd, void *buf, size_t len, uint64_t off, uint64_t known_end)
 {
     size_t done = 0;
@@ -44,6 +25,11 @@ ssize_t xb_pread_known(int fd, void *buf, size_t len, uint64_t off, uint64_t kno
         done += (size_t)r;
     }
     return (ssize_t)len;
+}
+
+ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+    return xb_pread_known(fd, buf, len, off, 0); /* nothing known: every end of file reads as zeros */
 }
 
 ssize_t xb_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
