@@ -14,8 +14,6 @@
 #define SYS_openat2 437 /* the same number on every architecture */
 #endif
 
-const char *xb_storage_version(void) { return "2"; }
-
 /* The openat2-less walk: each directory component opened with O_PATH|O_NOFOLLOW from the
  * previous one, so no symlink is ever followed; `..` is refused outright (the caller passes a
  * path it normalized, so a `..` left in it would leave the directory anyway). */

@@ -34,7 +34,6 @@ struct xb_image_desc {
 typedef int (*xb_backing_fn)(void *ctx, const char *parent, const char *name, const char *fmt, char *resolved,
                              char *err);
 
-const char *xb_storage_version(void);
 /* Opens an image on an fd the caller opened (and hands over: closed on failure too). The fd's
  * access mode decides read-write or read-only (XB_OPEN_RDONLY forces read-only); O_NONBLOCK is
  * cleared. raw needs a regular file, block a block device, qcow2 either. A qcow2 backing file is
