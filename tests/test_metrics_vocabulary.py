@@ -49,8 +49,8 @@ def test_bucket_bounds_match_the_counters() -> None:
     lat = [int(lib.xb_lat_bounds_ns[i]) for i in range(lib.XB_LAT_BUCKETS - 1)]
     seg = [int(lib.xb_seg_bounds[i]) for i in range(lib.XB_SEG_BUCKETS - 1)]
     assert lat == sorted(set(lat)) and seg == sorted(set(seg))
-    assert metrics.LAT_BOUNDS_S == tuple(ns / 1e9 for ns in lat)
-    assert metrics.SEG_BOUNDS == tuple(seg)
+    assert tuple(ns / 1e9 for ns in lat) == metrics.LAT_BOUNDS_S
+    assert tuple(seg) == metrics.SEG_BOUNDS
     # one finite bound per bucket but the last (+Inf), for every histogram the queues count
     st = ffi.new("struct xb_queue_stats *")
     assert len(st.op[0].lat_buckets) == len(st.op[0].storage_buckets) == len(lat) + 1
