@@ -125,6 +125,42 @@ fail:
     return NULL;
 }
 
+/* A workload's config against the domain and the backend; returns the data pool pages it needs, 0 if refused. */
+static uint64_t check_workload(const struct xb_sg_domain *d, const struct xb_sg_queue_config *c, char *err)
+{
+    if (c->rw > XB_SG_RW_TRIM) {
+        xb_seterr(err, "unknown workload %d", c->rw);
+        return 0;
+    }
+    uint64_t need = xb_sg_pool_pages(c, err);
+    if (need == 0)
+        return 0;
+    if (need > c->pool_pages || c->pool_frame + c->pool_pages > d->mem_pages ||
+        (uint64_t)c->pool_ref + c->pool_pages > d->gnttab_entries) {
+        xb_seterr(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c->pool_pages,
+                (unsigned long long)need);
+        return 0;
+    }
+    if (c->region_blocks == 0) {
+        xb_seterr(err, "the disk is smaller than one block of %u bytes", c->bs);
+        return 0;
+    }
+    if ((c->rw == XB_SG_RW_TRIM || c->discard_every) && !c->can_discard) {
+        xb_seterr(err, "the backend does not offer discard");
+        return 0;
+    }
+    if (c->flush_every && !c->can_flush) {
+        xb_seterr(err, "the backend does not offer flush");
+        return 0;
+    }
+    if (c->verify && c->region_blocks > (1ull << 28) && (c->rw == XB_SG_RW_RW || c->rw == XB_SG_RW_RANDRW)) {
+        xb_seterr(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
+                (unsigned long long)c->region_blocks);
+        return 0;
+    }
+    return need;
+}
+
 int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cfg, char *err)
 {
     struct xb_sg_domain *d = q->d;
@@ -154,36 +190,9 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
         q->cfg = c;
         return 0;
     }
-    if (c.rw > XB_SG_RW_TRIM) {
-        xb_seterr(err, "unknown workload %d", c.rw);
-        return -1;
-    }
-    uint64_t need = xb_sg_pool_pages(&c, err);
+    uint64_t need = check_workload(d, &c, err);
     if (need == 0)
         return -1;
-    if (need > c.pool_pages || c.pool_frame + c.pool_pages > d->mem_pages ||
-        (uint64_t)c.pool_ref + c.pool_pages > d->gnttab_entries) {
-        xb_seterr(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c.pool_pages,
-                (unsigned long long)need);
-        return -1;
-    }
-    if (c.region_blocks == 0) {
-        xb_seterr(err, "the disk is smaller than one block of %u bytes", c.bs);
-        return -1;
-    }
-    if ((c.rw == XB_SG_RW_TRIM || c.discard_every) && !c.can_discard) {
-        xb_seterr(err, "the backend does not offer discard");
-        return -1;
-    }
-    if (c.flush_every && !c.can_flush) {
-        xb_seterr(err, "the backend does not offer flush");
-        return -1;
-    }
-    if (c.verify && c.region_blocks > (1ull << 28) && (c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW)) {
-        xb_seterr(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
-                (unsigned long long)c.region_blocks);
-        return -1;
-    }
     unsigned dp, parts, ipp;
     geometry(&c, &dp, &parts, &ipp, err);
     struct slot *slots = calloc(c.iodepth, sizeof(*slots));
