@@ -17,21 +17,16 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from xenblk import __version__, _dataplane  # type: ignore[attr-defined]
+from xenblk import __version__, _dataplane, dataplane  # type: ignore[attr-defined]
 
 _ffi: Any = _dataplane.ffi
 _lib: Any = _dataplane.lib
 
 
-def _names(table: Any, count: int) -> tuple[str, ...]:
-    return tuple(_ffi.string(table[i]).decode() for i in range(count))
-
-
 # The vocabulary is the C data plane's (native/dataplane/stats.c), indexed as its counters are:
-# op, refusal and error labels, and the finite upper bounds of the histograms (then +Inf).
-OPS = _names(_lib.xb_stat_op_names, _lib.XB_STAT_OPS)
-REFUSALS = _names(_lib.xb_refusal_names, _lib.XB_REFUSE_REASONS)
-ERRORS = _names(_lib.xb_error_reason_names, _lib.XB_ERR_REASONS)
+# op, refusal and error labels (read by xenblk.dataplane), and the finite upper bounds of the
+# histograms (then +Inf).
+OPS, REFUSALS, ERRORS = dataplane.OPS, dataplane.REFUSALS, dataplane.ERRORS
 # 1-2-5 steps from 10 us to 10 s
 LAT_BOUNDS_S = tuple(int(_lib.xb_lat_bounds_ns[i]) / 1e9 for i in range(_lib.XB_LAT_BUCKETS - 1))
 SEG_BOUNDS = tuple(int(_lib.xb_seg_bounds[i]) for i in range(_lib.XB_SEG_BUCKETS - 1))
