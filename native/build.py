@@ -18,7 +18,7 @@ from pathlib import Path
 NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
 MODULES = {
-    "_storage": ("build_storage.py", ["storage"]),
+    "_storage": ("build_storage.py", ["common", "storage"]),
     "_dataplane": ("build_dataplane.py", ["common", "platform", "dataplane"]),
     "_simguest": ("build_simguest.py", ["common", "simguest"]),
 }

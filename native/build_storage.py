@@ -8,7 +8,7 @@ from _build import make_ffi
 
 ffibuilder = make_ffi(
     "xenblk._storage",
-    areas=["storage"],
+    areas=["common", "storage"],
     libraries=["z", "zstd"],
     header='#include "xb_storage.h"\n#include "storage_api.h"\n',
 )

@@ -11,7 +11,7 @@ import pytest
 from xenblk.backend.frontend import FrontendError, Limits, parse_frontend, parse_head, queue_key_names
 from xenblk.backend.imagespec import ImageSpecError, backing_chain, is_allowed, parse_mode, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
-from xenblk.backend.states import parse_state
+from xenblk.xen.states import parse_state
 
 LIMITS = Limits(max_ring_page_order=4, max_queues=4, persistent=True)
 

@@ -18,9 +18,10 @@ from tests.fixtures.backend import (
     wait_for,
     wait_state,
 )
-from xenblk.backend import control, toolstack
-from xenblk.sim.vdev import vdev_to_devid
+from xenblk import toolstack
+from xenblk.backend import control
 from xenblk.sim.xenstored import Xenstored
+from xenblk.xen.vdev import vdev_to_devid
 from xenblk.xenstore import XenStore
 
 pytestmark = pytest.mark.uvloop

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.fixtures.backend import Harness, StepLog, wait_for, wait_state
-from xenblk.sim.vdev import vdev_to_devid
+from xenblk.xen.vdev import vdev_to_devid
 
 pytestmark = pytest.mark.uvloop
 XVDB = vdev_to_devid("xvdb")

@@ -12,8 +12,8 @@ import pytest
 
 from tests.fixtures.backend import FakeDataplane, Harness, backend_config, run_daemon, wait_for
 from xenblk.backend.uevents import parse_block_resize
-from xenblk.sim.vdev import vdev_to_devid
 from xenblk.sim.xenstored import Xenstored
+from xenblk.xen.vdev import vdev_to_devid
 from xenblk.xenstore import XenStore
 
 pytestmark = pytest.mark.uvloop

@@ -35,7 +35,7 @@ from tests.fixtures.ring import (
     rw_request,
 )
 from xenblk import dataplane, storage
-from xenblk.platform import Platform
+from xenblk.xenplatform import Platform
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -36,7 +36,7 @@ from tests.fixtures.ring import (
 )
 from tests.fixtures.wait import wait_until
 from xenblk import storage
-from xenblk.platform import Platform
+from xenblk.xenplatform import Platform
 
 SIZE = 1 << 20
 SECTORS = SIZE // 512

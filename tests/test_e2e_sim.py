@@ -135,7 +135,7 @@ def test_live_scrape_passes_promtool_and_prometheus_sees_the_workload(stack: Sta
 
 
 def _read(stack: Stack, domid: int, vdev: str, key: str) -> str:
-    from xenblk.sim.vdev import vdev_to_devid
+    from xenblk.xen.vdev import vdev_to_devid
 
     return stack.xenstore("read", f"/local/domain/0/backend/vbd3/{domid}/{vdev_to_devid(vdev)}/{key}")
 
@@ -184,7 +184,7 @@ def test_online_resize_through_the_cli(stack: Stack) -> None:
 def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
     """A hand-written hostile frontend on the real platform: its ring-ref names a grant it never made."""
     from xenblk.sim.broker import BrokerClient, read_host_json
-    from xenblk.sim.vdev import vdev_to_devid
+    from xenblk.xen.vdev import vdev_to_devid
 
     good, bad = stack.images / "good.raw", stack.images / "bad.raw"
     for p in (good, bad):

@@ -1,4 +1,4 @@
-"""Injected storage faults (xenblk.storage.FaultImage) seen by a guest through the real data plane:
+"""Injected storage faults (tests.fixtures.fault_image.FaultImage) seen by a guest through the real data plane:
 EIO/ENOSPC on reads, writes, flushes and discards fail exactly the requests they touch with
 BLKIF_RSP_ERROR, every other request succeeds with the right bytes, the counters say what failed
 and why, and what was written before is intact. Raw and qcow2, both ABIs."""
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.fault_image import FaultImage
 from tests.fixtures.faults import MakeGuestDisk
 from tests.fixtures.ring import (
     ABIS,
@@ -85,7 +86,7 @@ def test_read_faults_fail_exactly_the_affected_reads(
     guest_disks: MakeGuestDisk, tmp_path: Path, fmt: str, abi: str, err: int
 ) -> None:
     d, img = guest_disks(_image(tmp_path, fmt), fmt, faults=True, abi=abi)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     _fill(d, seed=1)
     rule = img.inject_fault("read", err, off=FAULT_OFF, length=FAULT_LEN)
     before = d.stats()
@@ -116,7 +117,7 @@ def test_write_faults_fail_exactly_the_affected_writes(
 ) -> None:
     path = _image(tmp_path, fmt)
     d, img = guest_disks(path, fmt, faults=True, abi=abi)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     _fill(d, seed=1)
     rule = img.inject_fault("write", err, off=FAULT_OFF, length=FAULT_LEN)
     res = d.finish_batch(d.start_batch(0, [(OP_WRITE, off // SECTOR, pattern_bytes(off, CHUNK, 2)) for off in OFFSETS]))
@@ -147,7 +148,7 @@ def test_write_faults_fail_exactly_the_affected_writes(
 def test_fault_after_n_calls_for_count_calls(guest_disks: MakeGuestDisk, tmp_path: Path, fmt: str) -> None:
     """Writes one at a time: the rule lets two through, fails the next two, then is spent."""
     d, img = guest_disks(_image(tmp_path, fmt), fmt, faults=True)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     rule = img.inject_fault("write", errno.EIO, after=2, count=2)
     statuses = [d.write(i * 16, pattern_bytes(i * 8192, 8192, 3)) for i in range(6)]
     assert statuses == [RSP_OKAY, RSP_OKAY, RSP_ERROR, RSP_ERROR, RSP_OKAY, RSP_OKAY]
@@ -163,7 +164,7 @@ def test_fault_after_n_calls_for_count_calls(guest_disks: MakeGuestDisk, tmp_pat
 def test_flush_failure_is_never_okay(guest_disks: MakeGuestDisk, tmp_path: Path, fmt: str, abi: str) -> None:
     """fdatasync failing (EIO): a FLUSH, and a WRITE_BARRIER whose flush fails, answer RSP_ERROR."""
     d, img = guest_disks(_image(tmp_path, fmt), fmt, faults=True, abi=abi)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     assert d.write(0, pattern_bytes(0, PAGE, 4)) == RSP_OKAY
     rule = img.inject_fault("flush", errno.EIO, count=3)
     assert d.one(rw_request(abi, OP_FLUSH, 11, 0, [])).status == RSP_ERROR
@@ -184,7 +185,7 @@ def test_flush_failure_is_never_okay(guest_disks: MakeGuestDisk, tmp_path: Path,
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_discard_failure(guest_disks: MakeGuestDisk, tmp_path: Path, fmt: str) -> None:
     d, img = guest_disks(_image(tmp_path, fmt), fmt, faults=True)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     _fill(d, seed=5)
     rule = img.inject_fault("discard", errno.EIO, off=MiB, length=MiB)
     assert d.one(discard_request(d.abi, 21, MiB // SECTOR, 65536 // SECTOR)).status == RSP_ERROR
@@ -198,7 +199,7 @@ def test_discard_failure(guest_disks: MakeGuestDisk, tmp_path: Path, fmt: str) -
 def test_faults_hold_on_the_fast_path_of_other_queues(guest_disks: MakeGuestDisk, tmp_path: Path) -> None:
     """Four queues reading at once, one range failing: only the requests touching it fail."""
     d, img = guest_disks(_image(tmp_path, "raw"), "raw", faults=True, nr_queues=4, ring_pages=4)
-    assert isinstance(img, storage.FaultImage)
+    assert isinstance(img, FaultImage)
     _fill(d, seed=6)
     rule = img.inject_fault("read", errno.EIO, off=2 * MiB, length=PAGE)
     batches = [
@@ -220,8 +221,8 @@ def test_faults_hold_on_the_fast_path_of_other_queues(guest_disks: MakeGuestDisk
 
 def test_fault_api_refuses_nonsense(tmp_path: Path) -> None:
     path = make_raw_image(tmp_path / "d.raw", MiB, pattern=False)
-    with storage.FaultImage.open(str(path)) as img:
-        assert isinstance(img, storage.FaultImage)
+    with FaultImage.open(str(path)) as img:
+        assert isinstance(img, FaultImage)
         with pytest.raises(storage.StorageError):
             img.inject_fault("scribble", errno.EIO)
         with pytest.raises(storage.StorageError):

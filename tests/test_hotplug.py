@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.e2e import XENBLK, Stack, _wait, free_port, stop
-from xenblk.sim.vdev import vdev_to_devid
+from xenblk.xen.vdev import vdev_to_devid
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "contrib" / "xen" / "block-xenblk"

@@ -1,5 +1,5 @@
-"""The platform layer (native/platform via xenblk.platform): the sim hypervisor checks grants like Xen,
-maps and copies the guest's real pages, and event channels carry notifications both ways.
+"""The platform layer (native/platform via xenblk.xenplatform and xenblk.sim.platform): the sim hypervisor
+checks grants like Xen, maps and copies the guest's real pages, and event channels carry notifications both ways.
 
 The guest side here is built by hand the way the broker and simulated guest do it: sealed memfds
 for memory and grant table, grant entries written frame, domid, then flags last."""
@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from tests.fixtures.sim import SimHostProc
-from xenblk.platform import EventChannel, Platform, PlatformError, ffi, lib, open_platform, open_sim_platform
+from xenblk.sim.platform import SimPlatform
+from xenblk.xenplatform import EventChannel, Platform, PlatformError, RealPlatform, ffi, lib
 
 PAGE = 4096
 GUEST = 7
@@ -80,7 +81,7 @@ def guest() -> Iterator[Guest]:
 
 @pytest.fixture
 def plat(guest: Guest) -> Iterator[Platform]:
-    p = open_sim_platform(None, BACKEND)
+    p = SimPlatform.open(None, BACKEND)
     p.add_sim_domain_fds(guest.domid, guest.mem_fd, guest.pages, guest.gnt_fd, guest.entries)
     yield p
     p.close()
@@ -354,7 +355,7 @@ def test_detached_domain_can_no_longer_be_used_but_live_maps_stay(plat: Platform
 
 
 def test_attach_refuses_unsealed_or_short_memory(guest: Guest) -> None:
-    p = open_sim_platform(None)
+    p = SimPlatform.open(None)
     try:
         unsealed = os.memfd_create("unsealed")
         os.ftruncate(unsealed, guest.pages * PAGE)
@@ -376,12 +377,12 @@ def test_real_platform_without_xen_says_so() -> None:
     if Path("/dev/xen/gntdev").exists():
         pytest.skip("running under Xen: the real platform opens here")
     with pytest.raises(PlatformError, match="/dev/xen/gntdev does not exist"):
-        open_platform(None)
+        RealPlatform.open()
 
 
 def test_sim_platform_without_a_host_says_so(tmp_path: Path) -> None:
     with pytest.raises(PlatformError, match="sim host"):
-        open_platform(str(tmp_path))
+        SimPlatform.open_dir(tmp_path)
 
 
 # --- event channels --------------------------------------------------------------------------
@@ -460,7 +461,7 @@ def test_attach_and_bind_through_the_sim_host_broker(sim_host: SimHostProc) -> N
         struct.pack_into("<HI", gnt, 3 * 8 + 2, BACKEND, 5)
         struct.pack_into("<H", gnt, 3 * 8, GTF_PERMIT)
 
-        plat = open_platform(str(sim_host.dir), BACKEND)
+        plat = SimPlatform.open_dir(sim_host.dir, BACKEND)
         try:
             assert plat.kind == "sim"
             plat.attach_domain(GUEST)

@@ -8,8 +8,8 @@ import asyncio
 from pathlib import Path
 
 from tests.fixtures.backend import FakeDataplane, Harness, backend_config, run_daemon, wait_for, wait_state
-from xenblk.sim.vdev import vdev_to_devid
 from xenblk.sim.xenstored import Xenstored
+from xenblk.xen.vdev import vdev_to_devid
 from xenblk.xenstore import XenStore
 
 XVDB = vdev_to_devid("xvdb")

@@ -30,7 +30,7 @@ from tests.fixtures.ring import (
 )
 from tests.fixtures.wait import GENEROUS
 from xenblk import dataplane, storage
-from xenblk.platform import Platform
+from xenblk.xenplatform import Platform
 
 ROOT = Path(__file__).resolve().parent.parent
 ABI = "x86_64-abi"
@@ -40,9 +40,9 @@ NREQ = 12
 BACKEND = r"""
 import json, sys
 from xenblk import dataplane, storage
-from xenblk.platform import open_sim_platform
+from xenblk.sim.platform import SimPlatform
 a = json.loads(sys.argv[1])
-p = open_sim_platform(None)
+p = SimPlatform.open(None)
 p.add_sim_domain_fds(a["domid"], a["mem_fd"], a["mem_pages"], a["gnt_fd"], a["entries"])
 img = storage.Image.open(a["image"], "raw")
 dev = dataplane.Device(p, img, dataplane.DeviceConfig(domid=a["domid"], handle=1, abi=a["abi"], max_work_per_wake=3))

@@ -13,7 +13,7 @@ import pytest
 from tests.fixtures.e2e import Stack
 from tests.fixtures.wait import GENEROUS, wait_until
 from xenblk.sim.guest_native import ffi, lib
-from xenblk.sim.vdev import vdev_to_devid
+from xenblk.xen.vdev import vdev_to_devid
 
 MiB = 1 << 20
 

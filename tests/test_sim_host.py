@@ -14,7 +14,7 @@ from tests.fixtures.sim import XENBLK, SimHostProc, start_sim_host
 from tests.fixtures.wait import GENEROUS
 from xenblk.sim.broker import BrokerClient, ensure_domain
 from xenblk.sim.host import _alive
-from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
+from xenblk.xen.vdev import VdevError, devid_to_vdev, vdev_to_devid
 
 
 def xs_read(host: SimHostProc, path: str) -> str:

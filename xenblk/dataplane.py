@@ -16,17 +16,23 @@ from typing import Any
 
 from xenblk import _dataplane, storage  # type: ignore[attr-defined]
 from xenblk.errors import XenblkError
-from xenblk.platform import EventChannel, Platform
+from xenblk.xenplatform import EventChannel, Platform
 
 ffi: Any = _dataplane.ffi
 lib: Any = _dataplane.lib
 
 ABIS = {"x86_64-abi": lib.XB_ABI_X86_64, "x86_32-abi": lib.XB_ABI_X86_32}
-OPS = ("read", "write", "flush", "discard", "barrier")
-REFUSALS = ("bad_op", "nseg", "sect", "range", "align", "readonly", "secure", "indirect", "grant", "unsupported")
-ERRORS = ("io", "nospc", "grant", "other", "quota")
-# Upper bounds (ns) of the latency histograms; the last bucket is +Inf.
-LAT_BOUNDS_NS: tuple[int, ...] = tuple(int(lib.xb_lat_bounds_ns[i]) for i in range(lib.XB_LAT_BUCKETS - 1))
+
+
+def _names(table: Any, count: int) -> tuple[str, ...]:
+    return tuple(ffi.string(table[i]).decode() for i in range(count))
+
+
+# The counters' vocabulary is the C data plane's (native/dataplane/stats.c), indexed as its counters are;
+# xenblk.metrics publishes the same names.
+OPS = _names(lib.xb_stat_op_names, lib.XB_STAT_OPS)
+REFUSALS = _names(lib.xb_refusal_names, lib.XB_REFUSE_REASONS)
+ERRORS = _names(lib.xb_error_reason_names, lib.XB_ERR_REASONS)
 
 
 class DataplaneError(XenblkError):

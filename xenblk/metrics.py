@@ -17,28 +17,19 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from xenblk import __version__
+from xenblk import __version__, _dataplane, dataplane  # type: ignore[attr-defined]
 
-OPS = ("read", "write", "flush", "discard", "barrier")
-REFUSALS = (
-    "bad_op",
-    "nseg",
-    "sect",
-    "range",
-    "align",
-    "readonly",
-    "secure",
-    "indirect",
-    "grant",
-    "unsupported",
-)
-ERRORS = ("io", "nospc", "grant", "other", "quota")
-# Upper bounds of the C histograms (xb_dataplane.h): 1-2-5 steps from 10 us to 10 s, then +Inf.
-LAT_BOUNDS_S = (
-    0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005,
-    0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
-)  # fmt: skip
-SEG_BOUNDS = (1, 2, 4, 8, 11, 16, 32, 64, 128, 256)
+_ffi: Any = _dataplane.ffi
+_lib: Any = _dataplane.lib
+
+
+# The vocabulary is the C data plane's (native/dataplane/stats.c), indexed as its counters are:
+# op, refusal and error labels (read by xenblk.dataplane), and the finite upper bounds of the
+# histograms (then +Inf).
+OPS, REFUSALS, ERRORS = dataplane.OPS, dataplane.REFUSALS, dataplane.ERRORS
+# 1-2-5 steps from 10 us to 10 s
+LAT_BOUNDS_S = tuple(int(_lib.xb_lat_bounds_ns[i]) / 1e9 for i in range(_lib.XB_LAT_BUCKETS - 1))
+SEG_BOUNDS = tuple(int(_lib.xb_seg_bounds[i]) for i in range(_lib.XB_SEG_BUCKETS - 1))
 
 
 class QueueStatsLike(Protocol):
@@ -91,92 +82,114 @@ def _fmt(v: float) -> str:
     return repr(float(v)) if v != int(v) else f"{v:.1f}"
 
 
+class _DiskFamilies:
+    """The per-disk metric families of one scrape, filled disk by disk."""
+
+    def __init__(self) -> None:
+        labels = ["domid", "vdev"]
+        self.req = CounterMetricFamily("xenblk_requests", "Requests completed, by operation", labels=[*labels, "op"])
+        self.byt = CounterMetricFamily("xenblk_bytes", "Bytes transferred, by operation", labels=[*labels, "op"])
+        self.err = CounterMetricFamily(
+            "xenblk_request_errors", "Requests answered with an error, by op", labels=[*labels, "op"]
+        )
+        self.lat = HistogramMetricFamily(
+            "xenblk_request_duration_seconds",
+            "Request received from the ring to response pushed, by operation",
+            labels=[*labels, "op"],
+        )
+        self.sto = HistogramMetricFamily(
+            "xenblk_storage_duration_seconds", "Time spent in storage only, by operation", labels=[*labels, "op"]
+        )
+        self.segs = HistogramMetricFamily("xenblk_request_segments", "Segments per request", labels=labels)
+        self.occ = HistogramMetricFamily(
+            "xenblk_ring_occupancy_ratio", "Share of the ring holding requests at wake-up", labels=[*labels, "queue"]
+        )
+        self.infl = GaugeMetricFamily(
+            "xenblk_inflight_requests", "Requests taken from the ring, not yet answered", labels=[*labels, "queue"]
+        )
+        self.refs = CounterMetricFamily(
+            "xenblk_refused_requests", "Requests refused by validation, by reason", labels=[*labels, "reason"]
+        )
+        self.errs = CounterMetricFamily("xenblk_errors", "Request failures, by reason", labels=[*labels, "reason"])
+        self.gcf = CounterMetricFamily("xenblk_grant_copy_failures", "Grant copy operations that failed", labels=labels)
+        self.gmf = CounterMetricFamily("xenblk_grant_map_failures", "Grant map operations that failed", labels=labels)
+        self.memb = GaugeMetricFamily(
+            "xenblk_buffer_bytes", "Request data buffers held by the disk's queues (memory budget)", labels=labels
+        )
+        self.memw = CounterMetricFamily(
+            "xenblk_memory_waits", "Times a queue stopped reading its ring: memory budget spent", labels=labels
+        )
+        self.state = GaugeMetricFamily(
+            "xenblk_device_state", "XenbusState of the backend (4 = Connected)", labels=labels
+        )
+        self.qn = GaugeMetricFamily("xenblk_device_queues", "Queues (rings) in use", labels=labels)
+        self.size = GaugeMetricFamily("xenblk_device_size_bytes", "Disk size advertised to the guest", labels=labels)
+        self.rec = CounterMetricFamily("xenblk_device_reconnects", "Frontend reconnections", labels=labels)
+        self.rsz = CounterMetricFamily("xenblk_device_resizes", "Online resizes published", labels=labels)
+
+    def add(self, d: DiskView) -> None:
+        lv = [str(d.domid), d.vdev]
+        self.state.add_metric(lv, d.state)
+        self.qn.add_metric(lv, len(d.queues))
+        self.size.add_metric(lv, d.sectors * 512)
+        self.rec.add_metric(lv, d.reconnects)
+        self.rsz.add_metric(lv, d.resizes)
+        if not d.queues:
+            return
+        self._add_ops(lv, d.queues)
+        seg = _sum_lists(q.seg_buckets for q in d.queues)
+        self.segs.add_metric(lv, _cumulative(seg, SEG_BOUNDS[: len(seg) - 1]), sum_value=0.0)
+        for qi, q in enumerate(d.queues):
+            nb = len(q.ring_buckets)
+            bounds = [1.0 / 2 ** (nb - 1 - k) for k in range(nb - 1)]
+            self.occ.add_metric([*lv, str(qi)], _cumulative(list(q.ring_buckets), bounds), sum_value=0.0)
+            self.infl.add_metric([*lv, str(qi)], q.in_flight)
+        for i, reason in enumerate(REFUSALS):
+            self.refs.add_metric([*lv, reason], sum(q.refusals[i] for q in d.queues))
+        for i, reason in enumerate(ERRORS):
+            self.errs.add_metric([*lv, reason], sum(q.errors[i] for q in d.queues))
+        self.gcf.add_metric(lv, sum(q.grant_copy_failures for q in d.queues))
+        self.gmf.add_metric(lv, sum(q.grant_map_failures for q in d.queues))
+        self.memb.add_metric(lv, sum(q.mem_bytes for q in d.queues))
+        self.memw.add_metric(lv, sum(q.mem_waits for q in d.queues))
+
+    def _add_ops(self, lv: list[str], queues: Sequence[QueueStatsLike]) -> None:
+        for i, opname in enumerate(OPS):
+            ops = [q.op[i] for q in queues]
+            n = sum(o.requests for o in ops)
+            self.req.add_metric([*lv, opname], n)
+            self.byt.add_metric([*lv, opname], sum(o.bytes for o in ops))
+            self.err.add_metric([*lv, opname], sum(o.errors for o in ops))
+            self.lat.add_metric(
+                [*lv, opname],
+                _cumulative(_sum_lists(o.lat_buckets for o in ops), LAT_BOUNDS_S),
+                sum_value=sum(o.lat_sum_ns for o in ops) / 1e9,
+            )
+            self.sto.add_metric(
+                [*lv, opname],
+                _cumulative(_sum_lists(o.storage_buckets for o in ops), LAT_BOUNDS_S),
+                sum_value=sum(o.storage_sum_ns for o in ops) / 1e9,
+            )
+
+    def families(self) -> Iterator[Any]:
+        yield from (self.req, self.byt, self.err, self.lat, self.sto, self.segs, self.occ, self.infl)
+        yield from (self.refs, self.errs, self.gcf, self.gmf, self.memb, self.memw)
+        yield from (self.state, self.qn, self.size, self.rec, self.rsz)
+
+
 class XenblkCollector(Collector):
     def __init__(self, disks: Callable[[], Iterable[DiskView]], daemon: DaemonCounters) -> None:
         self._disks = disks
         self._daemon = daemon
 
     def collect(self) -> Iterator[Any]:
-        labels = ["domid", "vdev"]
-        req = CounterMetricFamily("xenblk_requests", "Requests completed, by operation", labels=[*labels, "op"])
-        byt = CounterMetricFamily("xenblk_bytes", "Bytes transferred, by operation", labels=[*labels, "op"])
-        err = CounterMetricFamily(
-            "xenblk_request_errors", "Requests answered with an error, by op", labels=[*labels, "op"]
-        )
-        lat = HistogramMetricFamily(
-            "xenblk_request_duration_seconds",
-            "Request received from the ring to response pushed, by operation",
-            labels=[*labels, "op"],
-        )
-        sto = HistogramMetricFamily(
-            "xenblk_storage_duration_seconds", "Time spent in storage only, by operation", labels=[*labels, "op"]
-        )
-        segs = HistogramMetricFamily("xenblk_request_segments", "Segments per request", labels=labels)
-        occ = HistogramMetricFamily(
-            "xenblk_ring_occupancy_ratio", "Share of the ring holding requests at wake-up", labels=[*labels, "queue"]
-        )
-        infl = GaugeMetricFamily(
-            "xenblk_inflight_requests", "Requests taken from the ring, not yet answered", labels=[*labels, "queue"]
-        )
-        refs = CounterMetricFamily(
-            "xenblk_refused_requests", "Requests refused by validation, by reason", labels=[*labels, "reason"]
-        )
-        errs = CounterMetricFamily("xenblk_errors", "Request failures, by reason", labels=[*labels, "reason"])
-        gcf = CounterMetricFamily("xenblk_grant_copy_failures", "Grant copy operations that failed", labels=labels)
-        gmf = CounterMetricFamily("xenblk_grant_map_failures", "Grant map operations that failed", labels=labels)
-        memb = GaugeMetricFamily(
-            "xenblk_buffer_bytes", "Request data buffers held by the disk's queues (memory budget)", labels=labels
-        )
-        memw = CounterMetricFamily(
-            "xenblk_memory_waits", "Times a queue stopped reading its ring: memory budget spent", labels=labels
-        )
-        state = GaugeMetricFamily("xenblk_device_state", "XenbusState of the backend (4 = Connected)", labels=labels)
-        qn = GaugeMetricFamily("xenblk_device_queues", "Queues (rings) in use", labels=labels)
-        size = GaugeMetricFamily("xenblk_device_size_bytes", "Disk size advertised to the guest", labels=labels)
-        rec = CounterMetricFamily("xenblk_device_reconnects", "Frontend reconnections", labels=labels)
-        rsz = CounterMetricFamily("xenblk_device_resizes", "Online resizes published", labels=labels)
+        fams = _DiskFamilies()
         for d in self._disks():
-            lv = [str(d.domid), d.vdev]
-            state.add_metric(lv, d.state)
-            qn.add_metric(lv, len(d.queues))
-            size.add_metric(lv, d.sectors * 512)
-            rec.add_metric(lv, d.reconnects)
-            rsz.add_metric(lv, d.resizes)
-            if not d.queues:
-                continue
-            for i, opname in enumerate(OPS):
-                ops = [q.op[i] for q in d.queues]
-                n = sum(o.requests for o in ops)
-                req.add_metric([*lv, opname], n)
-                byt.add_metric([*lv, opname], sum(o.bytes for o in ops))
-                err.add_metric([*lv, opname], sum(o.errors for o in ops))
-                lat.add_metric(
-                    [*lv, opname],
-                    _cumulative(_sum_lists(o.lat_buckets for o in ops), LAT_BOUNDS_S),
-                    sum_value=sum(o.lat_sum_ns for o in ops) / 1e9,
-                )
-                sto.add_metric(
-                    [*lv, opname],
-                    _cumulative(_sum_lists(o.storage_buckets for o in ops), LAT_BOUNDS_S),
-                    sum_value=sum(o.storage_sum_ns for o in ops) / 1e9,
-                )
-            seg = _sum_lists(q.seg_buckets for q in d.queues)
-            segs.add_metric(lv, _cumulative(seg, SEG_BOUNDS[: len(seg) - 1]), sum_value=0.0)
-            for qi, q in enumerate(d.queues):
-                nb = len(q.ring_buckets)
-                bounds = [1.0 / 2 ** (nb - 1 - k) for k in range(nb - 1)]
-                occ.add_metric([*lv, str(qi)], _cumulative(list(q.ring_buckets), bounds), sum_value=0.0)
-                infl.add_metric([*lv, str(qi)], q.in_flight)
-            for i, reason in enumerate(REFUSALS):
-                refs.add_metric([*lv, reason], sum(q.refusals[i] for q in d.queues))
-            for i, reason in enumerate(ERRORS):
-                errs.add_metric([*lv, reason], sum(q.errors[i] for q in d.queues))
-            gcf.add_metric(lv, sum(q.grant_copy_failures for q in d.queues))
-            gmf.add_metric(lv, sum(q.grant_map_failures for q in d.queues))
-            memb.add_metric(lv, sum(q.mem_bytes for q in d.queues))
-            memw.add_metric(lv, sum(q.mem_waits for q in d.queues))
-        yield from (req, byt, err, lat, sto, segs, occ, infl, refs, errs, gcf, gmf, memb, memw)
-        yield from (state, qn, size, rec, rsz)
+            fams.add(d)
+        yield from fams.families()
+        yield from self._daemon_families()
+
+    def _daemon_families(self) -> Iterator[Any]:
         yield CounterMetricFamily(
             "xenblk_xenstore_watch_events", "XenStore watch events received", value=self._daemon.watch_events
         )

@@ -58,6 +58,12 @@ def file_kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def default_format(mode: int) -> str:
+    """The format of an image named without one: block for a block device, else raw. Never read
+    from the contents, which the guest may write (a planted qcow2 header)."""
+    return "block" if stat.S_ISBLK(mode) else "raw"
+
+
 def open_beneath(dirfd: int, rel: str, flags: int, *, walk: bool = False) -> int:
     """os.open of `rel` beneath the directory `dirfd` that never follows a symlink nor leaves the
     directory (see xb_open_beneath); walk=True forces the openat2-less fallback (tests)."""
@@ -268,7 +274,7 @@ class Image:
         failure too). fmt None: block for a block device, else raw."""
         try:
             if fmt is None:
-                fmt = "block" if stat.S_ISBLK(os.fstat(fd).st_mode) else "raw"
+                fmt = default_format(os.fstat(fd).st_mode)
             if fmt not in FORMATS:
                 raise StorageError(f"{name}: unknown image format {fmt!r} (expected one of {', '.join(FORMATS)})")
             if cache is not None and cache not in CACHE_MODES:
@@ -421,86 +427,3 @@ def _describe(ptr: Any, path: str) -> dict[str, Any]:
             if b != ffi.NULL:
                 out["backing"] = _describe(b, backing)
     return out
-
-
-FAULT_OPS = {
-    "read": lib.XB_FAULT_READ,
-    "write": lib.XB_FAULT_WRITE,
-    "flush": lib.XB_FAULT_FLUSH,
-    "discard": lib.XB_FAULT_DISCARD,
-}
-
-
-class FaultImage(Image):
-    """TEST ONLY: an image whose ops fail on demand (native/storage/fault.c), for storage-fault tests.
-
-    Wraps a real image and forwards to it; inject_fault() makes matching calls fail with an errno
-    instead. The daemon never creates one (no config key, XenStore node or guest request leads
-    here). Faults also hold on the data plane's fast path: the wrapper refuses to map() a range a
-    live read/write fault covers, so that I/O takes the slow path and fails."""
-
-    def __init__(self, ptr: Any, path: str, inner: Any) -> None:
-        super().__init__(ptr, path)
-        self._inner = inner
-
-    @classmethod
-    def wrap(cls, image: Image) -> FaultImage:
-        """Takes ownership of `image` (it reads as closed afterwards; closing the wrapper closes it)."""
-        with image._lock:
-            inner = image._p()
-            ptr = lib.xb_fault_wrap(inner)
-            if ptr == ffi.NULL:
-                raise StorageError(f"{image.path}: cannot wrap for fault injection", 12)
-            image.ptr = None
-        return cls(ptr, image.path, inner)
-
-    @classmethod
-    def open(
-        cls,
-        path: str,
-        fmt: str | None = None,
-        *,
-        readonly: bool = False,
-        cache: str | None = None,
-        meta_writethrough: bool = False,
-        backing_dirs: Sequence[str] = (),
-    ) -> Image:
-        return cls.wrap(
-            Image.open(
-                path,
-                fmt,
-                readonly=readonly,
-                cache=cache,
-                meta_writethrough=meta_writethrough,
-                backing_dirs=backing_dirs,
-            )
-        )
-
-    def inject_fault(
-        self, ops: str | tuple[str, ...], errno: int, *, off: int = 0, length: int = 0, after: int = 0, count: int = 0
-    ) -> int:
-        """Fail `ops` ("read", "write", "flush", "discard"; write covers write-zeroes) touching
-        [off, off+length) (length 0: to the end) with -errno: the first `after` matching calls pass,
-        the next `count` fail (0: every one). Returns the rule's number for fault_hits()."""
-        names = (ops,) if isinstance(ops, str) else ops
-        mask = 0
-        for name in names:
-            if name not in FAULT_OPS:
-                raise StorageError(f"unknown fault op {name!r} (expected one of {', '.join(FAULT_OPS)})")
-            mask |= FAULT_OPS[name]
-        return _check(lib.xb_fault_add(self._p(), mask, errno, off, length, after, count), "fault rule", self.path)
-
-    def fault_hits(self, rule: int) -> int:
-        """How many calls rule `rule` has failed so far."""
-        return _check(lib.xb_fault_hits(self._p(), rule), "fault hits", self.path)
-
-    def clear_faults(self) -> None:
-        _check(lib.xb_fault_clear(self._p()), "fault clear", self.path)
-
-    def check(self) -> dict[str, Any]:
-        with self._lock:
-            self._p()
-            return Image(self._inner, self.path).check()
-
-    def info(self) -> dict[str, Any]:
-        return _describe(self._inner if self.ptr is not None else self._p(), self.path)

@@ -1,6 +1,5 @@
 /* Devices and their queues as the control plane drives them (xb_dataplane.h). */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,50 +9,39 @@
 #include "queue.h"
 #include "slowpath.h"
 
-static void seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void seterr(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_ERRLEN, fmt, ap);
-    va_end(ap);
-}
-
 struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, const struct xb_device_config *cfg,
                                 char *err)
 {
     if (!p || !img || !cfg) {
-        seterr(err, "device: missing platform, image or config");
+        xb_seterr(err, "device: missing platform, image or config");
         return NULL;
     }
     if (cfg->abi != XB_ABI_X86_64 && cfg->abi != XB_ABI_X86_32) {
-        seterr(err, "device %u: unknown ABI %d", cfg->handle, (int)cfg->abi);
+        xb_seterr(err, "device %u: unknown ABI %d", cfg->handle, (int)cfg->abi);
         return NULL;
     }
     if (cfg->ring_pages < 1 || cfg->ring_pages > XB_MAX_RING_PAGES || (cfg->ring_pages & (cfg->ring_pages - 1))) {
-        seterr(err, "device %u: ring of %u pages (allowed: a power of two, 1..%u)", cfg->handle, cfg->ring_pages,
+        xb_seterr(err, "device %u: ring of %u pages (allowed: a power of two, 1..%u)", cfg->handle, cfg->ring_pages,
                XB_MAX_RING_PAGES);
         return NULL;
     }
     if (cfg->nr_queues < 1 || cfg->nr_queues > XB_MAX_QUEUES) {
-        seterr(err, "device %u: %u queues (allowed 1..%u)", cfg->handle, cfg->nr_queues, XB_MAX_QUEUES);
+        xb_seterr(err, "device %u: %u queues (allowed 1..%u)", cfg->handle, cfg->nr_queues, XB_MAX_QUEUES);
         return NULL;
     }
     if (cfg->max_indirect_segments > XB_MAX_INDIRECT_SEGMENTS) {
-        seterr(err, "device %u: max_indirect_segments %u (allowed 0..%u)", cfg->handle, cfg->max_indirect_segments,
+        xb_seterr(err, "device %u: max_indirect_segments %u (allowed 0..%u)", cfg->handle, cfg->max_indirect_segments,
                XB_MAX_INDIRECT_SEGMENTS);
         return NULL;
     }
     uint32_t lb = img->logical_block >> XB_SECTOR_SHIFT;
     if (lb == 0 || (lb & (lb - 1)) || lb > XB_PAGE_SIZE >> XB_SECTOR_SHIFT) {
-        seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
+        xb_seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
         return NULL;
     }
     struct xb_device *d = calloc(1, sizeof(*d));
     if (!d) {
-        seterr(err, "device %u: out of memory", cfg->handle);
+        xb_seterr(err, "device %u: out of memory", cfg->handle);
         return NULL;
     }
     d->p = p;
@@ -113,33 +101,9 @@ static void queue_teardown(struct xb_queue *q)
     q->ch = NULL;
 }
 
-int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t *refs, unsigned nrefs,
-                          struct xb_evtchn *ch, char *err)
+/* A freshly mapped ring: continue from the responses already published, nothing in flight yet. */
+static void queue_reset(struct xb_device *d, struct xb_queue *q, unsigned nrefs)
 {
-    pthread_mutex_lock(&d->lock);
-    int rc = -1;
-    if (d->stopped) {
-        seterr(err, "device %u: stopped", d->cfg.handle);
-        goto out;
-    }
-    if (qi >= d->cfg.nr_queues || d->q[qi].started) {
-        seterr(err, "device %u: queue %u %s", d->cfg.handle, qi,
-               qi >= d->cfg.nr_queues ? "does not exist" : "already started");
-        goto out;
-    }
-    if (nrefs != d->cfg.ring_pages) {
-        seterr(err, "device %u queue %u: %u ring refs for a ring of %u pages", d->cfg.handle, qi, nrefs,
-               d->cfg.ring_pages);
-        goto out;
-    }
-    struct xb_queue *q = &d->q[qi];
-    char merr[XB_ERRLEN] = "";
-    q->sring = xb_grant_map(d->p, d->cfg.domid, refs, nrefs, 1, &q->ring_map, merr);
-    if (!q->sring) {
-        __atomic_store_n(&q->stats.grant_map_failures, q->stats.grant_map_failures + 1, __ATOMIC_RELAXED);
-        seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
-        goto out;
-    }
     q->ring_size = xb_ring_size(d->cfg.abi, nrefs);
     /* BACK_RING_ATTACH: continue from the responses already published (a fresh ring has 0). */
     q->rsp_prod_pvt = __atomic_load_n(&q->sring->rsp_prod, __ATOMIC_ACQUIRE);
@@ -149,15 +113,18 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     q->mem_used = q->mem_cached = 0;
     q->mem_wait = q->mem_wait_tail = NULL;
     q->mem_released = 0;
-    {
-        /* The device's budget split between its queues, never below one largest request per
-         * queue (else such a request could never run). */
-        uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
-        unsigned segs = d->cfg.max_indirect_segments > XB_MAX_SEGMENTS_PER_REQUEST ? d->cfg.max_indirect_segments
-                                                                                  : XB_MAX_SEGMENTS_PER_REQUEST;
-        uint64_t per = budget / d->cfg.nr_queues, biggest = (uint64_t)segs * XB_PAGE_SIZE;
-        q->mem_limit = (size_t)(per > biggest ? per : biggest);
-    }
+    /* The device's budget split between its queues, never below one largest request per
+     * queue (else such a request could never run). */
+    uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
+    unsigned segs = d->cfg.max_indirect_segments > XB_MAX_SEGMENTS_PER_REQUEST ? d->cfg.max_indirect_segments
+                                                                              : XB_MAX_SEGMENTS_PER_REQUEST;
+    uint64_t per = budget / d->cfg.nr_queues, biggest = (uint64_t)segs * XB_PAGE_SIZE;
+    q->mem_limit = (size_t)(per > biggest ? per : biggest);
+}
+
+/* The request slots (one per ring entry, all on the free list), the indirect page buffer and the eventfds. */
+static int queue_alloc(struct xb_device *d, struct xb_queue *q, unsigned qi, char *err)
+{
     q->reqs = calloc(q->ring_size, sizeof(*q->reqs));
     if (posix_memalign((void **)&q->indirect_buf, XB_PAGE_SIZE,
                        (size_t)XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_PAGE_SIZE) != 0)
@@ -167,8 +134,8 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->slow_done = NULL;
     if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
-        seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
-        goto fail;
+        xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
+        return -1;
     }
     q->free_reqs = NULL;
     for (uint32_t i = q->ring_size; i-- > 0;) {
@@ -176,9 +143,12 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
         q->reqs[i].next_free = q->free_reqs;
         q->free_reqs = &q->reqs[i];
     }
-    /* journal hook: a resumed ring continues from the journal's indexes (journal.c) */
-    if (xb_journal_attach(q, err) < 0)
-        goto fail;
+    return 0;
+}
+
+/* The queue's io_uring, its completions signalled on cq_fd; none (uring_ok 0) where io_uring is disabled. */
+static int queue_uring_init(struct xb_device *d, struct xb_queue *q, unsigned qi, char *err)
+{
     /* Room in the completion queue for every extent of every request the ring can hold, so
      * completions never overflow into the kernel's backlog. */
     unsigned cq = 4 * XB_URING_ENTRIES;
@@ -192,20 +162,59 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     if (urc == -ENOSYS || urc == -EPERM) {
         /* io_uring disabled (kernel.io_uring_disabled, seccomp): every request takes the synchronous path. */
         q->uring_ok = 0;
-    } else if (urc < 0) {
-        seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
-        goto fail;
-    } else {
-        q->uring_ok = 1;
-        urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
-        if (urc < 0) {
-            seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
-            goto fail;
-        }
+        return 0;
     }
+    if (urc < 0) {
+        xb_seterr(err, "device %u queue %u: io_uring setup failed: %s", d->cfg.handle, qi, strerror(-urc));
+        return -1;
+    }
+    q->uring_ok = 1;
+    urc = io_uring_register_eventfd(&q->uring, q->cq_fd);
+    if (urc < 0) {
+        xb_seterr(err, "device %u queue %u: io_uring eventfd: %s", d->cfg.handle, qi, strerror(-urc));
+        return -1;
+    }
+    return 0;
+}
+
+int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t *refs, unsigned nrefs,
+                          struct xb_evtchn *ch, char *err)
+{
+    pthread_mutex_lock(&d->lock);
+    int rc = -1;
+    if (d->stopped) {
+        xb_seterr(err, "device %u: stopped", d->cfg.handle);
+        goto out;
+    }
+    if (qi >= d->cfg.nr_queues || d->q[qi].started) {
+        xb_seterr(err, "device %u: queue %u %s", d->cfg.handle, qi,
+               qi >= d->cfg.nr_queues ? "does not exist" : "already started");
+        goto out;
+    }
+    if (nrefs != d->cfg.ring_pages) {
+        xb_seterr(err, "device %u queue %u: %u ring refs for a ring of %u pages", d->cfg.handle, qi, nrefs,
+               d->cfg.ring_pages);
+        goto out;
+    }
+    struct xb_queue *q = &d->q[qi];
+    char merr[XB_ERRLEN] = "";
+    q->sring = xb_grant_map(d->p, d->cfg.domid, refs, nrefs, 1, &q->ring_map, merr);
+    if (!q->sring) {
+        __atomic_store_n(&q->stats.grant_map_failures, q->stats.grant_map_failures + 1, __ATOMIC_RELAXED);
+        xb_seterr(err, "device %u queue %u: cannot map the ring: %s", d->cfg.handle, qi, merr);
+        goto out;
+    }
+    queue_reset(d, q, nrefs);
+    if (queue_alloc(d, q, qi, err) < 0)
+        goto fail;
+    /* journal hook: a resumed ring continues from the journal's indexes (journal.c) */
+    if (xb_journal_attach(q, err) < 0)
+        goto fail;
+    if (queue_uring_init(d, q, qi, err) < 0)
+        goto fail;
     int wrc = xb_pool_start(&d->pool);
     if (wrc < 0) {
-        seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
+        xb_seterr(err, "device %u queue %u: cannot start storage workers: %s", d->cfg.handle, qi, strerror(-wrc));
         goto fail;
     }
     q->ch = ch;
@@ -213,7 +222,7 @@ int xb_device_start_queue(struct xb_device *d, unsigned qi, const xb_grant_ref_t
     __atomic_store_n(&q->failed, 0, __ATOMIC_RELAXED);
     int prc = pthread_create(&q->thread, NULL, xb_queue_main, q);
     if (prc != 0) {
-        seterr(err, "device %u queue %u: cannot start thread: %s", d->cfg.handle, qi, strerror(prc));
+        xb_seterr(err, "device %u queue %u: cannot start thread: %s", d->cfg.handle, qi, strerror(prc));
         goto fail;
     }
     q->started = 1;
@@ -290,7 +299,7 @@ int xb_device_queue_failed(struct xb_device *d, unsigned qi, char *err)
         return 0;
     if (!__atomic_load_n(&d->q[qi].failed, __ATOMIC_ACQUIRE))
         return 0;
-    seterr(err, "%s", d->q[qi].fail_msg);
+    xb_seterr(err, "%s", d->q[qi].fail_msg);
     return 1;
 }
 

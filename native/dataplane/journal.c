@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,37 +69,26 @@ static void maybe_crash(int point)
         raise(SIGKILL);
 }
 
-static void seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void seterr(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_ERRLEN, fmt, ap);
-    va_end(ap);
-}
-
 int xb_device_set_journal(struct xb_device *d, unsigned qi, const char *path, const char *ident, int resume,
                           char *err)
 {
     if (qi >= d->cfg.nr_queues) {
-        seterr(err, "device %u: no queue %u", d->cfg.handle, qi);
+        xb_seterr(err, "device %u: no queue %u", d->cfg.handle, qi);
         return -1;
     }
     if (!path || strlen(path) >= PATH_MAX || !ident) {
-        seterr(err, "device %u queue %u: bad journal path", d->cfg.handle, qi);
+        xb_seterr(err, "device %u queue %u: bad journal path", d->cfg.handle, qi);
         return -1;
     }
     pthread_mutex_lock(&d->lock);
     struct xb_queue *q = &d->q[qi];
     int rc = -1;
     if (q->started || d->stopped) {
-        seterr(err, "device %u queue %u: journal must be set before the queue starts", d->cfg.handle, qi);
+        xb_seterr(err, "device %u queue %u: journal must be set before the queue starts", d->cfg.handle, qi);
         goto out;
     }
     if (!q->journal && !(q->journal = calloc(1, sizeof(*q->journal)))) {
-        seterr(err, "device %u queue %u: out of memory", d->cfg.handle, qi);
+        xb_seterr(err, "device %u queue %u: out of memory", d->cfg.handle, qi);
         goto out;
     }
     snprintf(q->journal->path, sizeof(q->journal->path), "%s", path);
@@ -137,17 +125,17 @@ static int map_file(struct xb_journal *j, struct xb_queue *q, char *err)
     int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | (j->resume ? 0 : O_CREAT | O_TRUNC);
     int fd = open(j->path, flags, 0600);
     if (fd < 0) {
-        seterr(err, "journal %s: %s", j->path, strerror(errno));
+        xb_seterr(err, "journal %s: %s", j->path, strerror(errno));
         return -1;
     }
     struct stat st;
     if (fstat(fd, &st) < 0 || (!j->resume && ftruncate(fd, (off_t)j->len) < 0)) {
-        seterr(err, "journal %s: %s", j->path, strerror(errno));
+        xb_seterr(err, "journal %s: %s", j->path, strerror(errno));
         close(fd);
         return -1;
     }
     if (j->resume && (!S_ISREG(st.st_mode) || (size_t)st.st_size != j->len)) {
-        seterr(err, "journal %s: %lld bytes, expected %zu for a ring of %u", j->path, (long long)st.st_size, j->len,
+        xb_seterr(err, "journal %s: %lld bytes, expected %zu for a ring of %u", j->path, (long long)st.st_size, j->len,
                q->ring_size);
         close(fd);
         return -1;
@@ -155,7 +143,7 @@ static int map_file(struct xb_journal *j, struct xb_queue *q, char *err)
     void *m = mmap(NULL, j->len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (m == MAP_FAILED) {
-        seterr(err, "journal %s: mmap: %s", j->path, strerror(errno));
+        xb_seterr(err, "journal %s: mmap: %s", j->path, strerror(errno));
         return -1;
     }
     j->map = m;
@@ -180,7 +168,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
     if (h->magic != XB_JOURNAL_MAGIC || h->version != XB_JOURNAL_VERSION || h->abi != (uint32_t)q->dev->cfg.abi ||
         h->ring_size != q->ring_size || h->slot_size != sizeof(struct xb_jslot) ||
         memcmp(h->ident, j->ident, sizeof(h->ident)) != 0) {
-        seterr(err, "journal %s was written for another ring or image", j->path);
+        xb_seterr(err, "journal %s was written for another ring or image", j->path);
         return -1;
     }
     uint32_t cons = __atomic_load_n(&h->req_cons, __ATOMIC_ACQUIRE);
@@ -199,7 +187,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
             if ((uint32_t)(s->idx - cons) < 0x80000000u) /* taken, req_cons not advanced yet */
                 cons = s->idx + 1;
         } else if (s->state != XB_JSLOT_FREE && s->state != XB_JSLOT_ANSWERED) {
-            seterr(err, "journal %s: slot %u in unknown state %u", j->path, i, s->state);
+            xb_seterr(err, "journal %s: slot %u in unknown state %u", j->path, i, s->state);
             return -1;
         }
     }
@@ -207,7 +195,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
     uint32_t ring_req = __atomic_load_n(&q->sring->req_prod, __ATOMIC_ACQUIRE);
     if (cons - rsp != taken || (uint32_t)(rsp - ring_rsp) > q->ring_size || (uint32_t)(ring_req - cons) > q->ring_size ||
         (uint32_t)(ring_req - rsp) > q->ring_size) {
-        seterr(err,
+        xb_seterr(err,
                "journal %s does not fit the ring (journal: consumed %u, answered %u, in flight %u; ring: requests %u, "
                "responses %u)",
                j->path, cons, rsp, taken, ring_req, ring_rsp);
@@ -215,7 +203,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
     }
     j->replay = calloc(taken ? taken : 1, sizeof(*j->replay));
     if (!j->replay) {
-        seterr(err, "journal %s: out of memory", j->path);
+        xb_seterr(err, "journal %s: out of memory", j->path);
         return -1;
     }
     /* Ring order: a barrier is the last request taken (nothing is taken while one waits). Ordered by
@@ -226,7 +214,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
         if (j->slots[i].state != XB_JSLOT_TAKEN)
             continue;
         if ((uint32_t)(cons - 1 - j->slots[i].idx) >= 0x80000000u) {
-            seterr(err, "journal %s: request slot %u names ring index %u, not taken before %u", j->path, i,
+            xb_seterr(err, "journal %s: request slot %u names ring index %u, not taken before %u", j->path, i,
                    j->slots[i].idx, cons);
             return -1;
         }
@@ -240,7 +228,7 @@ static int recover(struct xb_journal *j, struct xb_queue *q, char *err)
     /* Each ring index was taken once (a journal that says otherwise was not written in this order). */
     for (unsigned k = 1; k < j->replay_n; k++)
         if (j->slots[j->replay[k]].idx == j->slots[j->replay[k - 1]].idx) {
-            seterr(err, "journal %s: ring index %u taken twice", j->path, j->slots[j->replay[k]].idx);
+            xb_seterr(err, "journal %s: ring index %u taken twice", j->path, j->slots[j->replay[k]].idx);
             return -1;
         }
     for (unsigned k = 0; k < j->replay_n; k++)

@@ -208,9 +208,8 @@ int xb_parse_indirect(struct xb_parsed_req *req, const void *pages, const struct
 
 unsigned xb_seg_bucket(unsigned nseg)
 {
-    static const unsigned bounds[XB_SEG_BUCKETS - 1] = {1, 2, 4, 8, 11, 16, 32, 64, 128};
     for (unsigned i = 0; i < XB_SEG_BUCKETS - 1; i++)
-        if (nseg <= bounds[i])
+        if (nseg <= xb_seg_bounds[i])
             return i;
     return XB_SEG_BUCKETS - 1;
 }

@@ -17,12 +17,6 @@
 #include "queue.h"
 #include "slowpath.h"
 
-const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1] = {
-    10000ull,      20000ull,      50000ull,      100000ull,     200000ull,      500000ull,     1000000ull,
-    2000000ull,    5000000ull,    10000000ull,   20000000ull,   50000000ull,    100000000ull,  200000000ull,
-    500000000ull,  1000000000ull, 2000000000ull, 5000000000ull, 10000000000ull,
-};
-
 /* Single writer (this thread), lock-free readers: relaxed loads and stores are enough. */
 #define ST_ADD(q, field, n)                                                                                            \
     __atomic_store_n(&(q)->stats.field, __atomic_load_n(&(q)->stats.field, __ATOMIC_RELAXED) + (uint64_t)(n),     \

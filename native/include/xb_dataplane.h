@@ -41,7 +41,7 @@ enum xb_error_reason { XB_ERR_IO = 0, XB_ERR_NOSPC, XB_ERR_GRANT, XB_ERR_OTHER, 
 
 /* Latency histogram: upper bounds in ns, 1-2-5 steps from 10 us to 10 s, then +Inf. */
 #define XB_LAT_BUCKETS 20
-#define XB_SEG_BUCKETS 10    /* segments per request: <=1,2,4,8,11,16,32,64,128,256 */
+#define XB_SEG_BUCKETS 10    /* segments per request: <=1,2,4,8,11,16,32,64,128, then up to 256 */
 #define XB_RING_BUCKETS 8    /* ring occupancy at wake-up, fraction of ring: <=1/64 .. 1 */
 
 struct xb_op_stats {
@@ -105,7 +105,13 @@ int xb_device_queue_failed(struct xb_device *d, unsigned q, char *err);
 /* The image grew: new requests are checked against the new size. */
 void xb_device_set_size(struct xb_device *d, uint64_t bytes);
 
-/* Bucket upper bounds (ns) for export; XB_LAT_BUCKETS-1 finite ones, the last is +Inf. */
-extern const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1];
+/* The statistics' vocabulary (stats.c), the one copy the exporter (xenblk/metrics.py) reads: the label
+ * of each op and reason, indexed by the enums above, and the histograms' finite upper bounds (the last
+ * bucket of each is +Inf). */
+extern const char *const xb_stat_op_names[XB_STAT_OPS];
+extern const char *const xb_refusal_names[XB_REFUSE_REASONS];
+extern const char *const xb_error_reason_names[XB_ERR_REASONS];
+extern const uint64_t xb_lat_bounds_ns[XB_LAT_BUCKETS - 1]; /* ns */
+extern const unsigned xb_seg_bounds[XB_SEG_BUCKETS - 1];    /* segments per request */
 
 #endif

@@ -31,7 +31,7 @@ struct xb_copy_seg {
     void *local;
 };
 
-#define XB_ERRLEN 256
+#include "xb_err.h"
 
 /* Constructors (called from Python). err receives a message on failure. */
 struct xb_platform *xb_platform_open_real(char *err);

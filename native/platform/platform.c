@@ -13,7 +13,7 @@ void *xb_grant_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_t *
 {
     *handle = NULL;
     if (n == 0 || n > XB_MAP_MAX_PAGES) {
-        xb_perr(err, "grant map of %u pages (allowed 1..%u)", n, XB_MAP_MAX_PAGES);
+        xb_seterr(err, "grant map of %u pages (allowed 1..%u)", n, XB_MAP_MAX_PAGES);
         return NULL;
     }
     return p->ops->map(p, domid, refs, n, writable, handle, err);

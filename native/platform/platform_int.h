@@ -5,7 +5,6 @@
 #ifndef XB_PLATFORM_INT_H
 #define XB_PLATFORM_INT_H
 
-#include <stdarg.h>
 #include <stdio.h>
 #include "xb_platform.h" /* and xb_blkif.h: XB_PAGE_SIZE, XB_PAGE_SHIFT */
 
@@ -47,17 +46,6 @@ struct xb_evtchn {
     int fd; /* pollable: readable when the other side notified us */
     uint32_t local_port;
 };
-
-/* Fill err (XB_ERRLEN bytes, may be NULL) with a formatted message. */
-__attribute__((format(printf, 2, 3))) static inline void xb_perr(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_ERRLEN, fmt, ap);
-    va_end(ap);
-}
 
 /* The copy-segment checks that do not depend on the grant (offset/len within a page, a direction, a buffer). */
 static inline int xb_copy_seg_args_ok(const struct xb_copy_seg *s)

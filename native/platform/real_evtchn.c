@@ -58,13 +58,13 @@ static const struct xb_evtchn_ops real_evtchn_ops = {
 struct xb_evtchn *xb_evtchn_bind_real(struct xb_platform *p, uint16_t domid, uint32_t remote_port, char *err)
 {
     if (p->is_sim) {
-        xb_perr(err, "event channel to domain %u: real binding on the sim platform", domid);
+        xb_seterr(err, "event channel to domain %u: real binding on the sim platform", domid);
         return NULL;
     }
     int fd = open(XB_EVTCHN_PATH, O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
-        xb_perr(err, "cannot open %s: %s", XB_EVTCHN_PATH, strerror(e));
+        xb_seterr(err, "cannot open %s: %s", XB_EVTCHN_PATH, strerror(e));
         return NULL;
     }
     struct ioctl_evtchn_bind_interdomain b = {.remote_domain = domid, .remote_port = remote_port};
@@ -72,7 +72,7 @@ struct xb_evtchn *xb_evtchn_bind_real(struct xb_platform *p, uint16_t domid, uin
     if (port < 0) {
         int e = errno;
         close(fd);
-        xb_perr(err, "bind event channel to domain %u port %u: %s", domid, remote_port, strerror(e));
+        xb_seterr(err, "bind event channel to domain %u port %u: %s", domid, remote_port, strerror(e));
         return NULL;
     }
     struct real_evtchn *r = calloc(1, sizeof *r);
@@ -80,7 +80,7 @@ struct xb_evtchn *xb_evtchn_bind_real(struct xb_platform *p, uint16_t domid, uin
         struct ioctl_evtchn_unbind ub = {.port = (unsigned)port};
         (void)ioctl(fd, IOCTL_EVTCHN_UNBIND, &ub);
         close(fd);
-        xb_perr(err, "event channel: out of memory");
+        xb_seterr(err, "event channel: out of memory");
         return NULL;
     }
     r->base.ops = &real_evtchn_ops;

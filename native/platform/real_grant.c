@@ -46,7 +46,7 @@ static void *real_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_
     struct ioctl_gntdev_map_grant_ref *m = calloc(1, sz);
     struct xb_gmap *h = malloc(sizeof *h);
     if (!m || !h) {
-        xb_perr(err, "grant map: out of memory");
+        xb_seterr(err, "grant map: out of memory");
         goto fail_free;
     }
     m->count = n;
@@ -55,7 +55,7 @@ static void *real_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_
         m->refs[i].ref = refs[i];
     }
     if (ioctl(rp->gntdev_fd, IOCTL_GNTDEV_MAP_GRANT_REF, m) != 0) {
-        xb_perr(err, "grant map: domain %u, %u refs (first %u): IOCTL_GNTDEV_MAP_GRANT_REF: %s", domid, n, refs[0],
+        xb_seterr(err, "grant map: domain %u, %u refs (first %u): IOCTL_GNTDEV_MAP_GRANT_REF: %s", domid, n, refs[0],
                 strerror(errno));
         goto fail_free;
     }
@@ -65,7 +65,7 @@ static void *real_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_
     if (addr == MAP_FAILED) {
         int e = errno;
         gntdev_release(rp->gntdev_fd, m->index, n);
-        xb_perr(err, "grant map: domain %u, %u refs (first %u): mmap: %s", domid, n, refs[0], strerror(e));
+        xb_seterr(err, "grant map: domain %u, %u refs (first %u): mmap: %s", domid, n, refs[0], strerror(e));
         goto fail_free;
     }
     h->addr = addr;
@@ -169,16 +169,16 @@ struct xb_platform *xb_platform_open_real(char *err)
     if (fd < 0) {
         int e = errno;
         if (e == ENOENT)
-            xb_perr(err, "%s does not exist: not running in a Xen Dom0 (or the xen-gntdev module is not loaded); "
+            xb_seterr(err, "%s does not exist: not running in a Xen Dom0 (or the xen-gntdev module is not loaded); "
                          "use the simulated platform (--sim DIR) without Xen", XB_GNTDEV_PATH);
         else
-            xb_perr(err, "cannot open %s: %s", XB_GNTDEV_PATH, strerror(e));
+            xb_seterr(err, "cannot open %s: %s", XB_GNTDEV_PATH, strerror(e));
         return NULL;
     }
     struct real_platform *rp = calloc(1, sizeof *rp);
     if (!rp) {
         close(fd);
-        xb_perr(err, "real platform: out of memory");
+        xb_seterr(err, "real platform: out of memory");
         return NULL;
     }
     rp->base.ops = &real_ops;

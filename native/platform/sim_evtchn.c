@@ -60,12 +60,12 @@ static const struct xb_evtchn_ops sim_evtchn_ops = {
 struct xb_evtchn *xb_evtchn_sim(int recv_fd, int send_fd, uint32_t local_port, char *err)
 {
     if (recv_fd < 0 || send_fd < 0) {
-        xb_perr(err, "sim event channel %u: bad fds (%d, %d)", local_port, recv_fd, send_fd);
+        xb_seterr(err, "sim event channel %u: bad fds (%d, %d)", local_port, recv_fd, send_fd);
         return NULL;
     }
     struct sim_evtchn *s = calloc(1, sizeof *s);
     if (!s) {
-        xb_perr(err, "sim event channel %u: out of memory", local_port);
+        xb_seterr(err, "sim event channel %u: out of memory", local_port);
         return NULL;
     }
     s->base.ops = &sim_evtchn_ops;

@@ -99,13 +99,13 @@ static void *sim_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_t
     size_t len = (size_t)n * XB_PAGE_SIZE;
     struct xb_gmap *h = malloc(sizeof *h);
     if (!h) {
-        xb_perr(err, "grant map: out of memory");
+        xb_seterr(err, "grant map: out of memory");
         return NULL;
     }
     /* Reserve the whole range first so the pages land contiguously and nothing else can take the gaps. */
     uint8_t *region = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (region == MAP_FAILED) {
-        xb_perr(err, "grant map: cannot reserve %u pages: %s", n, strerror(errno));
+        xb_seterr(err, "grant map: cannot reserve %u pages: %s", n, strerror(errno));
         free(h);
         return NULL;
     }
@@ -113,20 +113,20 @@ static void *sim_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_t
     pthread_rwlock_rdlock(&sp->lock);
     struct sim_domain *d = find_domain(sp, domid, NULL);
     if (!d) {
-        xb_perr(err, "grant map: domain %u is not attached", domid);
+        xb_seterr(err, "grant map: domain %u is not attached", domid);
         goto fail;
     }
     for (unsigned i = 0; i < n; i++) {
         uint32_t frame;
         int st = check_grant(d, p->self_domid, refs[i], writable, &frame);
         if (st != XB_GNTST_okay) {
-            xb_perr(err, "grant map: domain %u ref %u: %s", domid, refs[i], gntst_name(st));
+            xb_seterr(err, "grant map: domain %u ref %u: %s", domid, refs[i], gntst_name(st));
             goto fail;
         }
         void *page = mmap(region + (size_t)i * XB_PAGE_SIZE, XB_PAGE_SIZE, prot, MAP_SHARED | MAP_FIXED, d->mem_fd,
                           (off_t)frame << XB_PAGE_SHIFT);
         if (page == MAP_FAILED) {
-            xb_perr(err, "grant map: domain %u ref %u: mmap: %s", domid, refs[i], strerror(errno));
+            xb_seterr(err, "grant map: domain %u ref %u: mmap: %s", domid, refs[i], strerror(errno));
             goto fail;
         }
     }
@@ -220,11 +220,11 @@ struct xb_platform *xb_platform_open_sim(uint16_t self_domid, char *err)
 {
     struct sim_platform *sp = calloc(1, sizeof *sp);
     if (!sp) {
-        xb_perr(err, "sim platform: out of memory");
+        xb_seterr(err, "sim platform: out of memory");
         return NULL;
     }
     if (pthread_rwlock_init(&sp->lock, NULL) != 0) {
-        xb_perr(err, "sim platform: cannot create a lock");
+        xb_seterr(err, "sim platform: cannot create a lock");
         free(sp);
         return NULL;
     }
@@ -240,17 +240,17 @@ static int check_shared_file(int fd, uint64_t need, const char *what, uint16_t d
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
-        xb_perr(err, "domain %u %s: %s", domid, what, strerror(e));
+        xb_seterr(err, "domain %u %s: %s", domid, what, strerror(e));
         return -e;
     }
     if ((uint64_t)st.st_size < need) {
-        xb_perr(err, "domain %u %s is %lld bytes, needs %llu", domid, what, (long long)st.st_size,
+        xb_seterr(err, "domain %u %s is %lld bytes, needs %llu", domid, what, (long long)st.st_size,
                 (unsigned long long)need);
         return -EINVAL;
     }
     int seals = fcntl(fd, F_GET_SEALS);
     if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
-        xb_perr(err, "domain %u %s is not sealed against shrinking (F_SEAL_SHRINK)", domid, what);
+        xb_seterr(err, "domain %u %s is not sealed against shrinking (F_SEAL_SHRINK)", domid, what);
         return -EINVAL;
     }
     return 0;
@@ -268,13 +268,13 @@ static int map_domain_files(struct sim_domain *d, int mem_fd, int gnttab_fd, cha
     d->mem_fd = fcntl(mem_fd, F_DUPFD_CLOEXEC, 0);
     if (d->mem_fd < 0) {
         int e = errno;
-        xb_perr(err, "domain %u memory: dup: %s", d->domid, strerror(e));
+        xb_seterr(err, "domain %u memory: dup: %s", d->domid, strerror(e));
         return -e;
     }
     void *mem = mmap(NULL, mem_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, mem_fd, 0);
     if (mem == MAP_FAILED) {
         int e = errno;
-        xb_perr(err, "domain %u memory: mmap of %llu pages: %s", d->domid, (unsigned long long)d->mem_pages,
+        xb_seterr(err, "domain %u memory: mmap of %llu pages: %s", d->domid, (unsigned long long)d->mem_pages,
                 strerror(e));
         return -e;
     }
@@ -282,7 +282,7 @@ static int map_domain_files(struct sim_domain *d, int mem_fd, int gnttab_fd, cha
     void *gnt = mmap(NULL, gnt_len, PROT_READ, MAP_SHARED, gnttab_fd, 0);
     if (gnt == MAP_FAILED) {
         int e = errno;
-        xb_perr(err, "domain %u grant table: mmap: %s", d->domid, strerror(e));
+        xb_seterr(err, "domain %u grant table: mmap: %s", d->domid, strerror(e));
         return -e;
     }
     d->gnttab = gnt;
@@ -293,19 +293,19 @@ int xb_platform_sim_add_domain(struct xb_platform *p, uint16_t domid, int mem_fd
                                uint32_t gnttab_entries, char *err)
 {
     if (!p->is_sim) {
-        xb_perr(err, "domain %u: simulated domains exist only on the sim platform", domid);
+        xb_seterr(err, "domain %u: simulated domains exist only on the sim platform", domid);
         return -EINVAL;
     }
     /* Bound by what the offsets can express: frame * 4096 must fit off_t and the address space. */
     if (mem_pages == 0 || mem_pages > (1ull << 32) || gnttab_entries == 0) {
-        xb_perr(err, "domain %u: bad sizes (%llu pages, %u grant entries)", domid, (unsigned long long)mem_pages,
+        xb_seterr(err, "domain %u: bad sizes (%llu pages, %u grant entries)", domid, (unsigned long long)mem_pages,
                 gnttab_entries);
         return -EINVAL;
     }
     struct sim_platform *sp = sim_of(p);
     struct sim_domain *d = calloc(1, sizeof *d);
     if (!d) {
-        xb_perr(err, "domain %u: out of memory", domid);
+        xb_seterr(err, "domain %u: out of memory", domid);
         return -ENOMEM;
     }
     d->domid = domid;
@@ -320,13 +320,13 @@ int xb_platform_sim_add_domain(struct xb_platform *p, uint16_t domid, int mem_fd
     pthread_rwlock_wrlock(&sp->lock);
     if (find_domain(sp, domid, NULL)) {
         rc = -EEXIST;
-        xb_perr(err, "domain %u is already attached", domid);
+        xb_seterr(err, "domain %u is already attached", domid);
     } else if (sp->ndoms == sp->cap) {
         unsigned cap = sp->cap ? sp->cap * 2 : 8;
         struct sim_domain **doms = realloc(sp->doms, cap * sizeof *doms);
         if (!doms) {
             rc = -ENOMEM;
-            xb_perr(err, "domain %u: out of memory", domid);
+            xb_seterr(err, "domain %u: out of memory", domid);
         } else {
             sp->doms = doms;
             sp->cap = cap;

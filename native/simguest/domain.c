@@ -11,30 +11,30 @@ struct xb_sg_domain *xb_sg_domain_open(int mem_fd, uint64_t mem_pages, int gntta
 {
     struct stat st;
     if (fstat(mem_fd, &st) < 0 || (uint64_t)st.st_size < mem_pages * XB_PAGE_SIZE) {
-        sg_errf(err, "guest memory file is smaller than %llu pages", (unsigned long long)mem_pages);
+        xb_seterr(err, "guest memory file is smaller than %llu pages", (unsigned long long)mem_pages);
         return NULL;
     }
     if (fstat(gnttab_fd, &st) < 0 || (uint64_t)st.st_size < (uint64_t)gnttab_entries * sizeof(struct xb_grant_entry_v1)) {
-        sg_errf(err, "grant table file is smaller than %u entries", gnttab_entries);
+        xb_seterr(err, "grant table file is smaller than %u entries", gnttab_entries);
         return NULL;
     }
     struct xb_sg_domain *d = calloc(1, sizeof(*d));
     if (!d) {
-        sg_errf(err, "out of memory");
+        xb_seterr(err, "out of memory");
         return NULL;
     }
     d->mem_pages = mem_pages;
     d->gnttab_entries = gnttab_entries;
     d->mem = mmap(NULL, mem_pages * XB_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mem_fd, 0);
     if (d->mem == MAP_FAILED) {
-        sg_errf(err, "mapping guest memory: %s", strerror(errno));
+        xb_seterr(err, "mapping guest memory: %s", strerror(errno));
         free(d);
         return NULL;
     }
     d->gnttab = mmap(NULL, (size_t)gnttab_entries * sizeof(struct xb_grant_entry_v1), PROT_READ | PROT_WRITE,
                      MAP_SHARED, gnttab_fd, 0);
     if (d->gnttab == MAP_FAILED) {
-        sg_errf(err, "mapping the grant table: %s", strerror(errno));
+        xb_seterr(err, "mapping the grant table: %s", strerror(errno));
         munmap(d->mem, mem_pages * XB_PAGE_SIZE);
         free(d);
         return NULL;

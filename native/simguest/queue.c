@@ -38,17 +38,17 @@ static unsigned div_up(uint64_t a, uint64_t b)
 static int geometry(const struct xb_sg_queue_config *c, unsigned *dp, unsigned *parts, unsigned *ipp, char *err)
 {
     if (c->bs == 0 || c->bs % 512 || c->bs > XB_SG_MAX_BS) {
-        sg_errf(err, "block size %u must be a multiple of 512 up to %u", c->bs, XB_SG_MAX_BS);
+        xb_seterr(err, "block size %u must be a multiple of 512 up to %u", c->bs, XB_SG_MAX_BS);
         return -1;
     }
     if (c->sector_size == 0 || c->bs % c->sector_size) {
-        sg_errf(err, "block size %u is not a multiple of the disk's sector size %u", c->bs, c->sector_size);
+        xb_seterr(err, "block size %u is not a multiple of the disk's sector size %u", c->bs, c->sector_size);
         return -1;
     }
     unsigned max_segs = c->max_segs;
     if (max_segs == 0 || (!c->use_indirect && max_segs > XB_MAX_SEGMENTS_PER_REQUEST) ||
         max_segs > XB_MAX_INDIRECT_PAGES_PER_REQUEST * XB_SEGS_PER_INDIRECT_FRAME) {
-        sg_errf(err, "bad segment limit %u", max_segs);
+        xb_seterr(err, "bad segment limit %u", max_segs);
         return -1;
     }
     *dp = div_up(c->bs, XB_PAGE_SIZE);
@@ -57,7 +57,7 @@ static int geometry(const struct xb_sg_queue_config *c, unsigned *dp, unsigned *
     *ipp = c->use_indirect ? div_up(per, XB_SEGS_PER_INDIRECT_FRAME) : 0;
     uint32_t ring = xb_sg_ring_entries(c->abi, c->ring_pages);
     if (*parts > ring) {
-        sg_errf(err, "block size %u needs %u requests per I/O, more than the ring's %u entries", c->bs, *parts, ring);
+        xb_seterr(err, "block size %u needs %u requests per I/O, more than the ring's %u entries", c->bs, *parts, ring);
         return -1;
     }
     return 0;
@@ -71,7 +71,7 @@ uint64_t xb_sg_pool_pages(const struct xb_sg_queue_config *c, char *err)
     if (geometry(c, &dp, &parts, &ipp, err) < 0)
         return 0;
     if (c->iodepth == 0 || c->iodepth > XB_SG_MAX_IODEPTH) {
-        sg_errf(err, "queue depth %u out of 1..%u", c->iodepth, XB_SG_MAX_IODEPTH);
+        xb_seterr(err, "queue depth %u out of 1..%u", c->iodepth, XB_SG_MAX_IODEPTH);
         return 0;
     }
     return (uint64_t)c->iodepth * (dp + (uint64_t)parts * ipp);
@@ -82,20 +82,20 @@ struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_q
     struct xb_sg_queue_config c = *cfg;
     struct xb_sg_queue *q = NULL;
     if (c.ring_pages == 0 || c.ring_pages > XB_MAX_RING_PAGES || (c.ring_pages & (c.ring_pages - 1))) {
-        sg_errf(err, "ring of %u pages: must be a power of two up to %u", c.ring_pages, XB_MAX_RING_PAGES);
+        xb_seterr(err, "ring of %u pages: must be a power of two up to %u", c.ring_pages, XB_MAX_RING_PAGES);
         goto fail;
     }
     if (c.abi != XB_ABI_X86_64 && c.abi != XB_ABI_X86_32) {
-        sg_errf(err, "unknown ABI %d", c.abi);
+        xb_seterr(err, "unknown ABI %d", c.abi);
         goto fail;
     }
     if (c.ring_frame + c.ring_pages > d->mem_pages || (uint64_t)c.ring_ref + c.ring_pages > d->gnttab_entries) {
-        sg_errf(err, "ring pages or grant refs beyond the domain's memory or grant table");
+        xb_seterr(err, "ring pages or grant refs beyond the domain's memory or grant table");
         goto fail;
     }
     q = calloc(1, sizeof(*q));
     if (!q) {
-        sg_errf(err, "out of memory");
+        xb_seterr(err, "out of memory");
         goto fail;
     }
     q->d = d;
@@ -105,7 +105,7 @@ struct xb_sg_queue *xb_sg_queue_new(struct xb_sg_domain *d, const struct xb_sg_q
     q->ring_size = xb_sg_ring_entries(c.abi, c.ring_pages);
     q->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q->stop_fd < 0) {
-        sg_errf(err, "eventfd: %s", strerror(errno));
+        xb_seterr(err, "eventfd: %s", strerror(errno));
         q->cfg.evt_recv_fd = q->cfg.evt_send_fd = -1;
         xb_sg_queue_free(q);
         goto fail;
@@ -125,12 +125,48 @@ fail:
     return NULL;
 }
 
+/* A workload's config against the domain and the backend; returns the data pool pages it needs, 0 if refused. */
+static uint64_t check_workload(const struct xb_sg_domain *d, const struct xb_sg_queue_config *c, char *err)
+{
+    if (c->rw > XB_SG_RW_TRIM) {
+        xb_seterr(err, "unknown workload %d", c->rw);
+        return 0;
+    }
+    uint64_t need = xb_sg_pool_pages(c, err);
+    if (need == 0)
+        return 0;
+    if (need > c->pool_pages || c->pool_frame + c->pool_pages > d->mem_pages ||
+        (uint64_t)c->pool_ref + c->pool_pages > d->gnttab_entries) {
+        xb_seterr(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c->pool_pages,
+                (unsigned long long)need);
+        return 0;
+    }
+    if (c->region_blocks == 0) {
+        xb_seterr(err, "the disk is smaller than one block of %u bytes", c->bs);
+        return 0;
+    }
+    if ((c->rw == XB_SG_RW_TRIM || c->discard_every) && !c->can_discard) {
+        xb_seterr(err, "the backend does not offer discard");
+        return 0;
+    }
+    if (c->flush_every && !c->can_flush) {
+        xb_seterr(err, "the backend does not offer flush");
+        return 0;
+    }
+    if (c->verify && c->region_blocks > (1ull << 28) && (c->rw == XB_SG_RW_RW || c->rw == XB_SG_RW_RANDRW)) {
+        xb_seterr(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
+                (unsigned long long)c->region_blocks);
+        return 0;
+    }
+    return need;
+}
+
 int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cfg, char *err)
 {
     struct xb_sg_domain *d = q->d;
     struct xb_sg_queue_config c = *cfg;
     if (q->slots || q->started) {
-        sg_errf(err, "queue already set up");
+        xb_seterr(err, "queue already set up");
         return -1;
     }
     /* The ring half of the config stays what xb_sg_queue_new was given. */
@@ -143,47 +179,20 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
     c.handle = q->cfg.handle;
     c.backend_domid = q->cfg.backend_domid;
     if (c.hostile < XB_SG_HOSTILE_NONE || c.hostile > XB_SG_HOSTILE_DISCARD_LOOP) {
-        sg_errf(err, "unknown hostile mode %d", c.hostile);
+        xb_seterr(err, "unknown hostile mode %d", c.hostile);
         return -1;
     }
     if (c.hostile && (c.verify || c.runtime_ns == 0)) {
-        sg_errf(err, "a hostile run needs a runtime and no verification");
+        xb_seterr(err, "a hostile run needs a runtime and no verification");
         return -1;
     }
     if (c.rw < 0) {
         q->cfg = c;
         return 0;
     }
-    if (c.rw > XB_SG_RW_TRIM) {
-        sg_errf(err, "unknown workload %d", c.rw);
-        return -1;
-    }
-    uint64_t need = xb_sg_pool_pages(&c, err);
+    uint64_t need = check_workload(d, &c, err);
     if (need == 0)
         return -1;
-    if (need > c.pool_pages || c.pool_frame + c.pool_pages > d->mem_pages ||
-        (uint64_t)c.pool_ref + c.pool_pages > d->gnttab_entries) {
-        sg_errf(err, "data pool of %llu pages does not fit (needs %llu)", (unsigned long long)c.pool_pages,
-                (unsigned long long)need);
-        return -1;
-    }
-    if (c.region_blocks == 0) {
-        sg_errf(err, "the disk is smaller than one block of %u bytes", c.bs);
-        return -1;
-    }
-    if ((c.rw == XB_SG_RW_TRIM || c.discard_every) && !c.can_discard) {
-        sg_errf(err, "the backend does not offer discard");
-        return -1;
-    }
-    if (c.flush_every && !c.can_flush) {
-        sg_errf(err, "the backend does not offer flush");
-        return -1;
-    }
-    if (c.verify && c.region_blocks > (1ull << 28) && (c.rw == XB_SG_RW_RW || c.rw == XB_SG_RW_RANDRW)) {
-        sg_errf(err, "verifying a mixed workload over %llu blocks needs too much memory; use a larger bs",
-                (unsigned long long)c.region_blocks);
-        return -1;
-    }
     unsigned dp, parts, ipp;
     geometry(&c, &dp, &parts, &ipp, err);
     struct slot *slots = calloc(c.iodepth, sizeof(*slots));
@@ -204,7 +213,7 @@ int xb_sg_queue_setup(struct xb_sg_queue *q, const struct xb_sg_queue_config *cf
         free(readbacks);
         free(free_stack);
         free(gens);
-        sg_errf(err, "out of memory");
+        xb_seterr(err, "out of memory");
         return -1;
     }
     q->cfg = c;
@@ -303,16 +312,16 @@ static void *queue_main(void *arg)
 int xb_sg_queue_start(struct xb_sg_queue *q, char *err)
 {
     if (q->started) {
-        sg_errf(err, "queue already started");
+        xb_seterr(err, "queue already started");
         return -1;
     }
     if (q->cfg.rw >= 0 && !q->slots) {
-        sg_errf(err, "queue has no workload (xb_sg_queue_setup)");
+        xb_seterr(err, "queue has no workload (xb_sg_queue_setup)");
         return -1;
     }
     int rc = pthread_create(&q->thread, NULL, queue_main, q);
     if (rc) {
-        sg_errf(err, "pthread_create: %s", strerror(rc));
+        xb_seterr(err, "pthread_create: %s", strerror(rc));
         return -1;
     }
     q->started = 1;

@@ -2,7 +2,6 @@
 #ifndef XB_SG_INT_H
 #define XB_SG_INT_H
 
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include "simguest_api.h"
@@ -38,16 +37,5 @@ void sg_perm_init(struct sg_perm *p, uint64_t n, uint64_t key);
 uint64_t sg_perm_apply(const struct sg_perm *p, uint64_t i);
 
 uint64_t sg_mix64(uint64_t x);
-
-static inline void sg_errf(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static inline void sg_errf(char *err, const char *fmt, ...)
-{
-    if (!err)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, XB_SG_ERRLEN, fmt, ap);
-    va_end(ap);
-}
 
 #endif

@@ -12,8 +12,11 @@
 #define XB_SIMGUEST_API_H
 #include <stdint.h>
 #include "common_api.h"
+#include "xb_err.h"
 
-#define XB_SG_ERRLEN 256
+/* XB_ERRLEN under the name xenblk/sim/guest_native.py reads. */
+#define XB_SG_ERRLEN XB_ERRLEN
+
 /* Latency histogram: exact below 32 ns, then 32 sub-buckets per power of two (<= 3% error). */
 #define XB_SG_HIST_SUB 32
 #define XB_SG_HIST_BUCKETS (XB_SG_HIST_SUB + (64 - 5) * XB_SG_HIST_SUB)

@@ -1,5 +1,7 @@
 /* The workload: which block and operation comes next, the data pattern written and expected, and
  * what each completion means (statistics, verification, read-backs, generations). */
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "queue_int.h"

@@ -5,6 +5,7 @@
 #ifndef XB_QCOW2_H
 #define XB_QCOW2_H
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include "storage_int.h"
 
@@ -20,6 +21,49 @@
 #define QC_PENDING_MAX 4096
 /* Clusters the file may hold beyond its computed bound (virtual size + metadata + reserve). */
 #define QC_CAP_SLACK_CLUSTERS 8
+
+/* The qcow2 header (QEMU's docs/interop/qcow2.txt): the layout is the file's, so offsetof() names a
+ * field's place on disk; the values are in host byte order once qc_header_decode() read them. */
+struct qc_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size; /* virtual size, bytes */
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    /* version 3 (a version 2 header ends here: QC_HEADER_V2_LEN) */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type; /* only with QCOW2_INCOMPAT_COMPRESSION and header_length > 104 */
+} __attribute__((packed));
+#define QC_HEADER_V2_LEN 72u
+#define QC_HEADER_V3_MIN_LEN 104u /* a version 3 header without compression_type */
+_Static_assert(offsetof(struct qc_header, refcount_table_offset) == 48, "qcow2 header layout");
+_Static_assert(offsetof(struct qc_header, incompatible_features) == QC_HEADER_V2_LEN, "qcow2 header layout");
+_Static_assert(offsetof(struct qc_header, autoclear_features) == 88, "qcow2 header layout");
+_Static_assert(offsetof(struct qc_header, compression_type) == QC_HEADER_V3_MIN_LEN, "qcow2 header layout");
+
+/* Incompatible features: a reader that does not know a bit set here must not open the image. */
+#define QCOW2_INCOMPAT_DIRTY (1ULL << 0)       /* refcounts may be stale (lazy refcounts, not closed cleanly) */
+#define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)     /* metadata known to be inconsistent */
+#define QCOW2_INCOMPAT_DATA_FILE (1ULL << 2)   /* guest data lives in an external data file */
+#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3) /* compression_type is set (0 zlib, 1 zstd) */
+#define QCOW2_INCOMPAT_EXTL2 (1ULL << 4)       /* extended L2 entries (subclusters) */
+/* Compatible features: safe to ignore. */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
+/* Autoclear features: a writer that does not maintain what they describe clears them all at open. */
+#define QCOW2_AUTOCLEAR_BITMAPS (1ULL << 0)       /* persistent dirty bitmaps are consistent */
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ULL << 1) /* the external data file is a valid raw image */
 
 struct qc_cache_ent {
     uint64_t off; /* host offset of the cached cluster; 0 = unused slot */

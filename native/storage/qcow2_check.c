@@ -11,6 +11,7 @@ struct counter {
     uint16_t *refs;
     uint64_t n;
     struct xb_check_result *out;
+    uint64_t last_host; /* the previous data cluster, for fragmented_clusters */
 };
 
 static void ref(struct counter *c, uint64_t host, uint64_t cs)
@@ -28,6 +29,102 @@ static void ref_range(struct counter *c, uint64_t off, uint64_t len, uint64_t cs
 {
     for (uint64_t a = off & ~(cs - 1); a < off + len; a += cs)
         ref(c, a, cs);
+}
+
+/* The header, the L1 and refcount tables and the refcount blocks. */
+static void count_metadata(struct qcow2 *q, struct counter *c)
+{
+    ref(c, 0, q->cs);
+    ref_range(c, q->l1_off, (uint64_t)q->l1_size * 8, q->cs);
+    ref_range(c, q->rt_off, q->rt_entries * 8, q->cs);
+    for (uint64_t b = 0; b < q->rt_entries; b++) {
+        uint64_t o = q->rt[b] & QC_OFFSET_MASK;
+        if (!o)
+            continue;
+        if (qc_check_offset(q, o))
+            c->out->corruptions++;
+        else
+            ref(c, o, q->cs);
+    }
+}
+
+/* The data clusters one L2 table references; fails only when the table cannot be read. */
+static int count_l2(struct qcow2 *q, struct counter *c, uint64_t l2off)
+{
+    struct xb_check_result *out = c->out;
+    int r = 0;
+    for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
+        uint8_t *l2 = qc_cache_get(q, &q->l2c, l2off, 0, &r);
+        if (!l2)
+            return r;
+        uint64_t e = qc_be64(l2 + j * 8), off, len;
+        switch (qc_classify(q, e)) {
+        case QC_COMPRESSED:
+            qc_compressed_range(q, e, &off, &len);
+            ref_range(c, off, len, q->cs);
+            out->allocated_clusters++;
+            break;
+        case QC_NORMAL:
+            out->allocated_clusters++;
+            /* fall through */
+        case QC_ZERO:
+            off = e & QC_OFFSET_MASK;
+            if (!off)
+                break;
+            if (off & (q->cs - 1))
+                out->corruptions++;
+            else
+                ref(c, off, q->cs);
+            if (c->last_host && off != c->last_host + q->cs)
+                out->fragmented_clusters++;
+            c->last_host = off;
+            break;
+        case QC_UNALLOC:
+            break;
+        }
+    }
+    return 0;
+}
+
+/* Every L2 table and what it references. */
+static int count_data(struct qcow2 *q, struct counter *c)
+{
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+        uint64_t l2off = q->l1[i] & QC_OFFSET_MASK;
+        if (!l2off)
+            continue;
+        if (qc_check_offset(q, l2off)) {
+            c->out->corruptions++;
+            continue;
+        }
+        ref(c, l2off, q->cs);
+        int r = count_l2(q, c, l2off);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
+/* The stored refcounts against the counted ones: below is a corruption, above a leak. A refcount
+ * block that cannot be read ends its own comparison only. */
+static void compare_refcounts(struct qcow2 *q, struct counter *c)
+{
+    for (uint64_t b = 0; b < q->rt_entries; b++) {
+        if (!(q->rt[b] & QC_OFFSET_MASK) && (b << q->rb_bits) >= c->n)
+            continue;
+        for (uint64_t k = 0; k < (1ULL << q->rb_bits); k++) {
+            uint64_t cl = (b << q->rb_bits) + k, v;
+            if (!(q->rt[b] & QC_OFFSET_MASK))
+                v = 0;
+            else if (qc_rc_get(q, cl, &v))
+                break;
+            uint64_t want = cl < c->n ? c->refs[cl] : 0;
+            if (v < want)
+                c->out->corruptions++;
+            else if (v > want)
+                c->out->leaks++;
+        }
+    }
 }
 
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err)
@@ -56,78 +153,10 @@ int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err)
         goto out;
     }
     out->total_clusters = (img->size + q->cs - 1) >> q->cluster_bits;
-    ref(&c, 0, q->cs);
-    ref_range(&c, q->l1_off, (uint64_t)q->l1_size * 8, q->cs);
-    ref_range(&c, q->rt_off, q->rt_entries * 8, q->cs);
-    for (uint64_t b = 0; b < q->rt_entries; b++) {
-        uint64_t o = q->rt[b] & QC_OFFSET_MASK;
-        if (!o)
-            continue;
-        if (qc_check_offset(q, o))
-            out->corruptions++;
-        else
-            ref(&c, o, q->cs);
-    }
-    uint64_t last_host = 0;
-    for (uint32_t i = 0; i < q->l1_size; i++) {
-        uint64_t l2off = q->l1[i] & QC_OFFSET_MASK;
-        if (!l2off)
-            continue;
-        if (qc_check_offset(q, l2off)) {
-            out->corruptions++;
-            continue;
-        }
-        ref(&c, l2off, q->cs);
-        for (uint64_t j = 0; j < (1ULL << q->l2_bits); j++) {
-            uint8_t *l2 = qc_cache_get(q, &q->l2c, l2off, 0, &r);
-            if (!l2)
-                goto done;
-            uint64_t e = qc_be64(l2 + j * 8), off, len;
-            switch (qc_classify(q, e)) {
-            case QC_COMPRESSED:
-                qc_compressed_range(q, e, &off, &len);
-                ref_range(&c, off, len, q->cs);
-                out->allocated_clusters++;
-                break;
-            case QC_NORMAL:
-                out->allocated_clusters++;
-                /* fall through */
-            case QC_ZERO:
-                off = e & QC_OFFSET_MASK;
-                if (!off)
-                    break;
-                if (off & (q->cs - 1))
-                    out->corruptions++;
-                else
-                    ref(&c, off, q->cs);
-                if (last_host && off != last_host + q->cs)
-                    out->fragmented_clusters++;
-                last_host = off;
-                break;
-            case QC_UNALLOC:
-                break;
-            }
-        }
-    }
-    for (uint64_t b = 0; b < q->rt_entries; b++) {
-        if (!(q->rt[b] & QC_OFFSET_MASK) && (b << q->rb_bits) >= c.n)
-            continue;
-        for (uint64_t k = 0; k < (1ULL << q->rb_bits); k++) {
-            uint64_t cl = (b << q->rb_bits) + k, v;
-            if (!(q->rt[b] & QC_OFFSET_MASK)) {
-                v = 0;
-            } else if ((r = qc_rc_get(q, cl, &v))) {
-                break;
-            }
-            uint64_t want = cl < c.n ? c.refs[cl] : 0;
-            if (v < want)
-                out->corruptions++;
-            else if (v > want)
-                out->leaks++;
-        }
-        r = 0;
-    }
-done:
+    count_metadata(q, &c);
+    r = count_data(q, &c);
+    if (!r)
+        compare_refcounts(q, &c);
     free(c.refs);
 out:
     pthread_mutex_unlock(&q->lock);

@@ -481,13 +481,13 @@ int qc_flush_refcounts(struct qcow2 *q)
     if (q->rt_off + bytes > q->disk_size)
         q->disk_size = q->rt_off + bytes;
     if (q->rt_moved) {
-        uint8_t hdr[12];
+        uint8_t hdr[12]; /* refcount_table_offset and refcount_table_clusters */
         qc_put_be64(hdr, q->rt_off);
         uint32_t n = __builtin_bswap32((uint32_t)(bytes / q->cs));
         memcpy(hdr + 8, &n, 4);
         if ((r = sync_fd(q)))
             return r;
-        if ((w = xb_pwrite_full(q->fd, hdr, 12, 48)) < 0)
+        if ((w = xb_pwrite_full(q->fd, hdr, 12, offsetof(struct qc_header, refcount_table_offset))) < 0)
             return (int)w;
         q->rt_moved = 0;
         for (uint64_t i = 0; i < q->rt_old_clusters; i++)

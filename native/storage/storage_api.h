@@ -1,9 +1,9 @@
 /* The synchronous API of xenblk._storage that Python calls (see api.cdef). */
 #ifndef XB_STORAGE_API_H
 #define XB_STORAGE_API_H
+#include "common_api.h"
+#include "xb_err.h"
 #include "xb_storage.h"
-
-#define XB_ERRLEN 256
 
 struct xb_check_result {
     uint64_t corruptions;  /* references the refcounts do not cover, or metadata out of bounds */
@@ -34,7 +34,6 @@ struct xb_image_desc {
 typedef int (*xb_backing_fn)(void *ctx, const char *parent, const char *name, const char *fmt, char *resolved,
                              char *err);
 
-const char *xb_storage_version(void);
 /* Opens an image on an fd the caller opened (and hands over: closed on failure too). The fd's
  * access mode decides read-write or read-only (XB_OPEN_RDONLY forces read-only); O_NONBLOCK is
  * cleared. raw needs a regular file, block a block device, qcow2 either. A qcow2 backing file is

@@ -1,14 +1,10 @@
 /* Internal helpers shared by the storage drivers (not part of the Python API). */
 #ifndef XB_STORAGE_INT_H
 #define XB_STORAGE_INT_H
-#include <stdarg.h>
 #include <stdio.h>
 #include "storage_api.h"
 
 #define XB_MAX_BACKING_DEPTH 16
-
-/* Formats an error into err (XB_ERRLEN bytes) if err is not NULL. */
-void xb_seterr(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Full-length pread/pwrite: loop over short transfers; a read past EOF zero-fills. */
 ssize_t xb_pread_full(int fd, void *buf, size_t len, uint64_t off);

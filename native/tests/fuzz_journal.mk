@@ -1,1 +1,1 @@
--I../dataplane -I../platform -luring -latomic
+-I../dataplane -I../platform -luring -latomic ../common/err.c

@@ -1,1 +1,1 @@
--I../platform ../platform/platform.c ../platform/sim_grant.c ../platform/sim_evtchn.c
+-I../platform ../platform/platform.c ../platform/sim_grant.c ../platform/sim_evtchn.c ../common/err.c

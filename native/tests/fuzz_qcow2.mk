@@ -1,1 +1,1 @@
--I../storage ../storage/common.c ../storage/raw.c ../storage/qcow2.c ../storage/qcow2_cache.c ../storage/qcow2_io.c ../storage/qcow2_refcount.c ../storage/qcow2_check.c -lz -lzstd
+-I../storage ../storage/image.c ../storage/util.c ../storage/raw.c ../storage/qcow2.c ../storage/qcow2_cache.c ../storage/qcow2_io.c ../storage/qcow2_refcount.c ../storage/qcow2_check.c -lz -lzstd ../common/err.c

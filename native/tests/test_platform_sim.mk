@@ -1,1 +1,1 @@
--I../platform ../platform/platform.c ../platform/sim_grant.c ../platform/sim_evtchn.c ../platform/real_grant.c ../platform/real_evtchn.c
+-I../platform ../platform/platform.c ../platform/sim_grant.c ../platform/sim_evtchn.c ../platform/real_grant.c ../platform/real_evtchn.c ../common/err.c

@@ -1,1 +1,1 @@
--I../dataplane ../dataplane/parse.c
+-I../dataplane ../dataplane/parse.c ../dataplane/stats.c

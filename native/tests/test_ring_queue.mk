@@ -1,1 +1,1 @@
--I../dataplane -I../platform -I../storage ../dataplane/*.c ../platform/*.c ../storage/*.c -luring -lz -lzstd
+-I../dataplane -I../platform -I../storage ../dataplane/*.c ../platform/*.c ../storage/*.c -luring -lz -lzstd ../common/err.c

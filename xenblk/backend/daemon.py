@@ -28,11 +28,12 @@ from xenblk.backend import sdnotify
 from xenblk.backend.control import ControlServer, socket_path
 from xenblk.backend.dataplane_port import DataplanePort
 from xenblk.backend.device import DaemonContext, DeviceTask
-from xenblk.backend.states import parse_state
 from xenblk.backend.uevents import UeventListener
 from xenblk.config import Config
 from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView, MetricsServer
+from xenblk.xen.paths import backend_type_path, domain_path
+from xenblk.xen.states import parse_state
 from xenblk.xenstore import XenStore, XenStoreError
 
 log = structlog.get_logger("xenblk.daemon")
@@ -211,7 +212,7 @@ class Daemon:
     # -- devices
 
     def _base(self, btype: str) -> str:
-        return f"/local/domain/{self.cfg.daemon.domid}/backend/{btype}"
+        return backend_type_path(self.cfg.daemon.domid, btype)
 
     async def _watch_loop(self, btype: str, watch: Any) -> None:
         base = self._base(btype)
@@ -346,7 +347,7 @@ class Daemon:
         `backend/<type>/<domid>/<devid>`, relative to this domain) or as an absolute path."""
         if not isinstance(backend, str) or len(backend) > 256:
             raise XenblkError("take/release needs backend: a backend dir path")
-        home = f"/local/domain/{self.cfg.daemon.domid}/"
+        home = f"{domain_path(self.cfg.daemon.domid)}/"
         rel = backend[len(home) :] if backend.startswith(home) else backend
         parts = rel.strip("/").split("/")
         if len(parts) != 4 or parts[0] != "backend" or not parts[2].isdigit() or not parts[3].isdigit():

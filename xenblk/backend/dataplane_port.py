@@ -1,5 +1,5 @@
 """What the state machine needs of the data plane, as a protocol, and the adapter onto
-`xenblk.platform` + `xenblk.dataplane` (imported lazily: unit tests run the state
+`xenblk.xenplatform` + `xenblk.dataplane` (imported lazily: unit tests run the state
 machine on a fake that implements `DataplanePort`)."""
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from xenblk import log as xlog
 from xenblk.backend.frontend import FrontendConfig
+
+if TYPE_CHECKING:
+    from xenblk.xenplatform import Platform
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,13 @@ def journals_on(port: object) -> bool:
     return getattr(port, "journal_dir", None) is not None
 
 
-class RealDataplane:
-    """The product's data plane on the real or simulated platform. With `journal_dir`, every
-    queue's ring is journaled there, so a restarted daemon can resume it."""
+class NativeDataplane:
+    """The C data plane (xenblk.dataplane) on the platform it is given, real Xen or the sim host's;
+    it closes the platform when it closes. With `journal_dir`, every queue's ring is journaled
+    there, so a restarted daemon can resume it."""
 
-    def __init__(self, sim_dir: str | None, self_domid: int, journal_dir: str | None = None) -> None:
-        from xenblk.platform import open_platform
-
-        self.platform = open_platform(sim_dir, self_domid)
+    def __init__(self, platform: Platform, journal_dir: str | None = None) -> None:
+        self.platform = platform
         self.journal_dir = journal_dir
         if journal_dir is not None:
             try:

@@ -19,16 +19,16 @@ from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevi
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
 from xenblk.backend.imagespec import ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
-from xenblk.backend.states import XenbusState as S
-from xenblk.backend.states import name as state_name
-from xenblk.backend.states import parse_state
 from xenblk.config import Config
 from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView
+from xenblk.xen.paths import backend_path, domain_path
+from xenblk.xen.states import XenbusState as S
+from xenblk.xen.states import name as state_name
+from xenblk.xen.states import parse_state
 from xenblk.xenstore import Transaction, TryAgain, XenStore, XenStoreError, XenStoreUnavailable
 
 VDISK_CDROM = 1
-VDISK_REMOVABLE = 2
 VDISK_READONLY = 4
 HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
 RETRY_SECONDS = 0.5  # after xenstored was unreachable
@@ -84,7 +84,7 @@ class DeviceTask:
         self.btype = btype
         self.domid = domid
         self.devid = devid
-        self.bpath = f"/local/domain/{ctx.self_domid}/backend/{btype}/{domid}/{devid}"
+        self.bpath = backend_path(ctx.self_domid, btype, domid, devid)
         self.fpath = ""
         self.vdev = str(devid)
         self.phase = Phase.NEW
@@ -164,7 +164,7 @@ class DeviceTask:
             self.vdev = dev[:32]
         self.log = self.log.bind(vdev=self.vdev)
         self.guest_log = RateLimitedLog(self.log)
-        expected = f"/local/domain/{self.domid}/"
+        expected = f"{domain_path(self.domid)}/"
         if frontend is None or not frontend.startswith(expected) or len(frontend) > 256:
             # B is written by the toolstack, but refuse to watch another domain's tree on its say-so.
             await self._close_with_error(f"backend node frontend is {frontend!r}: expected a path under {expected}")

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from xenblk.errors import XenblkError
-
-FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "block": "block", "phy": "block"}
-_PREFIX = re.compile(r"([a-z0-9]+):(.*)", re.DOTALL)
+from xenblk.xen.params import FORMAT_ALIASES, split_prefix
 
 
 class ImageSpecError(XenblkError):
@@ -46,13 +43,15 @@ class ImageSpec:
     readonly: bool
 
     def resolved_format(self) -> str:
+        from xenblk.storage import default_format
+
         if self.format is not None:
             return self.format
         try:
             st = os.stat(self.path)
         except OSError as e:
             raise ImageSpecError(f"image {self.path}: {e.strerror}") from None
-        return "block" if stat.S_ISBLK(st.st_mode) else "raw"
+        return default_format(st.st_mode)
 
 
 def parse_params(params: str | None, mode: str | None) -> ImageSpec:
@@ -61,19 +60,18 @@ def parse_params(params: str | None, mode: str | None) -> ImageSpec:
     if "\0" in params or "\n" in params:
         raise ImageSpecError("backend node params contains control characters")
     fmt: str | None = None
-    path = params
-    m = _PREFIX.fullmatch(params)
-    if m is not None:
-        if m.group(1) == "vhd":
+    prefix, path = split_prefix(params)
+    if prefix is not None:
+        if prefix == "vhd":
             raise ImageSpecError(
                 f"vhd images are not supported yet (params {params[:200]!r}); convert to raw or qcow2 "
                 "(qemu-img convert -O qcow2) and name it aio:/raw: (qcow2 via storage.qcow2_dirs)"
             )
-        if m.group(1) not in FORMAT_ALIASES:
+        if prefix not in FORMAT_ALIASES:
             raise ImageSpecError(
-                f"unknown image format {m.group(1)!r} in params (known: {', '.join(sorted(FORMAT_ALIASES))})"
+                f"unknown image format {prefix!r} in params (known: {', '.join(sorted(FORMAT_ALIASES))})"
             )
-        fmt, path = FORMAT_ALIASES[m.group(1)], m.group(2)
+        fmt = FORMAT_ALIASES[prefix]
     if not path.startswith("/"):
         raise ImageSpecError(f"image path {path[:80]!r} is not absolute")
     return ImageSpec(path=path, format=fmt, readonly=parse_mode(mode))

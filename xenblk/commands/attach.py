@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, xenstore_path
 
 WAIT_CHOICES = ("connected", "initwait")
 
@@ -50,8 +50,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    from xenblk.backend import toolstack
-    from xenblk.backend.states import XenbusState as S
+    from xenblk import toolstack
+    from xenblk.xen.states import XenbusState as S
     from xenblk.xenstore import XenStore
 
     btype = args.btype or cfg.daemon.backend_types[0]
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         ensure_domain(args.sim, args.domid)
 
     async def go() -> int:
-        async with XenStore.open(toolstack.xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
+        async with XenStore.open(xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
             p = await toolstack.attach(
                 xs,
                 self_domid=cfg.daemon.domid,

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, xenstore_path
 
 
 def register(sub: Any) -> None:
@@ -29,14 +29,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    from xenblk.backend import toolstack
+    from xenblk import toolstack
     from xenblk.xenstore import XenStore
 
     btype = args.btype or cfg.daemon.backend_types[0]
     p = toolstack.paths(cfg.daemon.domid, btype, args.domid, args.vdev)
 
     async def go() -> int:
-        async with XenStore.open(toolstack.xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
+        async with XenStore.open(xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
             ok, why = await toolstack.detach(xs, p, force=args.force, timeout=args.timeout)
         if not ok:
             print(f"xenblk: {args.vdev} of domain {args.domid} did not close: {why} (use --force)", file=sys.stderr)

@@ -18,7 +18,8 @@ import sys
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, xenstore_path
+from xenblk.xen.paths import domain_path
 
 # libxl kills a hotplug script after 40 s (LIBXL_HOTPLUG_TIMEOUT); answer well before that.
 DEFAULT_TIMEOUT = 30.0
@@ -49,12 +50,11 @@ def register(sub: Any) -> None:
 
 def absolute(backend: str, self_domid: int) -> str:
     """XENBUS_PATH is relative to the backend domain's home, as XenStore resolves relative paths."""
-    return backend if backend.startswith("/") else f"/local/domain/{self_domid}/{backend.strip('/')}"
+    return backend if backend.startswith("/") else f"{domain_path(self_domid)}/{backend.strip('/')}"
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
     from xenblk.backend import control
-    from xenblk.backend.toolstack import xenstore_path
     from xenblk.errors import XenblkError
 
     backend = args.backend or os.environ.get("XENBUS_PATH", "")

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, xenstore_path
 
 
 def register(sub: Any) -> None:
@@ -24,11 +24,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, cfg: config.Config) -> int:
-    from xenblk.backend import control, toolstack
+    from xenblk import toolstack
+    from xenblk.backend import control
     from xenblk.xenstore import XenStore
 
     async def go() -> list[dict[str, Any]]:
-        async with XenStore.open(toolstack.xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
+        async with XenStore.open(xenstore_path(cfg, args.sim), timeout=cfg.xenstore.timeout) as xs:
             return await toolstack.list_devices(xs, cfg.daemon.domid, cfg.daemon.backend_types)
 
     rows = asyncio.run(go())
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    from xenblk.backend.states import name
+    from xenblk.xen.states import name
 
     head = (
         f"{'DOMID':>5} {'VDEV':<6} {'STATE':<12} {'FORMAT':<6} {'Q':>2} {'ORD':>3} {'INFL':>4}  {'FEATURES':<42} IMAGE"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg
+from xenblk.commands._common import add_sim_arg, open_platform, xenstore_path
 
 
 def register(sub: Any) -> None:
@@ -40,8 +40,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
     import uvloop
 
     from xenblk.backend.daemon import Daemon
-    from xenblk.backend.dataplane_port import RealDataplane
-    from xenblk.backend.toolstack import xenstore_path
+    from xenblk.backend.dataplane_port import NativeDataplane
 
     if args.metrics_listen is not None:
         config.parse_listen(args.metrics_listen)
@@ -49,7 +48,9 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
     daemon = Daemon(
         cfg,
         xenstore_path=xenstore_path(cfg, sim),
-        dataplane_factory=lambda: RealDataplane(sim, cfg.daemon.domid, journal_dir=cfg.daemon.state_dir),
+        dataplane_factory=lambda: NativeDataplane(
+            open_platform(sim, cfg.daemon.domid), journal_dir=cfg.daemon.state_dir
+        ),
         config_path=args.config,
         metrics_listen=args.metrics_listen,
         uevents=not args.no_uevents,

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from xenblk.errors import XenblkError
+from xenblk.xen.paths import domain_path
 from xenblk.xenstore import Perm, XenStore
 
 log = structlog.get_logger(__name__)
@@ -100,7 +101,8 @@ class _Ports:
         raise _Refused("no free event-channel port")
 
 
-def _memfd(name: str, size: int) -> int:
+def sealed_memfd(name: str, size: int) -> int:
+    """A guest's memory or grant table: a memfd whose size is sealed."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
@@ -220,9 +222,9 @@ class Broker:
         if dom is None:
             mem_pages = _int(req, "mem_pages", 1, MAX_MEM_PAGES, DEFAULT_MEM_PAGES)
             entries = _int(req, "gnttab_entries", 1, MAX_GNTTAB_ENTRIES, DEFAULT_GNTTAB_ENTRIES)
-            mem_fd = _memfd(f"xenblk-dom{domid}-mem", mem_pages * PAGE_SIZE)
+            mem_fd = sealed_memfd(f"xenblk-dom{domid}-mem", mem_pages * PAGE_SIZE)
             try:
-                gnt_fd = _memfd(f"xenblk-dom{domid}-gnttab", entries * GRANT_ENTRY_SIZE)
+                gnt_fd = sealed_memfd(f"xenblk-dom{domid}-gnttab", entries * GRANT_ENTRY_SIZE)
             except BaseException:
                 os.close(mem_fd)
                 raise
@@ -241,11 +243,11 @@ class Broker:
 
     async def _xs_missing(self, dom: _Domain) -> bool:
         assert self._xs is not None
-        return await self._xs.try_read(f"/local/domain/{dom.domid}/domid") is None
+        return await self._xs.try_read(f"{domain_path(dom.domid)}/domid") is None
 
     async def _introduce(self, dom: _Domain) -> None:
         assert self._xs is not None
-        base = f"/local/domain/{dom.domid}"
+        base = domain_path(dom.domid)
         await self._xs.write(f"{base}/name", dom.name)
         await self._xs.write(f"{base}/domid", str(dom.domid))
         await self._xs.set_perms(base, [Perm("n", dom.domid), Perm("r", 0)])
@@ -272,7 +274,7 @@ class Broker:
         self.ports.pop(domid, None)
         dom.close()
         assert self._xs is not None
-        await self._xs.rm(f"/local/domain/{domid}")
+        await self._xs.rm(domain_path(domid))
         log.info("sim domain destroyed", domid=domid)
         return {"ok": True}, []
 

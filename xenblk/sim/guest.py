@@ -29,7 +29,7 @@ from typing import Any
 
 from xenblk.errors import XenblkError
 from xenblk.sim.broker import DEFAULT_GNTTAB_ENTRIES, DEFAULT_MEM_PAGES, BrokerClient, read_host_json
-from xenblk.sim.guest_frontend import CLOSING, CONNECTED, Frontend, FrontendOptions
+from xenblk.sim.guest_frontend import Frontend, FrontendOptions
 from xenblk.sim.guest_native import (
     GuestDomain,
     GuestError,
@@ -40,7 +40,9 @@ from xenblk.sim.guest_native import (
     pool_pages,
 )
 from xenblk.sim.guest_workload import Workload, disk_record, fill_workload, hostile_record, split
-from xenblk.sim.vdev import VdevError, devid_to_vdev, vdev_to_devid
+from xenblk.xen.paths import frontends_path
+from xenblk.xen.states import XenbusState as S
+from xenblk.xen.vdev import VdevError, devid_to_vdev, vdev_to_devid
 from xenblk.xenstore import NoEntry, XenStore
 
 WRITING_MODES = ("write", "randwrite", "rw", "randrw", "trim")
@@ -101,7 +103,7 @@ async def _disks_of(xs: XenStore, domid: int, vdevs: list[str] | None) -> list[t
         return [(v, vdev_to_devid(v)) for v in vdevs]
     found = []
     try:
-        names = await xs.directory(f"/local/domain/{domid}/device/vbd")
+        names = await xs.directory(frontends_path(domid))
     except NoEntry:
         names = []
     for name in names:
@@ -113,7 +115,7 @@ async def _disks_of(xs: XenStore, domid: int, vdevs: list[str] | None) -> list[t
         except VdevError:
             found.append((name, devid))
     if not found:
-        raise XenblkError(f"no disks attached to domain {domid} (nothing under /local/domain/{domid}/device/vbd)")
+        raise XenblkError(f"no disks attached to domain {domid} (nothing under {frontends_path(domid)})")
     return sorted(found, key=lambda d: d[1])
 
 
@@ -192,13 +194,13 @@ async def _watch_backend(disk: Disk, idle: bool) -> None:
     async with fe.xs.watch(path) as w:
         async for _ in w:
             state = await fe.xs.try_read(path)
-            if state == str(CONNECTED):
+            if state == str(int(S.CONNECTED)):
                 await _revalidate(disk)
                 continue
             err = await fe.xs.try_read(f"{fe.backend}/error")
             if disk.hostile is not None:  # provoking that is the point of a hostile run
                 disk.backend_left = state
-            elif state == str(CLOSING) and not err:
+            elif state == str(int(S.CLOSING)) and not err:
                 await _close_detached(disk, idle)
                 return
             else:

@@ -14,9 +14,10 @@ from typing import Any
 from xenblk.errors import XenblkError
 from xenblk.sim.broker import BrokerClient
 from xenblk.sim.guest_native import GuestDomain, GuestQueue, QueueSetup, close_fds
+from xenblk.xen.paths import frontend_path
+from xenblk.xen.states import XenbusState as S
 from xenblk.xenstore import Transaction, XenStore
 
-INITIALISING, INIT_WAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = 1, 2, 3, 4, 5, 6
 _RING_KEYS = {"ring-page-order", "multi-queue-num-queues", "event-channel", "protocol", "feature-persistent"}
 
 
@@ -111,7 +112,7 @@ class Frontend:
 
     @property
     def path(self) -> str:
-        return f"/local/domain/{self.domid}/device/vbd/{self.devid}"
+        return frontend_path(self.domid, self.devid)
 
     async def _wait_backend(
         self,
@@ -131,9 +132,9 @@ class Frontend:
                     state = _state(await self.xs.try_read(state_path))
                     if accept(state):
                         return state
-                    if state == CLOSING and closing_fails:
+                    if state == S.CLOSING and closing_fails:
                         raise ConnectError(f"backend {self.backend} is Closing (the disk is being detached)")
-                    if state != CLOSED:
+                    if state != S.CLOSED:
                         moved = True
                     elif (err := await self.xs.try_read(f"{self.backend}/error")) and (moved or err != stale_error):
                         raise ConnectError(f"backend refused the device: {err}")
@@ -156,18 +157,18 @@ class Frontend:
         state = _state(await xs.try_read(f"{self.path}/state"))
         # Going back to Initialising makes the backend retry, so an error it wrote before is stale until
         # it moves; with the frontend already Initialising, a Closed backend's error is its answer.
-        stale_error = await xs.try_read(f"{self.backend}/error") if state != INITIALISING else None
-        if state != INITIALISING:
-            if state not in (None, CLOSED):
+        stale_error = await xs.try_read(f"{self.backend}/error") if state != S.INITIALISING else None
+        if state != S.INITIALISING:
+            if state not in (None, S.CLOSED):
                 # A previous run died while connected: unplug first, as a driver unbind would.
-                await xs.write(f"{self.path}/state", str(CLOSED))
-                await self._wait_backend(lambda s: s in (CLOSED, INIT_WAIT, None), "Closed")
-            await xs.write(f"{self.path}/state", str(INITIALISING))
-        await self._wait_backend(lambda s: s == INIT_WAIT, "InitWait (2)", stale_error, closing_fails=True)
+                await xs.write(f"{self.path}/state", str(int(S.CLOSED)))
+                await self._wait_backend(lambda s: s in (S.CLOSED, S.INIT_WAIT, None), "Closed")
+            await xs.write(f"{self.path}/state", str(int(S.INITIALISING)))
+        await self._wait_backend(lambda s: s == S.INIT_WAIT, "InitWait (2)", stale_error, closing_fails=True)
         await self._talk_to_backend()
-        await self._wait_backend(lambda s: s == CONNECTED, "Connected (4)", closing_fails=True)
+        await self._wait_backend(lambda s: s == S.CONNECTED, "Connected (4)", closing_fails=True)
         await self._read_disk()
-        await xs.write(f"{self.path}/state", str(CONNECTED))
+        await xs.write(f"{self.path}/state", str(int(S.CONNECTED)))
         self.connected = True
 
     async def _talk_to_backend(self) -> None:
@@ -222,7 +223,7 @@ class Frontend:
             await t.write(f"{self.path}/feature-persistent", "1" if o.persistent else "0")
 
         await xs.transact(publish)
-        await xs.write(f"{self.path}/state", str(INITIALISED))
+        await xs.write(f"{self.path}/state", str(int(S.INITIALISED)))
 
     async def _read_disk(self) -> None:
         xs, b = self.xs, self.backend
@@ -254,11 +255,13 @@ class Frontend:
         xs = self.xs
         if self.backend:
             with contextlib.suppress(XenblkError, TimeoutError):
-                await xs.write(f"{self.path}/state", str(CLOSING))
-                state = await self._wait_backend(lambda s: s in (CLOSING, CLOSED, None), "Closing (5) or Closed (6)")
-                await xs.write(f"{self.path}/state", str(CLOSED))
-                if state == CLOSING:
-                    await self._wait_backend(lambda s: s in (CLOSED, None), "Closed (6)")
+                await xs.write(f"{self.path}/state", str(int(S.CLOSING)))
+                state = await self._wait_backend(
+                    lambda s: s in (S.CLOSING, S.CLOSED, None), "Closing (5) or Closed (6)"
+                )
+                await xs.write(f"{self.path}/state", str(int(S.CLOSED)))
+                if state == S.CLOSING:
+                    await self._wait_backend(lambda s: s in (S.CLOSED, None), "Closed (6)")
         for gq in self.queues:
             gq.free()
         self.queues.clear()

@@ -82,10 +82,6 @@ class QueueSetup:
     evt_send_fd: int
 
 
-def ring_entries(abi: str, ring_pages: int) -> int:
-    return int(lib.xb_sg_ring_entries(ABIS[abi], ring_pages))
-
-
 def new_config(setup: QueueSetup) -> Any:
     c = ffi.new("struct xb_sg_queue_config *")
     c.abi = ABIS[setup.abi]

@@ -11,22 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from xenblk.backend.imagespec import FORMAT_ALIASES, ImageSpecError
-from xenblk.backend.states import XenbusState as S
-from xenblk.backend.states import parse_state
-from xenblk.config import Config
 from xenblk.errors import XenblkError
-from xenblk.sim.vdev import devid_to_vdev, vdev_to_devid
+from xenblk.xen.params import FORMAT_ALIASES, ParamsError, join_params, split_known
+from xenblk.xen.paths import backend_path, backend_type_path, frontend_path
+from xenblk.xen.states import XenbusState as S
+from xenblk.xen.states import name, parse_state
+from xenblk.xen.vdev import devid_to_vdev, vdev_to_devid
 from xenblk.xenstore import Perm, Transaction, XenStore, XenStoreError
-
-
-def xenstore_path(cfg: Config, sim_dir: str | None) -> str | None:
-    """The xenstored socket: the sim host's, else [xenstore] path, else the client's default lookup."""
-    if sim_dir is not None:
-        from xenblk.sim.broker import read_host_json
-
-        return str(read_host_json(sim_dir)["xenstored_path"])
-    return cfg.xenstore.path or None
 
 
 @dataclass(frozen=True)
@@ -39,21 +30,21 @@ class Paths:
 def paths(self_domid: int, btype: str, domid: int, vdev: str) -> Paths:
     devid = vdev_to_devid(vdev)
     return Paths(
-        backend=f"/local/domain/{self_domid}/backend/{btype}/{domid}/{devid}",
-        frontend=f"/local/domain/{domid}/device/vbd/{devid}",
+        backend=backend_path(self_domid, btype, domid, devid),
+        frontend=frontend_path(domid, devid),
         devid=devid,
     )
 
 
 def image_params(image: str, fmt: str | None) -> str:
     """`[format:]path` with an absolute path; a prefix in IMAGE and --format must agree."""
-    prefix, sep, rest = image.partition(":")
-    if sep and prefix in FORMAT_ALIASES:
+    prefix, rest = split_known(image)
+    if prefix is not None:
         if fmt is not None and FORMAT_ALIASES[prefix] != FORMAT_ALIASES.get(fmt, fmt):
-            raise ImageSpecError(f"image {image!r} says format {prefix} but --format is {fmt}")
+            raise ParamsError(f"image {image!r} says format {prefix} but --format is {fmt}")
         fmt, image = prefix, rest
     path = os.path.abspath(image)
-    return f"{fmt}:{path}" if fmt else path
+    return join_params(fmt, path)
 
 
 async def attach(
@@ -131,8 +122,6 @@ async def wait_backend(xs: XenStore, backend: str, want: int, timeout: float) ->
                     return True, ""  # the daemon already removed it
     except TimeoutError:
         pass
-    from xenblk.backend.states import name
-
     return False, f"backend state is {name(last)} after {timeout:g}s"
 
 
@@ -161,7 +150,7 @@ async def list_devices(xs: XenStore, self_domid: int, btypes: list[str]) -> list
     """Every VBD under the backend types, as XenStore describes it."""
     rows: list[dict[str, Any]] = []
     for btype in btypes:
-        base = f"/local/domain/{self_domid}/backend/{btype}"
+        base = backend_type_path(self_domid, btype)
         try:
             domids = await xs.directory(base)
         except XenStoreError:
@@ -188,8 +177,8 @@ async def _describe(xs: XenStore, btype: str, domid: int, devid: int, b: str) ->
 
     f = await rd(f"{b}/frontend") or ""
     params = await rd(f"{b}/params") or ""
-    prefix, sep, rest = params.partition(":")
-    fmt, image = (FORMAT_ALIASES[prefix], rest) if sep and prefix in FORMAT_ALIASES else (None, params)
+    prefix, image = split_known(params)
+    fmt = FORMAT_ALIASES[prefix] if prefix is not None else None
     try:
         vdev = devid_to_vdev(devid)
     except XenblkError:
