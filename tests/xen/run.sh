@@ -38,7 +38,7 @@ export XEN_TEST_OUT=$OUT XEN_TEST_INITRD=$INITRD XEN_BENCH_RUNTIME=${XEN_BENCH_R
 echo "xen-$FLAVOUR-$WHAT: setup + guest initramfs took $(($(date +%s) - start))s"
 rc=0
 # the whole boot's failure bound: generous, a slow machine only takes longer
-timeout=${XEN_TEST_TIMEOUT:-$([ "$WHAT" = all ] && echo 3000 || echo 2400)}
+timeout=${XEN_TEST_TIMEOUT:-$([ "$WHAT" = all ] && echo 5400 || echo 3600)}
 "$XENVM" run "$FLAVOUR" --timeout "$timeout" --mem 4096 --log "$OUT/serial.log" --share "$OUT" -- \
     "$ROOT/$script" 2>&1 | tee "$OUT/run.log" || rc=$?
 if [ "$WHAT" = bench ] && [ -s "$OUT/guest-console.txt" ]; then
