@@ -12,7 +12,8 @@
 #     `device.resumed` logged once per disk, and the pass that was running verified. After the
 #     last kill a pass that started after the restart must verify too; then Dom0 says stop.
 #  4. the guest: no I/O error on xvdb, every verified pass verifies again at the end, the dm-error
-#     half fails its reads; Dom0: `qemu-img check` of the qcow2 clean,
+#     half fails its reads; Dom0: `qemu-img check` of the qcow2 finds no corruption (leaked
+#     clusters of an allocation the kill cut short are reported, not failed),
 #     xenblk_errors_total{reason="io"} > 0, no stale_connection, SIGTERM exits 0
 # Nothing waits for a time to pass: every wait is for a marker, with a generous failure bound,
 # so a fast guest just runs more passes and a slow one fewer.
@@ -197,10 +198,18 @@ tail -1 "$OUT/restarts.log" | grep -q 'status 0$' && ok "xenblk serve exited 0 o
 cat "$OUT/restarts.log"
 grep -ciE '"level": *"(error|critical)"|Traceback' "$OUT/serve.log" | xargs -I{} echo "serve.log: {} error lines"
 if [ "$XVDB_FORMAT" = qcow2 ]; then # the image the kills hit mid-allocation, checked by QEMU's tool
-    if qemu-img check "$XVDB_IMAGE" > "$OUT/qemu-img-check.txt" 2>&1; then
-        ok "qemu-img check xvdb.qcow2: clean after the kills ($(grep -o '[0-9/]* = [0-9.]*% allocated' "$OUT/qemu-img-check.txt"))"
+    # exit 0: clean; 3: leaked clusters only. A kill between an allocation's refcount update and
+    # its L2 entry (refcount first: the safe order, as QEMU's) leaks that cluster, never corrupts;
+    # seen once in four runs. Anything else (2: corruption) fails.
+    qemu-img check "$XVDB_IMAGE" > "$OUT/qemu-img-check.txt" 2>&1
+    rc=$?
+    alloc=$(grep -o '[0-9/]* = [0-9.]*% allocated' "$OUT/qemu-img-check.txt")
+    if [ "$rc" = 0 ]; then
+        ok "qemu-img check xvdb.qcow2: clean after the kills ($alloc)"
+    elif [ "$rc" = 3 ] && ! grep -qi 'corrupt\|ERROR' "$OUT/qemu-img-check.txt"; then
+        ok "qemu-img check xvdb.qcow2: no corruption after the kills, $(grep -o '[0-9]* leaked clusters' "$OUT/qemu-img-check.txt") ($alloc)"
     else
-        cat "$OUT/qemu-img-check.txt"; bad "qemu-img check xvdb.qcow2 after the kills"
+        cat "$OUT/qemu-img-check.txt"; bad "qemu-img check xvdb.qcow2 after the kills (exit status $rc)"
     fi
 fi
 dmsetup remove --retry xbdmerr; losetup -d "$loop"
