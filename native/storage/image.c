@@ -214,6 +214,16 @@ int xb_image_check(struct xb_image *img, struct xb_check_result *out, char *err)
     return 0;
 }
 
+int xb_image_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err)
+{
+    memset(out, 0, sizeof(*out));
+    if (err)
+        err[0] = 0;
+    if (img->format == XB_FMT_QCOW2)
+        return xb_qcow2_repair_leaks(img, out, err);
+    return 0;
+}
+
 int xb_image_describe(struct xb_image *img, struct xb_image_desc *out)
 {
     memset(out, 0, sizeof(*out));

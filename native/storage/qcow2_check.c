@@ -106,8 +106,9 @@ static int count_data(struct qcow2 *q, struct counter *c)
 }
 
 /* The stored refcounts against the counted ones: below is a corruption, above a leak. A refcount
- * block that cannot be read ends its own comparison only. */
-static void compare_refcounts(struct qcow2 *q, struct counter *c)
+ * block that cannot be read ends its own comparison only. With `repair`, a leak's refcount is
+ * lowered to the count (the caller made sure nothing is in flight and nothing is corrupt). */
+static int compare_refcounts(struct qcow2 *q, struct counter *c, int repair)
 {
     for (uint64_t b = 0; b < q->rt_entries; b++) {
         if (!(q->rt[b] & QC_OFFSET_MASK) && (b << q->rb_bits) >= c->n)
@@ -119,46 +120,94 @@ static void compare_refcounts(struct qcow2 *q, struct counter *c)
             else if (qc_rc_get(q, cl, &v))
                 break;
             uint64_t want = cl < c->n ? c->refs[cl] : 0;
-            if (v < want)
+            if (v < want) {
                 c->out->corruptions++;
-            else if (v > want)
+            } else if (v > want) {
                 c->out->leaks++;
+                if (repair) {
+                    int r = qc_rc_set(q, cl, want);
+                    if (r)
+                        return r;
+                    if (!want && cl < q->free_hint)
+                        q->free_hint = cl;
+                }
+            }
         }
     }
+    return 0;
+}
+
+/* Counts every reference (under q->lock, after a flush so that memory and disk agree) and compares
+ * with the refcounts; repairs leaks when asked and when nothing is corrupt. */
+static int check_locked(struct qcow2 *q, struct xb_check_result *out, int repair, char *err)
+{
+    int r;
+    if (q->nb_snapshots) {
+        xb_seterr(err, "images with internal snapshots are not checked");
+        return -ENOTSUP;
+    }
+    if (!q->ro && ((r = qc_flush_locked(q)) || (r = qc_flush_locked(q)))) {
+        xb_seterr(err, "flush before check failed");
+        return r;
+    }
+    struct counter c = {.n = q->file_end >> q->cluster_bits, .out = out};
+    if (c.n > QC_CHECK_MAX_CLUSTERS) {
+        xb_seterr(err, "image too large to check in memory");
+        return -ENOMEM;
+    }
+    c.refs = calloc(c.n ? c.n : 1, sizeof(uint16_t));
+    if (!c.refs)
+        return -ENOMEM;
+    out->total_clusters = (q->img.size + q->cs - 1) >> q->cluster_bits;
+    count_metadata(q, &c);
+    r = count_data(q, &c);
+    if (!r)
+        r = compare_refcounts(q, &c, 0);
+    if (!r && repair && out->leaks && !out->corruptions) {
+        uint64_t found = out->leaks;
+        out->leaks = 0;
+        if (!(r = compare_refcounts(q, &c, 1)) && !(r = qc_flush_refcounts(q)))
+            out->leaks = found;
+        else
+            xb_seterr(err, "writing the repaired refcounts failed");
+    }
+    free(c.refs);
+    return r;
 }
 
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err)
 {
     struct qcow2 *q = QC(img);
-    int r = 0;
     pthread_mutex_lock(&q->lock);
-    if (q->nb_snapshots) {
-        xb_seterr(err, "images with internal snapshots are not checked");
-        r = -ENOTSUP;
-        goto out;
+    int r = check_locked(q, out, 0, err);
+    pthread_mutex_unlock(&q->lock);
+    return r;
+}
+
+/* A kill between a refcount increment and the L2 entry naming the cluster (refcount first is what
+ * keeps a crash to leaks) leaves the cluster counted and unused, as does a killed writer's reserve
+ * of write-through clusters. Only safe while no request is in flight: the caller opens the image,
+ * repairs, then serves. Refuses an image with corruptions (refcounts below the references): that
+ * needs an operator, not a silent fix. */
+int xb_qcow2_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err)
+{
+    struct qcow2 *q = QC(img);
+    int r;
+    pthread_mutex_lock(&q->lock);
+    if (q->ro) {
+        xb_seterr(err, "image opened read-only");
+        r = -EROFS;
+    } else if (q->ninfl) {
+        xb_seterr(err, "requests in flight: leaks are repaired before the image is served");
+        r = -EBUSY;
+    } else {
+        r = check_locked(q, out, 1, err);
+        if (!r && out->corruptions) {
+            xb_seterr(err, "%llu clusters are referenced more often than counted: not repaired",
+                      (unsigned long long)out->corruptions);
+            r = -EUCLEAN;
+        }
     }
-    if (!q->ro && ((r = qc_flush_locked(q)) || (r = qc_flush_locked(q)))) {
-        xb_seterr(err, "flush before check failed");
-        goto out;
-    }
-    struct counter c = {.n = q->file_end >> q->cluster_bits, .out = out};
-    if (c.n > QC_CHECK_MAX_CLUSTERS) {
-        xb_seterr(err, "image too large to check in memory");
-        r = -ENOMEM;
-        goto out;
-    }
-    c.refs = calloc(c.n ? c.n : 1, sizeof(uint16_t));
-    if (!c.refs) {
-        r = -ENOMEM;
-        goto out;
-    }
-    out->total_clusters = (img->size + q->cs - 1) >> q->cluster_bits;
-    count_metadata(q, &c);
-    r = count_data(q, &c);
-    if (!r)
-        compare_refcounts(q, &c);
-    free(c.refs);
-out:
     pthread_mutex_unlock(&q->lock);
     return r;
 }

@@ -59,6 +59,9 @@ int xb_image_write_zeroes(struct xb_image *img, uint64_t off, uint64_t len);
 int64_t xb_image_refresh_size(struct xb_image *img);
 void xb_image_close(struct xb_image *img);
 int xb_image_check(struct xb_image *img, struct xb_check_result *out, char *err);
+/* The check, then leaked clusters given back (qcow2; nothing to do for the others). Call before any
+ * request is in flight; refuses (-EUCLEAN) an image with corruptions. out->leaks = clusters freed. */
+int xb_image_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_image_describe(struct xb_image *img, struct xb_image_desc *out);
 /* The backing image of a qcow2 image (owned by it), or NULL. */
 struct xb_image *xb_image_backing(struct xb_image *img);

@@ -27,5 +27,6 @@ int xb_fd_prepare(int fd, int *readonly);
 /* "a block device", "a FIFO", ... for a message about st_mode. */
 const char *xb_file_kind(unsigned mode);
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err);
+int xb_qcow2_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d);
 #endif

@@ -399,6 +399,7 @@ class DeviceTask:
         except ImageSpecError as e:
             self.log.warning("device.resume_impossible", error=str(e))
             return False
+        await self._repair_leaks()
 
         async def node(key: str, default: int) -> int:
             v = await xs.try_read(f"{self.bpath}/{key}")
@@ -452,6 +453,21 @@ class DeviceTask:
                 await self._transact_state({"sectors": str(self.sectors)}, S.CONNECTED)
         self.log.info("device.resumed", protocol=fe.protocol, ring_pages=fe.ring_pages, queues=len(fe.queues))
         return True
+
+    async def _repair_leaks(self) -> None:
+        """The previous daemon was killed, maybe between a cluster's refcount and the L2 entry naming it
+        (refcount first keeps a crash to leaks): give such clusters back before the first request.
+        A failure only costs space, so it is logged and the device is served anyway."""
+        image = self.image
+        if image.readonly:
+            return
+        try:
+            fixed = await asyncio.get_running_loop().run_in_executor(None, image.repair_leaks)
+        except XenblkError as e:  # a StorageError: the image's own words
+            self.log.warning("device.leak_repair_failed", error=str(e))
+            return
+        if fixed:
+            self.log.info("device.leaks_repaired", clusters=fixed)
 
     @property
     def _journal_name(self) -> str:

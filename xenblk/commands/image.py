@@ -36,6 +36,13 @@ def register(sub: Any) -> None:
             "backing files are regular files opened beneath such a directory without following symlinks",
         )
         q.add_argument("--json", action="store_true", help="print JSON")
+        if name == "check":
+            q.add_argument(
+                "--repair-leaks",
+                action="store_true",
+                help="give back leaked clusters (as `qemu-img check -r leaks`); opens the image read-write, so "
+                "only while no daemon serves it; an image with corruptions is left untouched (exit 2)",
+            )
         q.set_defaults(func=run)
 
 
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
     # files only from storage.backing_dirs (and --backing-dir), never a device, FIFO or socket;
     # the image itself is what the admin named, opened without blocking on a FIFO.
     backing_dirs = [*cfg.storage.backing_dirs, *(os.path.abspath(d) for d in args.backing_dir)]
-    with Image.open(args.path, args.format, readonly=True, backing_dirs=backing_dirs) as img:
+    repair = getattr(args, "repair_leaks", False)
+    with Image.open(args.path, args.format, readonly=not repair, backing_dirs=backing_dirs) as img:
         if args.image_command == "info":
             info = img.info()
             if args.json:
@@ -75,9 +83,14 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
                 _print_info(info)
             return 0
         res = img.check()
+        if repair and res["leaks"] and not res["corruptions"]:
+            res["repaired_leaks"] = img.repair_leaks()
+            res["leaks"] = img.check()["leaks"]
     if args.json:
         print(json.dumps(res, indent=2))
     else:
+        if res.get("repaired_leaks"):
+            print(f"{args.path}: repaired {res['repaired_leaks']} leaked clusters")
         print(f"{args.path}: {res['corruptions']} corruptions, {res['leaks']} leaked clusters")
         if res["format"] == "qcow2":
             print(f"{res['allocated_clusters']}/{res['total_clusters']} clusters allocated")
