@@ -329,6 +329,10 @@ class Image:
         return int(self._p().discard_granularity)
 
     @property
+    def discard_alignment(self) -> int:
+        return int(self._p().discard_alignment)
+
+    @property
     def caps(self) -> int:
         return int(self._p().caps)
 

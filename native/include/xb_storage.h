@@ -74,6 +74,7 @@ struct xb_image {
     uint32_t logical_block;    /* bytes; 512 or 4096 */
     uint32_t physical_block;   /* bytes */
     uint32_t discard_granularity; /* bytes; 0 if no discard */
+    uint32_t discard_alignment;   /* bytes from the start of the disk to its first whole discard unit */
     uint32_t caps;             /* XB_CAP_* */
     int direct;                /* opened with O_DIRECT: buffers and offsets must be aligned */
     void *priv;                /* driver state */

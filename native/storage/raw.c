@@ -198,19 +198,33 @@ static const struct xb_image_ops raw_ops = {
     .close = raw_close,
 };
 
-static uint64_t sysfs_u64(dev_t dev, const char *attr)
+/* A number from the device's sysfs directory; -1 if the attribute is not there. */
+static int64_t sysfs_attr(dev_t dev, const char *attr)
 {
-    char p[128], buf[64];
-    snprintf(p, sizeof(p), "/sys/dev/block/%u:%u/queue/%s", major(dev), minor(dev), attr);
+    char p[160], buf[64];
+    snprintf(p, sizeof(p), "/sys/dev/block/%u:%u/%s", major(dev), minor(dev), attr);
     int fd = open(p, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return -1;
     ssize_t n = read(fd, buf, sizeof(buf) - 1);
     close(fd);
     if (n <= 0)
-        return 0;
+        return -1;
     buf[n] = 0;
-    return strtoull(buf, NULL, 10);
+    return (int64_t)strtoull(buf, NULL, 10);
+}
+
+/* A queue limit. A partition has no queue/ of its own: it shares its disk's (the parent directory). */
+static uint64_t sysfs_u64(dev_t dev, const char *attr)
+{
+    char a[64];
+    snprintf(a, sizeof(a), "queue/%s", attr);
+    int64_t v = sysfs_attr(dev, a);
+    if (v < 0) {
+        snprintf(a, sizeof(a), "../queue/%s", attr);
+        v = sysfs_attr(dev, a);
+    }
+    return v < 0 ? 0 : (uint64_t)v;
 }
 
 static void setup_block(struct xb_image *img, struct stat *st)
@@ -226,7 +240,7 @@ static void setup_block(struct xb_image *img, struct stat *st)
         img->caps |= XB_CAP_READONLY;
     img->caps |= XB_CAP_WRITE_ZEROES;
     /* The kernel sets discard_max_bytes to 0 for devices without discard; a
-     * device without sysfs (partitions read their disk's queue) is probed. */
+     * device without sysfs is probed. */
     uint64_t dmax = sysfs_u64(st->st_rdev, "discard_max_bytes");
     uint64_t gran = sysfs_u64(st->st_rdev, "discard_granularity");
     if (dmax) {
@@ -239,6 +253,11 @@ static void setup_block(struct xb_image *img, struct stat *st)
             img->discard_granularity = img->logical_block;
         }
     }
+    /* Where the first whole discard unit starts: not 0 for a partition or a dm-linear target that does
+     * not begin on a granularity boundary (the kernel computes it per device, as blkback publishes it). */
+    int64_t align = sysfs_attr(st->st_rdev, "discard_alignment");
+    if ((img->caps & XB_CAP_DISCARD) && align > 0 && (uint64_t)align < img->discard_granularity)
+        img->discard_alignment = (uint32_t)align;
     if (sysfs_u64(st->st_rdev, "secure_erase") && (img->caps & XB_CAP_DISCARD))
         img->caps |= XB_CAP_SECURE_DISCARD;
 }

@@ -12,6 +12,7 @@ import argparse
 import errno
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,6 +61,13 @@ def queue_attr(dev: str, attr: str) -> int:
         return int(f.read())
 
 
+def dev_attr(dev: str, attr: str) -> int:
+    """A device-level sysfs number (a partition or dm device has its own discard_alignment)."""
+    rdev = os.stat(dev).st_rdev
+    with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/{attr}") as f:
+        return int(f.read())
+
+
 def data_percent(lv: str) -> float:
     return float(lvm("lvs", "--noheadings", "-o", "data_percent", lv).strip())
 
@@ -89,7 +97,8 @@ def check_geometry(img: Image, dev: str, name: str) -> None:
     print(
         f"LVM {name}: size={img.size} logical_block={img.logical_block} physical_block={img.physical_block} "
         f"direct={img.direct} readonly={img.readonly} flush={img.can_flush} discard={img.can_discard} "
-        f"discard_granularity={img.discard_granularity} secure_discard={img.can_secure_discard}",
+        f"discard_granularity={img.discard_granularity} discard_alignment={img.discard_alignment} "
+        f"secure_discard={img.can_secure_discard}",
         flush=True,
     )
     check(img.format == "block", f"{name}: format block", img.format)
@@ -107,6 +116,35 @@ def check_geometry(img: Image, dev: str, name: str) -> None:
             f"{name}: discard granularity = sysfs",
             f"{img.discard_granularity} vs {gran}",
         )
+        align = dev_attr(dev, "discard_alignment")
+        check(
+            img.discard_alignment == (align if align < gran else 0),
+            f"{name}: discard alignment = sysfs",
+            f"{img.discard_alignment} vs {align}",
+        )
+
+
+def test_offset_linear(vg: str) -> None:
+    """A dm-linear target one sector into the LV: its first whole discard unit is not at 0, and the
+    backend must say where it is (blkif's discard-alignment), as blkback does."""
+    lv = f"/dev/{vg}/lin"
+    sectors = blockdev("--getsz", lv) - 64
+    name, dev = "xb-offset", "/dev/mapper/xb-offset"
+    subprocess.run(["dmsetup", "create", name, "--table", f"0 {sectors} linear {lv} 1"], check=True)
+    try:
+        subprocess.run(["udevadm", "settle"], check=False, capture_output=True)
+        if not os.path.exists(dev):  # no udev in this Dom0: make the node from the kernel's numbers
+            out = subprocess.run(["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name],
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            major, minor = (int(x) for x in out.strip().split(":"))
+            dev = "/run/xb-offset"
+            os.mknod(dev, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        with Image.open(dev) as img:
+            check_geometry(img, dev, "offset-linear")
+    finally:
+        if dev.startswith("/run/"):
+            os.unlink(dev)
+        subprocess.run(["dmsetup", "remove", name], check=False)
 
 
 def check_secure_discard(img: Image, dev: str, name: str) -> None:
@@ -208,7 +246,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vg", required=True)
     args = ap.parse_args()
-    for t in (test_linear, test_thin):
+    for t in (test_linear, test_offset_linear, test_thin):
         try:
             t(args.vg)
         except Exception as e:  # one broken case must not hide the others' results

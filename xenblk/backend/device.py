@@ -569,7 +569,7 @@ class DeviceTask:
         }
         if discard:
             values["discard-granularity"] = str(int(img.discard_granularity) or int(img.logical_block))
-            values["discard-alignment"] = "0"
+            values["discard-alignment"] = str(int(img.discard_alignment))
             values["discard-secure"] = "1" if img.can_secure_discard else "0"
         try:
             await self._transact_state(values, S.CONNECTED)
