@@ -8,6 +8,7 @@ its counters and stops it; no request goes through Python.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, fields
 from typing import Any
@@ -15,6 +16,18 @@ from typing import Any
 from xenblk import storage
 from xenblk.dataplane import _image_ptr, ffi, lib
 from xenblk.errors import XenblkError
+
+
+def socket_path(run_dir: str, btype: str, domid: int, devid: int) -> str:
+    """Where the daemon serves a disk: <run_dir>/nbd/<type>-<domid>-<devid>.sock."""
+    return os.path.join(run_dir, "nbd", f"{btype}-{domid}-{devid}.sock")
+
+
+def make_socket_dir(path: str) -> None:
+    """The socket's directory, 0700: only root reaches the sockets in it."""
+    d = os.path.dirname(path)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
 
 
 class NbdError(XenblkError):
