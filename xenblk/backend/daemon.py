@@ -5,7 +5,8 @@ SIGTERM/SIGINT: every device is drained and closed (B/state = 6; the backend dir
 so the next start serves them again); exit status 0.
 SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
 allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
-a device's next InitWait); nbd.* (when a device next opens its image); metrics.enabled/listen (the endpoint is restarted if they change).
+a device's next InitWait); nbd.* (when a device next opens its image); metrics.enabled/listen (the endpoint is
+restarted if they change).
 What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
 """
 
