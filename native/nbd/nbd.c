@@ -16,7 +16,6 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -25,7 +24,7 @@
 #include "nbd_api.h"
 #include "nbd_proto.h"
 
-#define XB_NBD_CONN_BUDGET (64u << 20) /* payload bytes one connection may hold (>= 2 largest requests) */
+#define XB_NBD_CONN_BUDGET (32u << 20) /* payload bytes one connection may hold (>= the largest request) */
 #define XB_NBD_KEEP_BUF (1u << 20)     /* a worker keeps a buffer up to this size between requests */
 #define XB_NBD_STACK (256u << 10)
 #define XB_NBD_ALIGN 4096u
@@ -47,7 +46,8 @@ struct xb_nbd_export {
     struct xb_image *img;
     int readonly;
     unsigned max_clients;
-    int lfd, stop_fd;
+    int lfd;
+    atomic_int stopping;
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     dev_t sdev;
     ino_t sino;
@@ -554,12 +554,13 @@ static void *accept_main(void *arg)
 {
     struct xb_nbd_export *e = arg;
     for (;;) {
-        struct pollfd p[2] = {{.fd = e->lfd, .events = POLLIN}, {.fd = e->stop_fd, .events = POLLIN}};
-        if (poll(p, 2, -1) < 0 && errno != EINTR)
+        /* xb_nbd_export_free shuts the listening socket down: poll then reports it at once (Linux) */
+        struct pollfd p = {.fd = e->lfd, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0 && errno != EINTR)
             break;
-        if (p[1].revents)
+        if (atomic_load(&e->stopping))
             break;
-        if (!(p[0].revents & POLLIN))
+        if (!(p.revents & POLLIN))
             continue;
         int fd = accept4(e->lfd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
@@ -614,7 +615,7 @@ struct xb_nbd_export *xb_nbd_export_new(struct xb_image *img, int readonly, unsi
     e->img = img;
     e->readonly = readonly;
     e->max_clients = max_clients ? max_clients : 1;
-    e->lfd = e->stop_fd = -1;
+    e->lfd = -1;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     return e;
@@ -659,19 +660,16 @@ int xb_nbd_export_listen(struct xb_nbd_export *e, const char *path, char *err)
     e->sdev = st.st_dev;
     e->sino = st.st_ino;
     strcpy(e->path, path);
-    e->stop_fd = eventfd(0, EFD_CLOEXEC);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, XB_NBD_STACK);
-    rc = e->stop_fd < 0 ? errno : pthread_create(&e->acceptor, &attr, accept_main, e);
+    rc = pthread_create(&e->acceptor, &attr, accept_main, e);
     pthread_attr_destroy(&attr);
     if (rc) {
         xb_seterr(err, "%s: cannot start the listener: %s", path, strerror(rc));
-        if (e->stop_fd >= 0)
-            close(e->stop_fd);
         close(fd);
         unlink(path);
-        e->lfd = e->stop_fd = -1;
+        e->lfd = -1;
         e->path[0] = 0;
         return -rc;
     }
@@ -691,12 +689,9 @@ void xb_nbd_export_free(struct xb_nbd_export *e)
     if (!e)
         return;
     if (e->accepting) {
-        uint64_t one = 1;
-        if (write(e->stop_fd, &one, sizeof(one)) < 0) {
-            /* cannot fail on a fresh eventfd */
-        }
+        atomic_store(&e->stopping, 1);
+        shutdown(e->lfd, SHUT_RDWR);
         pthread_join(e->acceptor, NULL);
-        close(e->stop_fd);
         close(e->lfd);
         struct stat st;
         /* only our socket: another daemon may have bound the path since (it then owns it) */
