@@ -19,7 +19,7 @@ from tests.fixtures.nbd import CMD_READ, CMD_WRITE, EINVAL, EPERM, REQ_MAGIC, Cl
 from tests.fixtures.wait import wait_until
 from xenblk import _simguest  # type: ignore[attr-defined]
 
-SIZE = 16 << 20
+SIZE = 8 << 20
 B = "/local/domain/0/backend/vbd3/1"
 
 
@@ -127,7 +127,7 @@ def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -
     guest = stack.guest_proc(1, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--until-stopped")
     try:
         stack.wait_served(200)
-        for _ in range(3):
+        for _ in range(2):
             c = RawNbd(sock)  # bad option magic
             c.greeting()
             c.option(7, b"\0" * 6, magic=1)
@@ -140,6 +140,8 @@ def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -
             c = RawNbd(sock).connect()  # gone in the middle of a write's payload
             c.request(CMD_WRITE, 0, 1 << 20, payload=b"\xff" * 4096)
             c.close()
+            # the connections above end on the server's side after the client saw them end: wait for that
+            wait_until(lambda: nbd_stats(stack)["active"] == 0, "the export saw its clients go")
             clients = [RawNbd(sock).connect() for _ in range(8)]  # nbd.max_clients (8) connected...
             extra = RawNbd(sock)
             with pytest.raises((Closed, ConnectionResetError)):
@@ -159,5 +161,5 @@ def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -
     assert len(c.read(0, 4096)) == 4096
     c.close()
     st = nbd_stats(stack)
-    assert st["refused"] == 3 and st["protocol_errors"] >= 3, st
+    assert st["refused"] == 2 and st["protocol_errors"] >= 2, st
     assert stack.serve.poll() is None
