@@ -423,7 +423,10 @@ class DeviceTask:
         except (XenblkError, OSError) as e:
             self.log.warning("device.nbd_failed", socket=path, error=str(e))
             return
-        if self.btype == "vbd3":  # for vbd (backendtype=phy) libxl would take it for a device path
+        node = f"{self.bpath}/physical-device-path"
+        # Not for vbd (backendtype=phy): libxl would take it for a device path. Not rewritten when it already
+        # names this socket (a resume after a restart writes nothing under B).
+        if self.btype == "vbd3" and await self.ctx.xs.try_read(node) != path:
             with contextlib.suppress(_Vanished):
                 await self._transact_values({"physical-device-path": path})
         self.log.info("device.nbd_export", socket=path, readonly=readonly)
