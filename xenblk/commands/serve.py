@@ -18,12 +18,13 @@ def register(sub: Any) -> None:
         description="Watches /local/domain/<daemon.domid>/backend/<type>/ for every type in daemon.backend_types and "
         "serves each VBD found there (already present ones too) until SIGTERM/SIGINT, which drain and close every "
         "device (backend dirs stay, so the next start serves them again) and exit 0. SIGHUP reloads the config: "
-        "log.*, storage.*, dataplane.*, nbd.* (for devices connecting afterwards) and metrics.*; daemon.* and "
-        "xenstore.* need a restart. A backend dir with a `script` node (libxl, `script=block-xenblk`) gets InitWait "
-        "before its image is opened; `xenblk hotplug add` (the hotplug script) then opens it or reports why not. With backend "
+        "log.*, storage.*, dataplane.* (for devices connecting afterwards) and metrics.*; daemon.* and xenstore.* "
+        "need a restart. A backend dir with a `script` node (libxl, `script=block-xenblk`) gets InitWait before its "
+        "image is opened; `xenblk hotplug add` (the hotplug script) then opens it or reports why not. With backend "
         "type vbd it refuses to start while the kernel's xen-blkback is loaded. Under systemd (Type=notify) it "
         "reports READY=1 once its XenStore watches are live and feeds "
-        "the watchdog. The control socket for `xenblk list/resize` is <daemon.run_dir>/control.sock.",
+        "the watchdog. The control socket for `xenblk list/resize` is <daemon.run_dir>/control.sock. SIGHUP "
+        "also reloads nbd.* (for images opened afterwards).",
     )
     add_sim_arg(p)
     p.add_argument(
