@@ -4,8 +4,10 @@ error or is disconnected, the image keeps its data, and a well-behaved client is
 from __future__ import annotations
 
 import random
+import shutil
 import socket
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +239,31 @@ def test_stale_socket_replaced_and_other_files_refused(short_dir: Path) -> None:
         with pytest.raises(NbdError, match="too long"):
             NbdExport(img, str(short_dir / ("x" * 120)), readonly=False)
     assert (short_dir / "file.sock").read_text() == "not a socket"
+
+
+def test_direct_image_takes_aligned_requests_only(short_dir: Path) -> None:
+    """An O_DIRECT image (cache=none, block devices) shares its fd with the rings: NBD offsets and lengths must
+    be multiples of its logical block (advertised as the minimum block size), else EINVAL."""
+    work = Path(tempfile.mkdtemp(prefix="xbnbd-", dir="/var/tmp"))  # not tmpfs: O_DIRECT
+    try:
+        img_path = work / "d.raw"
+        seed = random.Random(7).randbytes(1 << 20)
+        img_path.write_bytes(seed)
+        with storage.Image.open(str(img_path), cache="none") as img:
+            assert img.direct
+            exp = NbdExport(img, str(short_dir / "d.sock"), readonly=False)
+            try:
+                c = RawNbd(exp.path).connect()
+                for i, (off, n) in enumerate([(100, 512), (512, 100), (512, 513)]):
+                    c.request(CMD_READ, off, n, cookie=i)
+                    assert c.reply()[:2] == (EINVAL, i)
+                c.request(CMD_WRITE, 1000, 512, cookie=9, payload=b"\x01" * 512)
+                assert c.reply()[:2] == (EINVAL, 9)
+                c.request(CMD_WRITE, 1024, 512, cookie=10, flags=FLAG_FUA, payload=b"\x02" * 512)
+                assert c.reply()[:2] == (0, 10)
+                assert c.read(512, 2048) == seed[512:1024] + b"\x02" * 512 + seed[1536:2560]
+                c.close()
+            finally:
+                exp.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
