@@ -120,9 +120,11 @@ def test_export_through_the_daemon(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -> None:
-    raw = stack.images / "d.raw"
-    raw.write_bytes(bytes(SIZE))
-    stack.attach(1, str(raw), "xvdb", "--wait=initwait")
+    """On an allocating qcow2: the guest's verified randrw allocates clusters while hostile clients come and go
+    and a good client reads the whole disk through the same image object."""
+    qcow = stack.images / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(qcow), str(SIZE))
+    stack.attach(1, f"qcow2:{qcow}", "xvdb", "--wait=initwait")
     sock = stack.xenstore("read", f"{B}/51728/physical-device-path")
     guest = stack.guest_proc(1, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--until-stopped")
     try:
@@ -149,6 +151,7 @@ def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -
             for c in [*clients, extra]:
                 c.close()
             wait_until(lambda: nbd_stats(stack)["active"] == 0, "the export saw its clients go")
+            run("nbdcopy", f"nbd+unix:///?socket={sock}", "null:")  # reads racing the guest's allocations
         before = stack.served(1)
         stack.wait_served(before + 200)  # the guest's disk is still served
     finally:
