@@ -25,7 +25,7 @@
 #include "nbd_proto.h"
 
 #define XB_NBD_CONN_BUDGET (32u << 20) /* payload bytes one connection may hold (>= the largest request) */
-#define XB_NBD_KEEP_BUF (1u << 20)     /* a worker keeps a buffer up to this size between requests */
+#define XB_NBD_KEEP_BUF (256u << 10)   /* a worker keeps a buffer up to this size between requests */
 #define XB_NBD_STACK (1u << 20) /* storage ops run on it, as on the data plane's slow-path workers (XB_SLOW_STACK) */
 #define XB_NBD_ALIGN 4096u
 

@@ -9,7 +9,7 @@
 #include "xb_err.h"
 #include "xb_storage.h"
 
-#define XB_NBD_WORKERS 4 /* threads per connection: requests of one client in flight at once */
+#define XB_NBD_WORKERS 16 /* threads per connection: requests of one client in flight at once (nbdkit's default too) */
 
 struct xb_nbd_stats {
     uint64_t connections;     /* accepted and served */
