@@ -166,3 +166,32 @@ def test_hostile_clients_beside_a_verified_guest(stack: Stack, tmp_path: Path) -
     st = nbd_stats(stack)
     assert st["refused"] == 2 and st["protocol_errors"] >= 2, st
     assert stack.serve.poll() is None
+
+
+def test_published_before_the_hotplug_script_reports_connected(tmp_path: Path, sim_dir: Path) -> None:
+    """libxl reads physical-device-path once the hotplug script succeeded: it must be there by then (vbd3), and
+    never for vbd (backendtype=phy), where libxl would take it for a block device."""
+    from tests.test_hotplug import running_host
+
+    with running_host(tmp_path, sim_dir) as host:
+        paths = []
+        for vdev, btype in (("xvdb", "vbd3"), ("xvdc", "vbd")):
+            image = host.stack.images / f"{vdev}.raw"
+            image.write_bytes(bytes(1 << 20))
+            xp = host.write_libxl_disk(3, vdev, f"aio:{image}" if btype == "vbd3" else str(image), btype=btype)
+            host.wait_state(xp, "2")
+            b = f"/local/domain/0/{xp}"
+            assert host.read(f"{b}/physical-device-path") is None  # no image open before the script asks
+            r = host.hotplug("add", xp)
+            assert r.returncode == 0, r.stderr + host.stack.log_tail()
+            paths.append((xp, b))
+        (xp, b), (xp_phy, b_phy) = paths
+        sock = host.read(f"{b}/physical-device-path")
+        assert sock == f"{tmp_path}/run/nbd/vbd3-3-51728.sock"
+        assert json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={sock}").stdout)["exports"][0][
+            "export-size"] == 1 << 20  # fmt: skip
+        assert host.read(f"{b_phy}/physical-device-path") is None
+        assert os.path.exists(f"{tmp_path}/run/nbd/vbd-3-51744.sock")  # served all the same, not published
+        for x in (xp, xp_phy):
+            assert host.libxl_remove(x, 3).returncode == 0
+        assert not os.path.exists(sock) and not os.path.exists(f"{tmp_path}/run/nbd/vbd-3-51744.sock")
