@@ -19,7 +19,7 @@ NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
 MODULES = {
     "_storage": ("build_storage.py", ["common", "storage"]),
-    "_dataplane": ("build_dataplane.py", ["common", "platform", "dataplane"]),
+    "_dataplane": ("build_dataplane.py", ["common", "platform", "dataplane", "nbd"]),
     "_simguest": ("build_simguest.py", ["common", "simguest"]),
 }
 

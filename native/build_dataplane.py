@@ -1,4 +1,4 @@
-"""cffi build script for xenblk._dataplane: blkif rings, platform (real/sim), io_uring, statistics."""
+"""cffi build script for xenblk._dataplane: blkif rings, platform (real/sim), io_uring, statistics, NBD export."""
 
 import sys
 from pathlib import Path
@@ -8,9 +8,9 @@ from _build import make_ffi
 
 ffibuilder = make_ffi(
     "xenblk._dataplane",
-    areas=["common", "platform", "dataplane"],
+    areas=["common", "platform", "dataplane", "nbd"],
     libraries=["uring"],
-    header='#include "xb_dataplane.h"\n#include "dataplane_api.h"\n',
+    header='#include "xb_dataplane.h"\n#include "dataplane_api.h"\n#include "nbd_api.h"\n',
 )
 
 if __name__ == "__main__":

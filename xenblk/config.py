@@ -83,6 +83,14 @@ class XenstoreConfig:
 
 
 @dataclass
+class NbdConfig:
+    enabled: bool = True
+    """Serve each open disk on <daemon.run_dir>/nbd/<type>-<domid>-<devid>.sock (vbd3: physical-device-path)."""
+    max_clients: int = 8
+    """NBD clients one disk serves at once; one more is disconnected before the handshake."""
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -90,6 +98,7 @@ class Config:
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     xenstore: XenstoreConfig = field(default_factory=XenstoreConfig)
+    nbd: NbdConfig = field(default_factory=NbdConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -105,6 +114,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "dataplane.max_work_per_wake": (1, 4096),
     "dataplane.memory_per_disk_mib": (1, 65536),
     "xenstore.timeout": (0.1, 3600),
+    "nbd.max_clients": (1, 256),
 }
 
 

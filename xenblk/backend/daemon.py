@@ -5,7 +5,8 @@ SIGTERM/SIGINT: every device is drained and closed (B/state = 6; the backend dir
 so the next start serves them again); exit status 0.
 SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
 allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
-a device's next InitWait); metrics.enabled/listen (the endpoint is restarted if they change).
+a device's next InitWait); nbd.* (when a device next opens its image); metrics.enabled/listen (the endpoint is
+restarted if they change).
 What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
 """
 
@@ -168,7 +169,7 @@ class Daemon:
             return
         fmt, level = self.log_overrides
         xlog.configure(fmt or new.log.format, level or new.log.level)
-        for section in ("log", "storage", "dataplane", "metrics"):
+        for section in ("log", "storage", "dataplane", "metrics", "nbd"):
             setattr(self.cfg, section, getattr(new, section))
         self._restart_metrics_if_changed()
         log.info("daemon.reloaded", config=str(self.config_path or xconfig.DEFAULT_PATH))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import threading
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class DeviceTask:
         self.state = 0  # what this daemon last wrote to B/state
         self.spec: ImageSpec | None = None
         self.image: Any = None
+        self.nbd: Any = None  # xenblk.nbd.NbdExport of the open image (docs/DESIGN.md, "NBD export")
         self.image_format = ""
         self.cdrom = False
         self.sectors = 0
@@ -353,6 +355,15 @@ class DeviceTask:
         self._cycle_info("device.state", state=state_name(state), previous=state_name(self.state))
         self.state = int(state)
 
+    async def _transact_values(self, values: dict[str, str]) -> None:
+        async def body(t: Transaction) -> None:
+            if await t.try_read(f"{self.bpath}/state") is None:
+                raise _Vanished()
+            for k, v in values.items():
+                await t.write(f"{self.bpath}/{k}", v)
+
+        await self.ctx.xs.transact(body)
+
     async def _close_with_error(self, reason: str, fs: int | None = None) -> None:
         await self._stop_dataplane()
         self.error = reason
@@ -388,6 +399,37 @@ class DeviceTask:
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512
         self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
+        await self._export_nbd()
+
+    async def _export_nbd(self) -> None:
+        """Serve the open image on a unix socket too, on the same image handle as the rings; for vbd3
+        publish it as physical-device-path, where libxl looks for tapdisk's NBD socket (an HVM guest's
+        QEMU gets nbd+unix:///?socket=<it>). A failure only logs: the rings are served regardless."""
+        cfg = self.ctx.cfg
+        spec, img = self.spec, self.image
+        if not cfg.nbd.enabled or self.nbd is not None or img is None or spec is None:
+            return
+        from xenblk.nbd import NbdExport, make_socket_dir, socket_path
+
+        path = socket_path(cfg.daemon.run_dir, self.btype, self.domid, self.devid)
+        readonly = spec.readonly or bool(img.readonly)
+
+        def export() -> Any:
+            make_socket_dir(path)
+            return NbdExport(img, path, readonly=readonly, max_clients=cfg.nbd.max_clients)
+
+        try:
+            self.nbd = await asyncio.get_running_loop().run_in_executor(None, export)
+        except (XenblkError, OSError) as e:
+            self.log.warning("device.nbd_failed", socket=path, error=str(e))
+            return
+        node = f"{self.bpath}/physical-device-path"
+        # Not for vbd (backendtype=phy): libxl would take it for a device path. Not rewritten when it already
+        # names this socket (a resume after a restart writes nothing under B).
+        if self.btype == "vbd3" and await self.ctx.xs.try_read(node) != path:
+            with contextlib.suppress(_Vanished):
+                await self._transact_values({"physical-device-path": path})
+        self.log.info("device.nbd_export", socket=path, readonly=readonly)
 
     async def _resume(self, fs: int) -> bool:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
@@ -609,6 +651,7 @@ class DeviceTask:
         if s.bstate != S.CLOSED:
             await self._write_state(S.CLOSED)
         if self.hotplug:
+            await self.ctx.xs.rm(f"{self.bpath}/physical-device-path")  # its socket is gone
             # libxl runs the hotplug script's remove (which reads B/script) after Closed, then removes B
             # itself; this task ends when B is gone.
             if self.phase is not Phase.CLOSED:
@@ -649,6 +692,9 @@ class DeviceTask:
         self._cycle_info("device.stopped")
 
     def _close_image(self) -> None:
+        exp, self.nbd = self.nbd, None
+        if exp is not None:
+            exp.close()  # first: it returns once no NBD request is in the image any more
         img, self.image = self.image, None
         if img is not None:
             img.close()
@@ -740,6 +786,7 @@ class DeviceTask:
             "connections": self.connections,
             "resizes": self.resizes,
             "reconnect_backoffs": self.backoffs,
+            "nbd": {"socket": self.nbd.path, **dataclasses.asdict(self.nbd.stats())} if self.nbd is not None else None,
         }
 
 

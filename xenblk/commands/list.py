@@ -43,6 +43,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         if d is not None:
             r["in_flight"] = d.get("in_flight")
             r["format"] = d.get("format") or r["format"]  # the daemon knows what "auto" resolved to
+            r["nbd"] = d.get("nbd")  # the NBD export's socket and counters, when the disk has one
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
         "image is opened; `xenblk hotplug add` (the hotplug script) then opens it or reports why not. With backend "
         "type vbd it refuses to start while the kernel's xen-blkback is loaded. Under systemd (Type=notify) it "
         "reports READY=1 once its XenStore watches are live and feeds "
-        "the watchdog. The control socket for `xenblk list/resize` is <daemon.run_dir>/control.sock.",
+        "the watchdog. The control socket for `xenblk list/resize` is <daemon.run_dir>/control.sock. SIGHUP "
+        "also reloads nbd.* (for images opened afterwards).",
     )
     add_sim_arg(p)
     p.add_argument(

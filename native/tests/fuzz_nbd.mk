@@ -1,0 +1,1 @@
+-I../nbd -I../storage ../nbd/nbd.c ../nbd/nbd_parse.c ../storage/*.c -lz -lzstd ../common/err.c
