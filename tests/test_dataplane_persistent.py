@@ -43,7 +43,9 @@ class Pool:
 
 
 @pytest.fixture
-def disk(request: pytest.FixtureRequest, sim_platform: Platform, test_guest: TestGuest, tmp_path: Path) -> Iterator[GuestDisk]:
+def disk(
+    request: pytest.FixtureRequest, sim_platform: Platform, test_guest: TestGuest, tmp_path: Path
+) -> Iterator[GuestDisk]:
     params = getattr(request, "param", {})
     img = storage.Image.open(str(make_raw_image(tmp_path / "disk.raw", SIZE)), "raw")
     d = GuestDisk(sim_platform, test_guest, img, feature_persistent=True, **params)
