@@ -251,7 +251,7 @@ static int write_chunk(struct qcow2 *q, const uint8_t *buf, size_t n, uint64_t o
     }
     enum qc_type t = qc_classify(q, e);
     int reads_zero = t == QC_ZERO || (t == QC_UNALLOC && (!q->backing || off - in >= q->backing->size));
-    int64_t host;
+    int64_t host = -1;
     ssize_t w;
     if (n < q->cs && reads_zero && (host = qc_alloc_cluster(q)) >= 0 && (uint64_t)host >= q->disk_size) {
         /* A first write to a cluster that reads as zeros, into a cluster past the end of the file:
