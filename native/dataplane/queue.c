@@ -723,27 +723,6 @@ static void drain_fd(int fd)
         ;
 }
 
-/* Before sleeping with requests in flight, look for a short while whether a completion or the
- * guest's next request comes (each sleep costs a wake-up through an eventfd, on a busy machine a
- * trip through the scheduler). 1 if something came. Never with nothing in flight: an idle queue
- * sleeps at once. */
-static int spin_before_sleep(struct xb_queue *q)
-{
-    if (!q->in_flight || q->barrier || q->mem_wait)
-        return 0;
-    uint64_t until = now_ns() + XB_SPIN_NS;
-    for (unsigned i = 1;; i++) {
-        if ((q->uring_ok && io_uring_cq_ready(&q->uring)) || __atomic_load_n(&q->slow_done, __ATOMIC_RELAXED) ||
-            __atomic_load_n(&q->sring->req_prod, __ATOMIC_RELAXED) != q->req_cons)
-            return 1;
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-        if (i % 32 == 0 && now_ns() >= until) /* the clock read costs more than a look */
-            return 0;
-    }
-}
-
 void *xb_queue_main(void *arg)
 {
     struct xb_queue *q = arg;
@@ -759,8 +738,6 @@ void *xb_queue_main(void *arg)
     while (xb_journal_next_replay(q, replay))
         handle_request(q, replay);
     for (;;) {
-        if (!busy)
-            busy = spin_before_sleep(q);
         int rc = poll(pfd, 4, busy ? 0 : -1);
         if (rc < 0 && errno != EINTR) {
             queue_fail(q, "poll failed: %s", strerror(errno));

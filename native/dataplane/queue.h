@@ -26,7 +26,6 @@
 #define XB_URING_ENTRIES 256u
 #define XB_BUF_KEEP (128u * 1024u) /* a slot keeps its data buffer up to this size between requests */
 #define XB_COPY_BATCH 1024u         /* grant-copy segments gathered across requests into one call */
-#define XB_SPIN_NS 20000u           /* look for work this long before sleeping with requests in flight */
 #define XB_SLOW_WORKERS 2u          /* per device: threads for the drivers' synchronous ops */
 #define XB_SLOW_STACK (1u << 20)
 
