@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import BenchError, run
-from bench.results import Measure, per_gib
+from bench.results import Measure, per_gib, us_per_io
 
 
 def available() -> bool:
@@ -71,4 +71,5 @@ def parse_fio(out: str) -> Measure:
         seconds=seconds,
         errors=int(job.get("error", 0)),
         cpu_s_per_gib=per_gib(cpu_s, int(side["io_bytes"])),
+        cpu_us_per_io=us_per_io(cpu_s, float(side["iops"]), seconds),
     )

@@ -206,9 +206,11 @@ def _line(rec: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     xl, fl = rec["xenblk_lat_us"] or {}, rec["fio_lat_us"] or {}
+    xc, fc = (rec.get("xenblk") or {}).get("cpu_us_per_io"), (rec.get("fio") or {}).get("cpu_us_per_io")
     s = (
-        f"{rec['case']:<32} xenblk {f(rec['xenblk_iops']):>8} IOPS p50 {f(xl.get('p50'))}us"
-        f" | fio {f(rec['fio_iops']):>8} IOPS p50 {f(fl.get('p50'))}us | ratio {f(rec['ratio'], '.2f')}"
+        f"{rec['case']:<32} xenblk {f(rec['xenblk_iops']):>8} IOPS {f(xc, '.1f'):>5} CPU us/IO p50 {f(xl.get('p50'))}us"
+        f" | fio {f(rec['fio_iops']):>8} IOPS {f(fc, '.1f'):>5} CPU us/IO p50 {f(fl.get('p50'))}us"
+        f" | ratio {f(rec['ratio'], '.2f')}"
     )
     if rec.get("vs_raw") is not None:
         s += f" | vs raw {rec['vs_raw']:.2f}"

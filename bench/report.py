@@ -21,20 +21,23 @@ def _f(v: float | None, fmt: str = ".0f") -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     head = (
-        f"{'case':<32} {'xenblk IOPS':>11} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} {'CPU s/GiB':>9}"
-        f" | {'fio IOPS':>9} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} | {'ratio':>5} {'vs raw':>6}"
+        f"{'case':<32} {'xenblk IOPS':>11} {'us/IO':>6} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} {'CPU s/GiB':>9}"
+        f" | {'fio IOPS':>9} {'us/IO':>6} {'MB/s':>7} {'p50':>6} {'p99':>6} {'p99.9':>7} | {'ratio':>5} {'vs raw':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in records:
         x, f = r.get("xenblk") or {}, r.get("fio") or {}
         lines.append(
-            f"{r['case']:<32} {_f(x.get('iops')):>11} {_f(x.get('mbps'), '.1f'):>7} {_f(x.get('p50_us')):>6}"
+            f"{r['case']:<32} {_f(x.get('iops')):>11} {_f(x.get('cpu_us_per_io'), '.1f'):>6}"
+            f" {_f(x.get('mbps'), '.1f'):>7} {_f(x.get('p50_us')):>6}"
             f" {_f(x.get('p99_us')):>6} {_f(x.get('p999_us')):>7} {_f(x.get('cpu_s_per_gib'), '.2f'):>9}"
-            f" | {_f(f.get('iops')):>9} {_f(f.get('mbps'), '.1f'):>7} {_f(f.get('p50_us')):>6}"
+            f" | {_f(f.get('iops')):>9} {_f(f.get('cpu_us_per_io'), '.1f'):>6} {_f(f.get('mbps'), '.1f'):>7}"
+            f" {_f(f.get('p50_us')):>6}"
             f" {_f(f.get('p99_us')):>6} {_f(f.get('p999_us')):>7} | {_f(r.get('ratio'), '.2f'):>5}"
             f" {_f(r.get('vs_raw'), '.2f'):>6}" + ("  (failed)" if r.get("error") else "")
         )
     lines.append("latencies in microseconds (xenblk: guest-side, submit to response; fio: io_uring total latency);")
+    lines.append("us/IO: CPU microseconds per request, xenblk: the daemon process (all threads), fio: fio itself;")
     lines.append("CPU s/GiB: the xenblk daemon process (all threads) per GiB moved; ratio = xenblk IOPS / fio IOPS;")
     lines.append("vs raw (qcow2): xenblk IOPS / xenblk IOPS on the raw twin, measured in the same rounds")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ class Measure:
     seconds: float
     errors: int = 0
     cpu_s_per_gib: float | None = None  # CPU of the server side (xenblk daemon; fio: fio itself)
+    cpu_us_per_io: float | None = None  # the same CPU per request (a gain bought with busy-polling shows here)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -29,3 +30,8 @@ class Measure:
 
 def per_gib(cpu_s: float, nbytes: int) -> float | None:
     return cpu_s / (nbytes / GIB) if nbytes > 0 else None
+
+
+def us_per_io(cpu_s: float, iops: float, seconds: float) -> float | None:
+    ios = iops * seconds
+    return cpu_s / ios * 1e6 if ios > 0 else None

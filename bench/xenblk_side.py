@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.procs import BenchError, Proc, cpu_seconds, run, wait_until
-from bench.results import Measure, per_gib
+from bench.results import Measure, per_gib, us_per_io
 
 # The xenblk command line; XENBLK_BENCH_CLI (an argv prefix) swaps in a stand-in to test the harness itself.
 XENBLK = (
@@ -179,6 +179,7 @@ class SimEnv:
         cpu = cpu_seconds(d.pid) - cpu0
         m = parse_guest(out)
         m.cpu_s_per_gib = per_gib(cpu, m.bytes)
+        m.cpu_us_per_io = us_per_io(cpu, m.iops, m.seconds)
         m.extra["daemon_cpu_s"] = round(cpu, 3)
         return m
 

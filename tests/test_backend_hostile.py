@@ -162,7 +162,7 @@ async def test_queue_failure_closes_the_device(harness: Harness) -> None:
     await _bystander(h)
     await h.attach(1, "xvdb")
     await h.connect(1, "xvdb")
-    h.dp.running(1, XVDB).failed[0] = "producer index 4000 is 3900 requests ahead of the consumer"
+    h.dp.running(1, XVDB).fail(0, "producer index 4000 is 3900 requests ahead of the consumer")
     await _closed_with(h, 1, "xvdb", "queue 0: producer index")
     await _assert_bystander_fine(h)
 

@@ -45,7 +45,9 @@ a = json.loads(sys.argv[1])
 p = SimPlatform.open(None)
 p.add_sim_domain_fds(a["domid"], a["mem_fd"], a["mem_pages"], a["gnt_fd"], a["entries"])
 img = storage.Image.open(a["image"], "raw")
-dev = dataplane.Device(p, img, dataplane.DeviceConfig(domid=a["domid"], handle=1, abi=a["abi"], max_work_per_wake=3))
+cfg = dataplane.DeviceConfig(domid=a["domid"], handle=1, abi=a["abi"], max_work_per_wake=3,
+                             feature_persistent=a["persistent"])
+dev = dataplane.Device(p, img, cfg)
 dev.set_journal(0, a["journal"], a["ident"], a["resume"])
 ch = p.wrap_sim_evtchn(a["domid"], 1, a["recv_fd"], a["send_fd"], 1)
 if a["point"]:
@@ -71,12 +73,13 @@ class Backend:
         point: int = 0,
         after: int = 0,
         ident: str = "dom-test q0",
+        persistent: bool = False,
     ) -> None:
         args = {
             "domid": guest.domid, "mem_fd": guest.mem_fd, "mem_pages": guest.mem_pages, "gnt_fd": guest.gnt_fd,
             "entries": guest.entries, "image": str(image), "abi": ABI, "journal": str(journal), "ident": ident,
             "resume": resume, "recv_fd": ring.chan.send_fd, "send_fd": ring.chan.recv_fd, "refs": ring.refs,
-            "point": point, "after": after,
+            "point": point, "after": after, "persistent": persistent,
         }  # fmt: skip
         fds = [guest.mem_fd, guest.gnt_fd, ring.chan.send_fd, ring.chan.recv_fd]
         for fd in fds:
@@ -111,7 +114,7 @@ def _data(i: int) -> bytes:
 class Workload:
     """NREQ requests on one ring: writes to sectors of their own, reads of a pre-filled area, a flush."""
 
-    def __init__(self, guest: TestGuest, ring: GuestRing) -> None:
+    def __init__(self, guest: TestGuest, ring: GuestRing, persistent: bool = False) -> None:
         self.guest, self.ring = guest, ring
         self.expect: dict[int, tuple[str, int, int]] = {}  # id -> (kind, frame, index)
         for i in range(NREQ):
@@ -128,7 +131,7 @@ class Workload:
             else:
                 self.expect[rid] = ("write", frame, i)
                 guest.write_frame(frame, _data(i))
-                ref = guest.grant(frame, readonly=True)
+                ref = guest.grant(frame, readonly=not persistent)  # blkfront's persistent pages are read-write
                 ring.put(rw_request(ABI, OP_WRITE, rid, i * PAGE // SECTOR, [(ref, 0, 7)]))
         ring.push(force_kick=True)
 
@@ -185,6 +188,25 @@ def test_resume_twice_and_in_the_middle_of_a_stream(guest: TestGuest, tmp_path: 
     finally:
         err = third.stop()
     assert third.proc.returncode == 0, err
+    got += ring.take_responses()
+    work.check(got, image)
+
+
+def test_resume_with_persistent_grants_mapped(guest: TestGuest, tmp_path: Path) -> None:
+    """The killed process held the grants mapped (persistent); the next maps them again as it replays."""
+    image = make_raw_image(tmp_path / "disk.raw", SIZE)
+    journal = tmp_path / "q0.journal"
+    ring = _ring(guest)
+    first = Backend(guest, ring, image, journal, resume=False, point=3, after=5, persistent=True)
+    work = Workload(guest, ring, persistent=True)
+    assert first.proc.wait(timeout=30) == -9
+    got = ring.take_responses()
+    second = Backend(guest, ring, image, journal, resume=True, persistent=True)
+    try:
+        got += ring.wait_responses(NREQ - len(got), timeout=GENEROUS)
+    finally:
+        err = second.stop()
+    assert second.proc.returncode == 0, err
     got += ring.take_responses()
     work.check(got, image)
 

@@ -52,6 +52,7 @@ class DeviceConfig:
     secure_discard: bool = False
     max_work_per_wake: int = 0  # 0: the C default
     memory_budget: int = 0  # bytes of request buffers the device's queues may hold; 0: the C default (64 MiB)
+    max_persistent_grants: int = 0  # per queue, with feature_persistent; 0: blkback's default (1056)
 
 
 @dataclass
@@ -85,6 +86,11 @@ class QueueStats:
     mem_bytes: int = 0  # gauge: request data buffers held (in flight and kept for reuse)
     mem_waits: int = 0  # times the queue stopped taking requests until buffers came back
     mem_peak: int = 0  # the most mem_bytes ever was
+    persistent_mapped: int = 0  # gauge: persistent grants mapped now
+    persistent_maps: int = 0  # persistent grants mapped (each once until purged or disconnected)
+    persistent_hits: int = 0  # segments moved through a mapping made earlier
+    persistent_purged: int = 0  # unmapped by the purge of unused grants (cache at its bound)
+    persistent_invalidated: int = 0  # mappings dropped: the guest revoked or re-pointed the grant
 
     def op_named(self, name: str) -> OpStats:
         return self.op[OPS.index(name)]
@@ -121,6 +127,11 @@ class QueueStats:
             mem_bytes=int(s.mem_bytes),
             mem_waits=int(s.mem_waits),
             mem_peak=int(s.mem_peak),
+            persistent_mapped=int(s.persistent_mapped),
+            persistent_maps=int(s.persistent_maps),
+            persistent_hits=int(s.persistent_hits),
+            persistent_purged=int(s.persistent_purged),
+            persistent_invalidated=int(s.persistent_invalidated),
         )
 
 
@@ -161,6 +172,7 @@ class Device:
         c.secure_discard = int(cfg.secure_discard)
         c.max_work_per_wake = cfg.max_work_per_wake
         c.memory_budget = cfg.memory_budget
+        c.max_persistent_grants = cfg.max_persistent_grants
         err = ffi.new("char[]", lib.XB_ERRLEN)
         ptr = lib.xb_device_new(platform._p(), _image_ptr(image), c, err)
         if ptr == ffi.NULL:
@@ -233,6 +245,12 @@ class Device:
         with self._free_lock:
             failed = lib.xb_device_queue_failed(self._p(), q, err)
         return _errmsg(err, "queue failed") if failed else None
+
+    def fail_fd(self) -> int:
+        """An eventfd, readable once a queue failed (then ask queue_failed which); valid until close().
+        The caller reads it to rearm."""
+        with self._free_lock:
+            return int(lib.xb_device_fail_fd(self._p()))
 
     def set_size(self, nbytes: int) -> None:
         """Online resize: requests from now on are checked against the new size."""

@@ -34,6 +34,11 @@ struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, con
                XB_MAX_INDIRECT_SEGMENTS);
         return NULL;
     }
+    if (cfg->max_persistent_grants > XB_MAX_PERSISTENT_GRANTS) {
+        xb_seterr(err, "device %u: max_persistent_grants %u (allowed 0..%u)", cfg->handle, cfg->max_persistent_grants,
+                  XB_MAX_PERSISTENT_GRANTS);
+        return NULL;
+    }
     uint32_t lb = img->logical_block >> XB_SECTOR_SHIFT;
     if (lb == 0 || (lb & (lb - 1)) || lb > XB_PAGE_SIZE >> XB_SECTOR_SHIFT) {
         xb_seterr(err, "device %u: unsupported logical block size %u", cfg->handle, img->logical_block);
@@ -42,6 +47,12 @@ struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, con
     struct xb_device *d = calloc(1, sizeof(*d));
     if (!d) {
         xb_seterr(err, "device %u: out of memory", cfg->handle);
+        return NULL;
+    }
+    d->fail_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (d->fail_fd < 0) {
+        xb_seterr(err, "device %u: eventfd: %s", cfg->handle, strerror(errno));
+        free(d);
         return NULL;
     }
     d->p = p;
@@ -92,6 +103,7 @@ static void queue_teardown(struct xb_queue *q)
     }
     free(q->indirect_buf);
     q->indirect_buf = NULL;
+    xb_pgnt_destroy(q); /* disconnect: every persistent grant unmapped */
     if (q->ring_map)
         xb_grant_unmap(d->p, q->ring_map);
     q->ring_map = NULL;
@@ -136,6 +148,13 @@ static int queue_alloc(struct xb_device *d, struct xb_queue *q, unsigned qi, cha
     if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
         xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
         return -1;
+    }
+    if (d->cfg.feature_persistent) {
+        unsigned cap = d->cfg.max_persistent_grants ? d->cfg.max_persistent_grants : XB_DEFAULT_PERSISTENT_GRANTS;
+        if (xb_pgnt_init(&q->pgnt, cap) < 0) {
+            xb_seterr(err, "device %u queue %u: out of memory", d->cfg.handle, qi);
+            return -1;
+        }
     }
     q->free_reqs = NULL;
     for (uint32_t i = q->ring_size; i-- > 0;) {
@@ -279,6 +298,7 @@ void xb_device_free(struct xb_device *d)
         pthread_mutex_destroy(&d->q[i].done_mu);
         xb_journal_detach(&d->q[i]); /* journal hook: set but never started */
     }
+    close(d->fail_fd);
     free(d);
 }
 
@@ -301,6 +321,11 @@ int xb_device_queue_failed(struct xb_device *d, unsigned qi, char *err)
         return 0;
     xb_seterr(err, "%s", d->q[qi].fail_msg);
     return 1;
+}
+
+int xb_device_fail_fd(struct xb_device *d)
+{
+    return d->fail_fd;
 }
 
 void xb_device_set_size(struct xb_device *d, uint64_t bytes)

@@ -17,12 +17,6 @@
 #include "queue.h"
 #include "slowpath.h"
 
-/* Single writer (this thread), lock-free readers: relaxed loads and stores are enough. */
-#define ST_ADD(q, field, n)                                                                                            \
-    __atomic_store_n(&(q)->stats.field, __atomic_load_n(&(q)->stats.field, __ATOMIC_RELAXED) + (uint64_t)(n),     \
-                     __ATOMIC_RELAXED)
-#define ST_SET(q, field, v) __atomic_store_n(&(q)->stats.field, (uint64_t)(v), __ATOMIC_RELAXED)
-
 #define now_ns xb_now_ns
 
 static unsigned lat_bucket(uint64_t ns)
@@ -44,6 +38,10 @@ static void queue_fail(struct xb_queue *q, const char *fmt, ...)
     va_end(ap);
     ST_ADD(q, ring_protocol_errors, 1);
     __atomic_store_n(&q->failed, 1, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(q->dev->fail_fd, &one, sizeof(one)) < 0) {
+        /* only on counter overflow: it is readable anyway */
+    }
 }
 
 /* ---- ring ---- */
@@ -241,13 +239,44 @@ static void copy_later(struct xb_queue *q, struct xb_req *r, uint8_t dir)
 static void storage_done(struct xb_queue *q, struct xb_req *r);
 static void start_rw(struct xb_queue *q, struct xb_req *r, int write);
 
+/* Move the data of n segments: through the persistent mappings where the frontend negotiated
+ * them (memcpy), the rest in one grant copy call. Returns what xb_grant_copy says of the rest (0 if
+ * every segment is done); each segment's status is set. */
+static int copy_segments(struct xb_queue *q, struct xb_copy_seg *segs, unsigned n)
+{
+    if (!q->pgnt.cap)
+        return xb_grant_copy(q->dev->p, segs, n);
+    unsigned nr = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct xb_copy_seg *s = &segs[i];
+        uint8_t *page = xb_pgnt_page(q, s->gref);
+        if (page) {
+            /* offset + len <= one page: parse.c checked first_sect <= last_sect <= 7 */
+            if (s->dir == XB_COPY_TO_GUEST)
+                memcpy(page + s->offset, s->local, s->len);
+            else
+                memcpy(s->local, page + s->offset, s->len);
+            s->status = 0;
+            continue;
+        }
+        q->rest[nr] = *s;
+        q->rest_idx[nr++] = i;
+    }
+    if (nr == 0)
+        return 0;
+    int rc = xb_grant_copy(q->dev->p, q->rest, nr);
+    for (unsigned k = 0; k < nr; k++)
+        segs[q->rest_idx[k]].status = q->rest[k].status;
+    return rc;
+}
+
 /* Run the gathered grant copies, then move each request on: a write to storage, a read to its
  * answer; a request whose copy failed is answered with an error (a write never reaches storage). */
 static void batch_run(struct xb_queue *q)
 {
     while (q->jobs_n) {
         unsigned nj = q->jobs_n, ns = q->batch_n;
-        int rc = xb_grant_copy(q->dev->p, q->batch, ns);
+        int rc = copy_segments(q, q->batch, ns);
         unsigned total = 0;
         for (unsigned k = 0; k < nj; k++) {
             struct xb_copy_job *j = &q->jobs[k];
@@ -484,7 +513,7 @@ static int fetch_indirect(struct xb_queue *q, struct xb_req *r)
         c->local = q->indirect_buf + (size_t)k * XB_PAGE_SIZE;
         left -= n;
     }
-    if (xb_grant_copy(q->dev->p, q->copy, r->p.nr_indirect_pages) == 0)
+    if (copy_segments(q, q->copy, r->p.nr_indirect_pages) == 0)
         return 0;
     ST_ADD(q, grant_copy_failures, 1);
     return -EIO;

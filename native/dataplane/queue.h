@@ -11,7 +11,15 @@
 #include <pthread.h>
 #include <stdint.h>
 #include "parse.h"
+#include "pgrant.h"
 #include "xb_dataplane.h"
+#include "xb_platform.h"
+
+/* Statistics: single writer (the queue thread), lock-free readers: relaxed loads and stores are enough. */
+#define ST_ADD(q, field, n)                                                                                            \
+    __atomic_store_n(&(q)->stats.field, __atomic_load_n(&(q)->stats.field, __ATOMIC_RELAXED) + (uint64_t)(n),     \
+                     __ATOMIC_RELAXED)
+#define ST_SET(q, field, v) __atomic_store_n(&(q)->stats.field, (uint64_t)(v), __ATOMIC_RELAXED)
 
 #define XB_DEFAULT_WORK_PER_WAKE 64u
 #define XB_MAX_EXTENTS 16u        /* storage extents per request on the fast path; more goes the slow path */
@@ -109,6 +117,10 @@ struct xb_queue {
     struct xb_copy_seg batch[XB_COPY_BATCH];
     struct xb_copy_job jobs[XB_COPY_BATCH], jobs_run[XB_COPY_BATCH];
     unsigned batch_n, jobs_n;
+    /* With persistent grants: the segments of the batch no mapping served, for the one grant copy. */
+    struct xb_copy_seg rest[XB_COPY_BATCH];
+    unsigned rest_idx[XB_COPY_BATCH];
+    struct xb_pgnt_cache pgnt; /* persistent grants mapped for this queue (cap 0: not negotiated) */
     uint8_t *indirect_buf; /* XB_MAX_INDIRECT_PAGES_PER_REQUEST private pages */
     /* control */
     int stopping;               /* atomic */
@@ -127,6 +139,7 @@ struct xb_device {
     pthread_mutex_t lock;       /* start/stop against each other */
     struct xb_pool pool;
     int stopped;
+    int fail_fd; /* eventfd: written when a queue fails (xb_device_fail_fd) */
     struct xb_queue q[XB_MAX_QUEUES];
 };
 

@@ -69,6 +69,12 @@ struct xb_queue_stats {
     uint64_t mem_bytes; /* gauge: request data buffers this queue holds (in flight and kept for reuse) */
     uint64_t mem_waits; /* times the queue stopped taking requests until buffers came back (budget spent) */
     uint64_t mem_peak;  /* the most mem_bytes ever was (at most the queue's share of the budget) */
+    /* persistent grants (pgrant.h) */
+    uint64_t persistent_mapped;      /* gauge: grants mapped now */
+    uint64_t persistent_maps;        /* grants mapped (each once until purged, dropped or disconnect) */
+    uint64_t persistent_hits;        /* segments served by a mapping made earlier */
+    uint64_t persistent_purged;      /* unmapped by the purge of unused grants (cache at its bound) */
+    uint64_t persistent_invalidated; /* mappings dropped because the guest revoked or re-pointed the grant */
 };
 
 struct xb_device_config {
@@ -85,6 +91,7 @@ struct xb_device_config {
     /* Bytes of request data buffers the device's queues may hold together (split evenly between
      * them, but never less than one largest request per queue); 0 = XB_DEFAULT_MEMORY_BUDGET. */
     uint64_t memory_budget;
+    unsigned max_persistent_grants; /* per queue, with feature_persistent; 0 = blkback's default (1056) */
 };
 #define XB_DEFAULT_MEMORY_BUDGET (64ull << 20)
 
@@ -102,6 +109,9 @@ void xb_device_free(struct xb_device *d);
 int xb_device_get_stats(struct xb_device *d, unsigned q, struct xb_queue_stats *out);
 /* Non-zero if queue q stopped on its own (protocol error from the guest); message in err. */
 int xb_device_queue_failed(struct xb_device *d, unsigned q, char *err);
+/* An eventfd (the device's) that becomes readable when a queue fails: the control plane waits on it
+ * instead of polling every queue. Reading it is the caller's; xb_device_queue_failed says which. */
+int xb_device_fail_fd(struct xb_device *d);
 /* The image grew: new requests are checked against the new size. */
 void xb_device_set_size(struct xb_device *d, uint64_t bytes);
 

@@ -47,6 +47,12 @@ int xb_platform_sim_remove_domain(struct xb_platform *p, uint16_t domid);
 void *xb_grant_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_t *refs, unsigned n, int writable,
                    struct xb_gmap **handle, char *err);
 void xb_grant_unmap(struct xb_platform *p, struct xb_gmap *handle);
+/* A one-page writable map kept across requests (persistent grants): 0 if it still is the page
+ * `ref` grants us, writable, else a GNTST_* value and the caller drops the mapping. real: always 0
+ * (while mapped, Xen pins the page and rewriting the entry changes nothing for the mapping, as for
+ * blkback). sim: the grant table decides again at every use (one 8-byte load), so a grant revoked
+ * or pointed at another page is never used through an old mapping. */
+int xb_grant_map_still_valid(struct xb_platform *p, struct xb_gmap *handle, uint16_t domid, xb_grant_ref_t ref);
 /* Batched grant copy; per-segment status; returns 0 if all ok, else -EIO. */
 int xb_grant_copy(struct xb_platform *p, struct xb_copy_seg *segs, unsigned n);
 

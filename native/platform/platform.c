@@ -25,6 +25,11 @@ void xb_grant_unmap(struct xb_platform *p, struct xb_gmap *handle)
         p->ops->unmap(p, handle);
 }
 
+int xb_grant_map_still_valid(struct xb_platform *p, struct xb_gmap *handle, uint16_t domid, xb_grant_ref_t ref)
+{
+    return p->ops->still_valid(p, handle, domid, ref);
+}
+
 int xb_grant_copy(struct xb_platform *p, struct xb_copy_seg *segs, unsigned n)
 {
     if (n == 0)

@@ -26,6 +26,7 @@ struct xb_platform_ops {
                  struct xb_gmap **handle, char *err);
     void (*unmap)(struct xb_platform *p, struct xb_gmap *handle);
     int (*copy)(struct xb_platform *p, struct xb_copy_seg *segs, unsigned n);
+    int (*still_valid)(struct xb_platform *p, struct xb_gmap *handle, uint16_t domid, xb_grant_ref_t ref);
 };
 
 /* Each implementation embeds this as its first member. */

@@ -88,6 +88,17 @@ static void real_unmap(struct xb_platform *p, struct xb_gmap *h)
     free(h);
 }
 
+/* Xen pins a mapped page until it is unmapped; the guest rewriting its grant entry meanwhile does
+ * not change what the mapping shows (blkback's persistent grants rely on the same). */
+static int real_still_valid(struct xb_platform *p, struct xb_gmap *h, uint16_t domid, xb_grant_ref_t ref)
+{
+    (void)p;
+    (void)h;
+    (void)domid;
+    (void)ref;
+    return 0;
+}
+
 static void to_ioctl_seg(const struct xb_copy_seg *s, struct ioctl_gntdev_grant_copy_segment *k)
 {
     memset(k, 0, sizeof *k);
@@ -161,6 +172,7 @@ static const struct xb_platform_ops real_ops = {
     .map = real_map,
     .unmap = real_unmap,
     .copy = real_copy,
+    .still_valid = real_still_valid,
 };
 
 struct xb_platform *xb_platform_open_real(char *err)

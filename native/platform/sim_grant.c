@@ -36,6 +36,8 @@ struct sim_platform {
 struct xb_gmap {
     void *addr;
     unsigned n;
+    int writable;
+    uint32_t frame0; /* the frame page 0 was mapped from (what a persistent grant must still name) */
 };
 
 static struct sim_platform *sim_of(struct xb_platform *p)
@@ -129,10 +131,13 @@ static void *sim_map(struct xb_platform *p, uint16_t domid, const xb_grant_ref_t
             xb_seterr(err, "grant map: domain %u ref %u: mmap: %s", domid, refs[i], strerror(errno));
             goto fail;
         }
+        if (i == 0)
+            h->frame0 = frame;
     }
     pthread_rwlock_unlock(&sp->lock);
     h->addr = region;
     h->n = n;
+    h->writable = writable;
     *handle = h;
     return region;
 fail:
@@ -147,6 +152,26 @@ static void sim_unmap(struct xb_platform *p, struct xb_gmap *h)
     (void)p;
     munmap(h->addr, (size_t)h->n * XB_PAGE_SIZE);
     free(h);
+}
+
+/* The sim cannot pin a page or set GTF_reading/GTF_writing in the guest's entry (its view of the
+ * table is read-only), so it checks the entry again at each use instead: a grant the guest revoked
+ * or re-pointed is refused, and the caller drops its old mapping. */
+static int sim_still_valid(struct xb_platform *p, struct xb_gmap *h, uint16_t domid, xb_grant_ref_t ref)
+{
+    struct sim_platform *sp = sim_of(p);
+    int st;
+    uint32_t frame = 0;
+    pthread_rwlock_rdlock(&sp->lock);
+    struct sim_domain *d = find_domain(sp, domid, NULL);
+    if (!d)
+        st = XB_GNTST_bad_domain;
+    else
+        st = check_grant(d, p->self_domid, ref, h->writable, &frame);
+    pthread_rwlock_unlock(&sp->lock);
+    if (st == XB_GNTST_okay && frame != h->frame0)
+        st = XB_GNTST_permission_denied;
+    return st;
 }
 
 static int copy_one(struct sim_platform *sp, struct sim_domain **cache, struct xb_copy_seg *s)
@@ -214,6 +239,7 @@ static const struct xb_platform_ops sim_ops = {
     .map = sim_map,
     .unmap = sim_unmap,
     .copy = sim_copy,
+    .still_valid = sim_still_valid,
 };
 
 struct xb_platform *xb_platform_open_sim(uint16_t self_domid, char *err)

@@ -249,21 +249,49 @@ static int write_chunk(struct qcow2 *q, const uint8_t *buf, size_t n, uint64_t o
         ssize_t w = xb_pwrite_full(q->fd, buf, n, (e & QC_OFFSET_MASK) + in);
         return w < 0 ? (int)w : 0;
     }
-    uint8_t *c = malloc(q->cs);
-    if (!c)
-        return -ENOMEM;
-    if (n < q->cs && (r = read_chunk(q, c, q->cs, off - in))) {
+    enum qc_type t = qc_classify(q, e);
+    int reads_zero = t == QC_ZERO || (t == QC_UNALLOC && (!q->backing || off - in >= q->backing->size));
+    int64_t host = -1;
+    ssize_t w;
+    if (n < q->cs && reads_zero && (host = qc_alloc_cluster(q)) >= 0 && (uint64_t)host >= q->disk_size) {
+        /* A first write to a cluster that reads as zeros, into a cluster past the end of the file:
+         * nothing was ever written there, so only the guest's data is written, and zeros at the end
+         * of the cluster (up to a sector, after the data) put the file's end past it; the rest
+         * stays a hole, which reads as zeros. Crash-wise as a whole-cluster write: the L2 entry is
+         * written after both. */
+        static const uint8_t zero_sector[512];
+        w = xb_pwrite_full(q->fd, buf, n, (uint64_t)host + in);
+        size_t tail = q->cs - in - n < sizeof(zero_sector) ? (size_t)(q->cs - in - n) : sizeof(zero_sector);
+        if (w >= 0 && tail) /* after the data, never over it */
+            w = xb_pwrite_full(q->fd, zero_sector, tail, (uint64_t)host + q->cs - tail);
+    } else {
+        if (n < q->cs && reads_zero && host < 0)
+            return (int)host;
+        /* A reused cluster (its old contents must be overwritten), a whole cluster, or one whose
+         * other bytes come from the old cluster or the backing file: the whole cluster is written. */
+        uint8_t *c = malloc(q->cs);
+        if (!c) {
+            if (n < q->cs && reads_zero)
+                qc_unalloc_cluster(q, (uint64_t)host);
+            return -ENOMEM;
+        }
+        if (n < q->cs && reads_zero) {
+            memset(c, 0, q->cs);
+        } else {
+            if (n < q->cs && (r = read_chunk(q, c, q->cs, off - in))) {
+                free(c);
+                return r;
+            }
+            host = qc_alloc_cluster(q);
+            if (host < 0) {
+                free(c);
+                return (int)host;
+            }
+        }
+        memcpy(c + in, buf, n);
+        w = xb_pwrite_full(q->fd, c, q->cs, (uint64_t)host);
         free(c);
-        return r;
     }
-    memcpy(c + in, buf, n);
-    int64_t host = qc_alloc_cluster(q);
-    if (host < 0) {
-        free(c);
-        return (int)host;
-    }
-    ssize_t w = xb_pwrite_full(q->fd, c, q->cs, (uint64_t)host);
-    free(c);
     if (w < 0) {
         /* Nothing refers to the cluster yet: hand it back rather than leak it (ENOSPC on a full
          * filesystem would otherwise leak one cluster per failed write). */

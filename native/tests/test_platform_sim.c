@@ -131,6 +131,35 @@ static void test_racing_guest(struct xb_platform *p, struct guest *g)
     printf("racing guest: %u copies allowed, %u refused, frame 2 (read-only) untouched\n", ok, denied);
 }
 
+/* A kept (persistent) mapping is used only while the guest's entry still grants that frame,
+ * writable: revoked, re-pointed or made read-only, it is not valid any more. */
+static void test_persistent_still_valid(struct xb_platform *p, struct guest *g)
+{
+    xb_grant_ref_t ref = 5;
+    __atomic_store_n(&g->gnt[ref], entry(XB_GTF_permit_access, 0, 4), __ATOMIC_RELEASE);
+    struct xb_gmap *h;
+    uint8_t *m = xb_grant_map(p, GUEST, &ref, 1, 1, &h, NULL);
+    CHECK(m);
+    m[7] = 0x5c;
+    CHECK(g->mem[4 * XB_PAGE_SIZE + 7] == 0x5c);
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_okay);
+    __atomic_store_n(&g->gnt[ref], entry(XB_GTF_permit_access, 0, 6), __ATOMIC_RELEASE); /* another page */
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_permission_denied);
+    __atomic_store_n(&g->gnt[ref], entry(XB_GTF_permit_access | XB_GTF_readonly, 0, 4), __ATOMIC_RELEASE);
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_permission_denied);
+    __atomic_store_n(&g->gnt[ref], entry(XB_GTF_permit_access, 7, 4), __ATOMIC_RELEASE); /* to another domain */
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_permission_denied);
+    __atomic_store_n(&g->gnt[ref], 0, __ATOMIC_RELEASE); /* revoked */
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_permission_denied);
+    __atomic_store_n(&g->gnt[ref], entry(XB_GTF_permit_access, 0, 4), __ATOMIC_RELEASE);
+    CHECK(xb_grant_map_still_valid(p, h, GUEST, ref) == XB_GNTST_okay);
+    CHECK(xb_grant_map_still_valid(p, h, GUEST + 1, ref) == XB_GNTST_bad_domain);
+    xb_grant_unmap(p, h);
+    __atomic_store_n(&g->gnt[ref], 0, __ATOMIC_RELEASE);
+    memset(g->mem + 4 * XB_PAGE_SIZE, 0, XB_PAGE_SIZE);
+    printf("persistent mapping: valid only while the entry grants the same frame writable\n");
+}
+
 struct copier {
     struct xb_platform *p;
     unsigned frame;
@@ -199,6 +228,7 @@ int main(void)
     CHECK(p);
     CHECK(xb_platform_sim_add_domain(p, GUEST, g.mem_fd, PAGES, g.gnt_fd, ENTRIES, err) == 0);
     test_racing_guest(p, &g);
+    test_persistent_still_valid(p, &g);
     test_threads_with_attach_detach(p, &g);
     xb_platform_close(p);
     test_real_without_xen();

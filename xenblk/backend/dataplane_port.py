@@ -43,6 +43,10 @@ class RunningDevice(Protocol):
 
     def queue_failed(self, q: int) -> str | None: ...
 
+    def fail_fd(self) -> int:
+        """Readable once a queue failed (then queue_failed(q) says which); valid until close()."""
+        ...
+
     def set_size(self, nbytes: int) -> None: ...
 
 
@@ -200,6 +204,9 @@ class _Running:
     def queue_failed(self, q: int) -> str | None:
         result: str | None = self._dev.queue_failed(q)
         return result
+
+    def fail_fd(self) -> int:
+        return int(self._dev.fail_fd())
 
     def set_size(self, nbytes: int) -> None:
         self._dev.set_size(nbytes)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,6 @@ from xenblk.xenstore import Transaction, TryAgain, XenStore, XenStoreError, XenS
 
 VDISK_CDROM = 1
 VDISK_READONLY = 4
-HEALTH_CHECK_SECONDS = 2.0  # how often a connected device's queues are asked whether they failed
 RETRY_SECONDS = 0.5  # after xenstored was unreachable
 # A frontend that reconnects without ever getting a request served (a reconnect loop, a guest rewriting
 # its keys forever) is served again after a growing pause: the first FREE_RECONNECTS at once, then
@@ -102,6 +102,7 @@ class DeviceTask:
         self.resizes = 0
         self._adv: Advertised | None = None
         self._running: RunningDevice | None = None
+        self._fail_fd: int | None = None  # the running device's failure eventfd, watched by the loop
         self._retired: list[Any] = []  # last stats of the previous connection, exported while closed
         self._stats_lock = threading.Lock()  # the scrape thread reads stats while the loop stops devices
         self._changed = asyncio.Event()
@@ -181,12 +182,8 @@ class DeviceTask:
             stack.callback(lambda: [p.cancel() for p in pumps])
             self._changed.set()
             while True:
-                try:
-                    timeout = HEALTH_CHECK_SECONDS if self.phase is Phase.CONNECTED else None
-                    async with asyncio.timeout(timeout):
-                        await self._changed.wait()
-                except TimeoutError:
-                    pass
+                # No timeout: a queue that fails wakes us through its device's eventfd (_watch_failures).
+                await self._changed.wait()
                 self._changed.clear()
                 try:
                     async with self._lock:
@@ -483,6 +480,7 @@ class DeviceTask:
         with self._stats_lock:
             self._running = running
             self._retired = []
+        self._watch_failures(running)
         self._adv = adv
         self.frontend = fe
         self.connections += 1
@@ -595,6 +593,7 @@ class DeviceTask:
         with self._stats_lock:
             self._running = running
             self._retired = []
+        self._watch_failures(running)
         self.frontend = fe
         self.connections += 1
         info = (VDISK_CDROM if self.cdrom else 0) | (VDISK_READONLY if readonly else 0)
@@ -662,7 +661,22 @@ class DeviceTask:
         self.log.info("device.detached")
         return True
 
+    def _watch_failures(self, running: Any) -> None:
+        """A queue that fails (a guest protocol error) makes the device's eventfd readable: look then,
+        instead of asking every queue of every disk on a timer (an idle daemon with 256 disks)."""
+        fd = running.fail_fd()
+        self._fail_fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_queue_failed, fd)
+
+    def _on_queue_failed(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 8)  # rearm; _check_queues says which queue and why
+        self._changed.set()
+
     async def _stop_dataplane(self) -> None:
+        if self._fail_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fail_fd)  # before close() closes it
+            self._fail_fd = None
         with self._stats_lock:
             running, self._running = self._running, None
         if running is None:
