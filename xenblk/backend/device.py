@@ -383,11 +383,46 @@ class DeviceTask:
                 allowed_devices=list(st.allowed_devices),
                 backing_dirs=list(st.backing_dirs),
                 meta_writethrough=wt,
+                rbd=cfg.rbd,
             ),
         )
+        if spec.format == "rbd" and not self.image.readonly:
+            await self._rbd_lock()
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512
         self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
+
+    async def _rbd_lock(self) -> None:
+        """Hold the RBD image's exclusive lock before anything can write (README, "Ceph RBD"): while
+        another client (another Dom0's daemon) holds it, wait, the device not yet served."""
+        from xenblk import rbd
+        from xenblk.storage import StorageError
+
+        loop = asyncio.get_running_loop()
+        img = self.image
+        waiting = False
+        try:
+            while True:
+                try:
+                    prev = await loop.run_in_executor(None, rbd.acquire_lock, img)
+                except rbd.LockBusy as e:
+                    if not waiting:
+                        self.log.warning("device.rbd_lock_wait", image=str(img.path), owner=e.owner, error=str(e))
+                        waiting = True
+                    await asyncio.sleep(1.0)
+                    continue
+                break
+        except StorageError as e:
+            self._close_image()
+            raise ImageSpecError(str(e)) from None
+        except BaseException:
+            self._close_image()
+            raise
+        if prev:
+            # librbd hands over a held lock only when its holder's watch is gone, and blocklists that
+            # client first; or the holder released it between our look and our acquire.
+            self.log.warning("device.rbd_lock_taken_over", image=str(img.path), previous_owner=prev)
+        self.log.info("device.rbd_lock_acquired", image=str(img.path), waited=waiting)
 
     async def _resume(self, fs: int) -> bool:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
