@@ -24,6 +24,7 @@ MiB = 1 << 20
 
 @contextlib.contextmanager
 def rbd_stack(tmp: Path, cluster: CephCluster, extra: str = "") -> Iterator[Stack]:
+    tmp.mkdir(parents=True, exist_ok=True)
     sim = Path(tempfile.mkdtemp(prefix="sim-"))  # short: the sim host's socket paths
     try:
         with run_stack(tmp, sim, cluster.client_config() + extra) as s:
@@ -109,3 +110,106 @@ def test_snapshot_is_served_read_only(rstack: Stack, ceph_cluster: CephCluster, 
     assert live.read_bytes() != before.read_bytes()
     rstack.xenblk("detach", "3", "xvdb", "--sim", str(rstack.sim))
     rstack.xenblk("detach", "3", "xvdc", "--sim", str(rstack.sim))
+
+
+def backend_state(stack: Stack, domid: int, vdev: str) -> str:
+    from xenblk.xen.vdev import vdev_to_devid
+
+    try:
+        return stack.xenstore("read", f"/local/domain/0/backend/vbd3/{domid}/{vdev_to_devid(vdev)}/state")
+    except AssertionError:
+        return "absent"
+
+
+def test_second_daemon_waits_for_the_exclusive_lock(rstack: Stack, ceph_cluster: CephCluster,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """Two simulated hosts (two Dom0s, each its own xenstored and daemon), one image: the second
+    daemon does not serve it while the first's guest writes, and takes over once the first closed."""
+    pool = ceph_cluster.pool
+    ceph_cluster.create_image("moved", "16M")
+    rstack.attach(4, f"rbd:{pool}/moved", "xvdb")
+    writer = rstack.guest_proc(4, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--seed", "11",
+                               "--until-stopped")  # fmt: skip
+    try:
+        rstack.wait_served(200, domid=4)
+        with rbd_stack(tmp_path / "b", ceph_cluster) as other:
+            other.attach(4, f"rbd:{pool}/moved", "xvdb")
+            wait_until(lambda: any(e.get("event") == "device.rbd_lock_wait" for e in log_events(other)),
+                       "the second daemon waits for the lock", GENEROUS, interval=0.1,
+                       alive=proc_alive(other.serve, "second xenblk serve"), detail=other.log_tail)  # fmt: skip
+            # Still waiting: nothing advertised to its guest, so nothing it could write.
+            assert backend_state(other, 4, "xvdb") not in ("2", "4"), other.log_tail()
+            served = rstack.served(domid=4)
+            rstack.wait_served(served + 100, domid=4)  # the first daemon's guest keeps writing meanwhile
+            assert writer.poll() is None
+            writer.terminate()
+            out, err = writer.communicate(timeout=GENEROUS)
+            ok(writer.returncode, json.loads(out) if out.strip() else err, rstack)
+            rstack.xenblk("detach", "4", "xvdb", "--sim", str(rstack.sim))  # drained, Closed, lock released
+            other.wait_backend(4, "xvdb", 2)
+            acquired = [e for e in log_events(other) if e.get("event") == "device.rbd_lock_acquired"]
+            assert acquired and acquired[-1]["waited"], acquired
+            ok(*other.guest(4, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--seed", "12",
+                            "--size", "8M"), other)  # fmt: skip
+            other.xenblk("detach", "4", "xvdb", "--sim", str(other.sim))
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+
+def test_cluster_paused_under_io_waits_then_completes(rstack: Stack, ceph_cluster: CephCluster) -> None:
+    ceph_cluster.create_image("paused", "16M")
+    rstack.attach(5, f"rbd:{ceph_cluster.pool}/paused", "xvdb")
+    guest = rstack.guest_proc(5, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--verify", "--seed", "13",
+                              "--until-stopped", "--flush-every", "16")  # fmt: skip
+    try:
+        rstack.wait_served(100, domid=5)
+        ceph_cluster.pause_osd()
+        try:
+            # Requests the OSD does not answer stay in flight; nothing fails meanwhile.
+            wait_until(lambda: inflight(rstack, 5) > 0, "requests waiting for the stopped cluster", GENEROUS,
+                       interval=0.1)  # fmt: skip
+            stuck = rstack.served(domid=5)
+            assert guest.poll() is None and rstack.serve.poll() is None
+        finally:
+            ceph_cluster.resume_osd()
+        rstack.wait_served(stuck + 200, domid=5)
+        guest.terminate()
+        out, err = guest.communicate(timeout=GENEROUS)
+        ok(guest.returncode, json.loads(out) if out.strip() else err, rstack)
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.wait()
+    rstack.xenblk("detach", "5", "xvdb", "--sim", str(rstack.sim))
+
+
+def inflight(stack: Stack, domid: int) -> int:
+    import re
+
+    total = 0
+    for m in re.finditer(r"^xenblk_inflight_requests\{([^}]*)\} (\S+)$", stack.scrape(), re.M):
+        if f'domid="{domid}"' in m.group(1):
+            total += int(float(m.group(2)))
+    return total
+
+
+def test_cluster_paused_past_op_timeout_fails_io_daemon_lives(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    ceph_cluster.create_image("timeout", "8M")
+    with rbd_stack(tmp_path, ceph_cluster, "op_timeout = 2\n") as s:
+        s.attach(6, f"rbd:{ceph_cluster.pool}/timeout", "xvdb")
+        ok(*s.guest(6, "--rw", "write", "--bs", "64k", "--seed", "2"), s)
+        ceph_cluster.pause_osd()
+        try:
+            rc, result = s.guest(6, "--rw", "write", "--bs", "64k", "--seed", "3", "--size", "256k")
+        finally:
+            ceph_cluster.resume_osd()
+        assert rc != 0, result
+        disks = disks_of(result)
+        assert disks and disks[0]["errors"] > 0, result
+        assert s.serve.poll() is None, s.log_tail()
+        # The cluster is back: the same disk serves again, verified.
+        ok(*s.guest(6, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "4",
+                    "--size", "1M"), s)  # fmt: skip
+        s.xenblk("detach", "6", "xvdb", "--sim", str(s.sim))
