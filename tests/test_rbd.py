@@ -57,11 +57,11 @@ def log_events(stack: Stack) -> list[dict]:  # type: ignore[type-arg]
 
 def test_verified_workload_and_export_equals_raw_twin(rstack: Stack, ceph_cluster: CephCluster,
                                                       tmp_path: Path) -> None:  # fmt: skip
-    ceph_cluster.create_image("twin", "16M")
+    ceph_cluster.create_image("twin", "8M")
     raw = rstack.images / "twin.raw"
     raw.write_bytes(b"")
     with raw.open("r+b") as f:
-        f.truncate(16 * MiB)
+        f.truncate(8 * MiB)
     rstack.attach(1, f"rbd:{ceph_cluster.pool}/twin", "xvdb")
     rstack.attach(1, str(raw), "xvdc")
     # The same seeded workload on both disks: every block once, in random order, two queues.
@@ -72,17 +72,17 @@ def test_verified_workload_and_export_equals_raw_twin(rstack: Stack, ceph_cluste
     assert exported.read_bytes() == raw.read_bytes()
     # Mixed reads and writes, large requests, verified, on the RBD disk alone.
     ok(*rstack.guest(1, "--vdev", "xvdb", "--rw", "randrw", "--bs", "64k", "--iodepth", "8", "--verify",
-                     "--seed", "9", "--size", "16M"), rstack)  # fmt: skip
+                     "--seed", "9", "--size", "8M"), rstack)  # fmt: skip
     rstack.xenblk("detach", "1", "xvdb", "--sim", str(rstack.sim))
     rstack.xenblk("detach", "1", "xvdc", "--sim", str(rstack.sim))
 
 
 def test_discard_reaches_rados(rstack: Stack, ceph_cluster: CephCluster) -> None:
-    ceph_cluster.create_image("trim", "16M", "--object-size", "1M")
+    ceph_cluster.create_image("trim", "8M", "--object-size", "1M")
     rstack.attach(2, f"rbd:{ceph_cluster.pool}/trim", "xvdb")
     ok(*rstack.guest(2, "--rw", "write", "--bs", "1M", "--seed", "1", "--indirect"), rstack)
     full = ceph_cluster.used_bytes("trim")
-    assert full == 16 * MiB
+    assert full == 8 * MiB
     # Whole objects: librbd removes them (a partial-object discard may be skipped: rbd_skip_partial_discard).
     ok(*rstack.guest(2, "--rw", "trim", "--bs", "1M"), rstack)
     assert ceph_cluster.used_bytes("trim") == 0
@@ -91,7 +91,7 @@ def test_discard_reaches_rados(rstack: Stack, ceph_cluster: CephCluster) -> None
 
 def test_snapshot_is_served_read_only(rstack: Stack, ceph_cluster: CephCluster, tmp_path: Path) -> None:
     pool = ceph_cluster.pool
-    ceph_cluster.create_image("snapped", "8M")
+    ceph_cluster.create_image("snapped", "4M")
     rstack.attach(3, f"rbd:{pool}/snapped", "xvdb")
     ok(*rstack.guest(3, "--rw", "write", "--bs", "64k", "--seed", "5"), rstack)
     before, snap, live = tmp_path / "before", tmp_path / "snap", tmp_path / "live"
@@ -213,3 +213,21 @@ def test_cluster_paused_past_op_timeout_fails_io_daemon_lives(ceph_cluster: Ceph
         ok(*s.guest(6, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "4",
                     "--size", "1M"), s)  # fmt: skip
         s.xenblk("detach", "6", "xvdb", "--sim", str(s.sim))
+
+
+def test_image_grown_with_rbd_resize_reaches_the_guest(rstack: Stack, ceph_cluster: CephCluster) -> None:
+    ceph_cluster.create_image("grown", "8M")
+    rstack.attach(7, f"rbd:{ceph_cluster.pool}/grown", "xvdb")
+    guest = rstack.guest_proc(7, "--expect-resize", "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify",
+                              "--seed", "8")  # fmt: skip
+    try:
+        rstack.wait_backend(7, "xvdb", 4)
+        ceph_cluster.run("rbd", "resize", "--size", "12M", f"{ceph_cluster.pool}/grown")  # from another client
+        out, err = guest.communicate(timeout=GENEROUS)
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.wait()
+    disks = ok(guest.returncode, json.loads(out) if out.strip() else err, rstack)
+    assert disks[0]["sectors"] == 12 * MiB // 512 and disks[0]["resizes"] >= 1, disks
+    rstack.xenblk("detach", "7", "xvdb", "--sim", str(rstack.sim))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,8 @@ class DeviceTask:
         self.spec: ImageSpec | None = None
         self.image: Any = None
         self.image_format = ""
+        self._header_fd = -1  # an RBD image's "header changed" eventfd, watched by the loop (online resize)
+        self._header_tasks: set[asyncio.Task[None]] = set()
         self.cdrom = False
         self.sectors = 0
         self.frontend: FrontendConfig | None = None
@@ -388,6 +391,8 @@ class DeviceTask:
         )
         if spec.format == "rbd" and not self.image.readonly:
             await self._rbd_lock()
+        if spec.format == "rbd":
+            self._watch_rbd_header()
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512
         self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
@@ -423,6 +428,31 @@ class DeviceTask:
             # client first; or the holder released it between our look and our acquire.
             self.log.warning("device.rbd_lock_taken_over", image=str(img.path), previous_owner=prev)
         self.log.info("device.rbd_lock_acquired", image=str(img.path), waited=waiting)
+
+    def _watch_rbd_header(self) -> None:
+        """An RBD image grows from anywhere (`rbd resize` on any host): librbd's header watch wakes
+        the loop, which re-reads the size as `xenblk resize` would."""
+        from xenblk import rbd
+
+        fd = rbd.update_fd(self.image)
+        if fd < 0:
+            return
+        self._header_fd = fd
+
+        def changed() -> None:
+            with contextlib.suppress(OSError):
+                os.read(fd, 8)
+            t = asyncio.ensure_future(self._resize_quietly())
+            self._header_tasks.add(t)
+            t.add_done_callback(self._header_tasks.discard)
+
+        asyncio.get_running_loop().add_reader(fd, changed)
+
+    async def _resize_quietly(self) -> None:
+        try:
+            await self.resize()
+        except XenblkError as e:
+            self.log.warning("device.resize_failed", error=str(e))
 
     async def _resume(self, fs: int) -> bool:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
@@ -669,6 +699,10 @@ class DeviceTask:
 
     def _close_image(self) -> None:
         img, self.image = self.image, None
+        if self._header_fd >= 0:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing is watching it
+                asyncio.get_running_loop().remove_reader(self._header_fd)
+            self._header_fd = -1
         if img is not None:
             img.close()
 
