@@ -22,6 +22,7 @@ from xenblk.storage import Image, StorageError
 from xenblk.storage import ffi as storage_ffi
 from xenblk.xen.params import RbdName
 
+
 class LockBusy(StorageError):
     """Another client holds the image's exclusive lock; `owner` names it (librbd's cookie)."""
 
@@ -85,7 +86,7 @@ def acquire_lock(image: Image) -> str:
     prev = ffi.new("char[]", lib.XB_RBD_NAMELEN)
     err = ffi.new("char[]", 512)
     rc = lib.xb_rbd_lock(_rbd_ptr(image), prev, err)
-    owner = ffi.string(prev).decode(errors="replace")
+    owner = str(ffi.string(prev).decode(errors="replace"))
     if rc in (-_errno.EROFS, -_errno.EBUSY):
         raise LockBusy(ffi.string(err).decode(errors="replace"), owner)
     if rc < 0:

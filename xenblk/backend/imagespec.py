@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xenblk.errors import XenblkError
 from xenblk.config import RbdConfig
+from xenblk.errors import XenblkError
 from xenblk.xen.params import FORMAT_ALIASES, ParamsError, parse_rbd, split_prefix
 
 
