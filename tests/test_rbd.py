@@ -24,7 +24,6 @@ MiB = 1 << 20
 
 @contextlib.contextmanager
 def rbd_stack(tmp: Path, cluster: CephCluster, extra: str = "") -> Iterator[Stack]:
-    tmp.mkdir(parents=True, exist_ok=True)
     sim = Path(tempfile.mkdtemp(prefix="sim-"))  # short: the sim host's socket paths
     try:
         with run_stack(tmp, sim, cluster.client_config() + extra) as s:
@@ -231,3 +230,35 @@ def test_image_grown_with_rbd_resize_reaches_the_guest(rstack: Stack, ceph_clust
     disks = ok(guest.returncode, json.loads(out) if out.strip() else err, rstack)
     assert disks[0]["sectors"] == 12 * MiB // 512 and disks[0]["resizes"] >= 1, disks
     rstack.xenblk("detach", "7", "xvdb", "--sim", str(rstack.sim))
+
+
+def test_first_daemon_killed_second_takes_over_after_blocklist(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    """kill -9 of the daemon holding the lock: the second waits until librbd found the holder dead
+    (its watch expired), blocklisted it and broke the lock; every write the first acknowledged is there."""
+    import signal
+
+    pool = ceph_cluster.pool
+    ceph_cluster.create_image("crashed", "8M")
+    acked = tmp_path / "acked"
+    with rbd_stack(tmp_path / "a", ceph_cluster) as first:
+        first.attach(8, f"rbd:{pool}/crashed", "xvdb")
+        ok(*first.guest(8, "--rw", "write", "--bs", "64k", "--seed", "21", "--flush-every", "8"), first)
+        ceph_cluster.run("rbd", "export", f"{pool}/crashed", str(acked))
+        first.serve.send_signal(signal.SIGKILL)  # holding the lock, image open
+        first.serve.wait()
+        holders = ceph_cluster.json("rbd", "lock", "ls", f"{pool}/crashed")
+        assert holders, "the killed daemon's lock is gone already"
+        with rbd_stack(tmp_path / "b", ceph_cluster) as second:
+            second.attach(8, f"rbd:{pool}/crashed", "xvdb")
+            second.wait_backend(8, "xvdb", 2)
+            events = {e.get("event"): e for e in log_events(second)}
+            assert "device.rbd_lock_taken_over" in events, second.log_tail()
+            blocklist = ceph_cluster.run("ceph", "osd", "blocklist", "ls").stdout
+            owner_addr = events["device.rbd_lock_taken_over"]["previous_owner"].split()[-1]
+            assert owner_addr.split("/")[-1] in blocklist, (owner_addr, blocklist)
+            after = tmp_path / "after"
+            ceph_cluster.run("rbd", "export", f"{pool}/crashed", str(after))
+            assert after.read_bytes() == acked.read_bytes()
+            ok(*second.guest(8, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "22",
+                             "--size", "1M"), second)  # fmt: skip
+            second.xenblk("detach", "8", "xvdb", "--sim", str(second.sim))
