@@ -138,6 +138,13 @@ def test_second_daemon_waits_for_the_exclusive_lock(rstack: Stack, ceph_cluster:
                        alive=proc_alive(other.serve, "second xenblk serve"), detail=other.log_tail)  # fmt: skip
             # Still waiting: nothing advertised to its guest, so nothing it could write.
             assert backend_state(other, 4, "xvdb") not in ("2", "4"), other.log_tail()
+            # A device waiting for the lock can be detached (and attached again, waiting again).
+            other.xenblk("detach", "4", "xvdb", "--sim", str(other.sim))
+            assert backend_state(other, 4, "xvdb") == "absent"
+            other.attach(4, f"rbd:{pool}/moved", "xvdb")
+            wait_until(lambda: sum(e.get("event") == "device.rbd_lock_wait" for e in log_events(other)) == 2,
+                       "the second daemon waits for the lock again", GENEROUS, interval=0.1,
+                       alive=proc_alive(other.serve, "second xenblk serve"), detail=other.log_tail)  # fmt: skip
             served = rstack.served(domid=4)
             rstack.wait_served(served + 100, domid=4)  # the first daemon's guest keeps writing meanwhile
             assert writer.poll() is None
@@ -201,7 +208,7 @@ def test_cluster_paused_past_op_timeout_fails_io_daemon_lives(ceph_cluster: Ceph
         ok(*s.guest(6, "--rw", "write", "--bs", "64k", "--seed", "2"), s)
         ceph_cluster.pause_osd()
         try:
-            rc, result = s.guest(6, "--rw", "write", "--bs", "64k", "--seed", "3", "--size", "256k")
+            rc, result = s.guest(6, "--rw", "write", "--bs", "64k", "--seed", "3", "--size", "64k")
         finally:
             ceph_cluster.resume_osd()
         assert rc != 0, result
@@ -232,7 +239,8 @@ def test_image_grown_with_rbd_resize_reaches_the_guest(rstack: Stack, ceph_clust
     rstack.xenblk("detach", "7", "xvdb", "--sim", str(rstack.sim))
 
 
-def test_first_daemon_killed_second_takes_over_after_blocklist(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+def test_first_daemon_killed_second_takes_over_after_blocklist(rstack: Stack, ceph_cluster: CephCluster,
+                                                               tmp_path: Path) -> None:  # fmt: skip
     """kill -9 of the daemon holding the lock: the second waits until librbd found the holder dead
     (its watch expired), blocklisted it and broke the lock; every write the first acknowledged is there."""
     import signal
@@ -248,17 +256,17 @@ def test_first_daemon_killed_second_takes_over_after_blocklist(ceph_cluster: Cep
         first.serve.wait()
         holders = ceph_cluster.json("rbd", "lock", "ls", f"{pool}/crashed")
         assert holders, "the killed daemon's lock is gone already"
-        with rbd_stack(tmp_path / "b", ceph_cluster) as second:
-            second.attach(8, f"rbd:{pool}/crashed", "xvdb")
-            second.wait_backend(8, "xvdb", 2)
-            events = {e.get("event"): e for e in log_events(second)}
-            assert "device.rbd_lock_taken_over" in events, second.log_tail()
-            blocklist = ceph_cluster.run("ceph", "osd", "blocklist", "ls").stdout
-            owner_addr = events["device.rbd_lock_taken_over"]["previous_owner"].split()[-1]
-            assert owner_addr.split("/")[-1] in blocklist, (owner_addr, blocklist)
-            after = tmp_path / "after"
-            ceph_cluster.run("rbd", "export", f"{pool}/crashed", str(after))
-            assert after.read_bytes() == acked.read_bytes()
-            ok(*second.guest(8, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "22",
-                             "--size", "1M"), second)  # fmt: skip
-            second.xenblk("detach", "8", "xvdb", "--sim", str(second.sim))
+    second = rstack  # the other Dom0
+    second.attach(8, f"rbd:{pool}/crashed", "xvdb")
+    second.wait_backend(8, "xvdb", 2)
+    taken = [e for e in log_events(second) if e.get("event") == "device.rbd_lock_taken_over" and e.get("domid") == 8]
+    assert taken, second.log_tail()
+    blocklist = ceph_cluster.run("ceph", "osd", "blocklist", "ls").stdout
+    owner_addr = taken[-1]["previous_owner"].split()[-1]
+    assert owner_addr.split("/")[-1] in blocklist, (owner_addr, blocklist)
+    after = tmp_path / "after"
+    ceph_cluster.run("rbd", "export", f"{pool}/crashed", str(after))
+    assert after.read_bytes() == acked.read_bytes()
+    ok(*second.guest(8, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "22",
+                     "--size", "1M"), second)  # fmt: skip
+    second.xenblk("detach", "8", "xvdb", "--sim", str(second.sim))

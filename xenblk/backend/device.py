@@ -415,6 +415,11 @@ class DeviceTask:
                         self.log.warning("device.rbd_lock_wait", image=str(img.path), owner=e.owner, error=str(e))
                         waiting = True
                     await asyncio.sleep(1.0)
+                    xs = self.ctx.xs
+                    online, bstate = await xs.try_read(f"{self.bpath}/online"), await xs.try_read(f"{self.bpath}/state")
+                    if self._shutdown or bstate is None or (online or "").strip() == "0":
+                        # detached (or removed, or the daemon stopping) while waiting: stop waiting
+                        raise StorageError(f"{img.path}: detached while waiting for the exclusive lock") from None
                     continue
                 break
         except StorageError as e:
