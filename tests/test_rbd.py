@@ -270,3 +270,39 @@ def test_first_daemon_killed_second_takes_over_after_blocklist(rstack: Stack, ce
     ok(*second.guest(8, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "22",
                      "--size", "1M"), second)  # fmt: skip
     second.xenblk("detach", "8", "xvdb", "--sim", str(second.sim))
+
+
+def test_image_api_writes_only_under_the_lock(ceph_cluster: CephCluster) -> None:
+    """The synchronous ops (xenblk.storage.Image over the RBD driver) and the driver's own gate: no
+    write before the exclusive lock, none on a snapshot, none from a second client while it is held."""
+    from xenblk import rbd
+    from xenblk.config import RbdConfig
+    from xenblk.storage import StorageError
+    from xenblk.xen.params import parse_rbd
+
+    pool = ceph_cluster.pool
+    ceph_cluster.create_image("api", "4M")
+    cfg = RbdConfig(allowed_pools=[pool], conf_file=str(ceph_cluster.conf), keyring=str(ceph_cluster.keyring))
+    with rbd.open_image(parse_rbd(f"{pool}/api"), cfg) as img:
+        assert (img.size, img.format, img.readonly) == (4 * MiB, "rbd", False)
+        with pytest.raises(StorageError, match="Read-only"):
+            img.write(0, b"x" * 4096)
+        assert rbd.acquire_lock(img) == ""
+        img.write(512, b"a" * 8192)
+        img.flush()
+        assert img.read(0, 512 + 8192 + 512) == b"\0" * 512 + b"a" * 8192 + b"\0" * 512
+        img.write_zeroes(1024, 1024)
+        assert img.read(512, 2048) == b"a" * 512 + b"\0" * 1024 + b"a" * 512
+        with rbd.open_image(parse_rbd(f"{pool}/api"), cfg) as other:
+            with pytest.raises(rbd.LockBusy) as busy:
+                rbd.acquire_lock(other)
+            assert busy.value.owner
+            with pytest.raises(StorageError, match="Read-only"):
+                other.write(0, b"y" * 512)
+        ceph_cluster.run("rbd", "snap", "create", f"{pool}/api@s")
+    with rbd.open_image(parse_rbd(f"{pool}/api@s"), cfg) as snap:
+        assert snap.readonly
+        assert rbd.acquire_lock(snap) == ""  # nothing to take for a read-only image
+        with pytest.raises(StorageError):
+            snap.write(0, b"z" * 512)
+        assert snap.read(512, 4) == b"aaaa"

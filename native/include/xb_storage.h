@@ -52,12 +52,13 @@ struct xb_image;
 
 /* One asynchronous storage operation (drivers with ops->aio_submit: rbd). The caller owns it
  * until it comes back from ops->aio_reap with `result` set. */
-enum xb_aio_op { XB_AIO_READ = 1, XB_AIO_WRITE, XB_AIO_FLUSH, XB_AIO_DISCARD, XB_AIO_WRITE_ZEROES };
+/* (blkif has no write-zeroes request: ops->write_zeroes stays synchronous) */
+enum xb_aio_op { XB_AIO_READ = 1, XB_AIO_WRITE, XB_AIO_FLUSH, XB_AIO_DISCARD };
 struct xb_aio {
     int op;                  /* enum xb_aio_op */
     const struct iovec *iov; /* READ/WRITE: the data */
     int iovcnt;
-    uint64_t off, len;       /* bytes; len for DISCARD/WRITE_ZEROES (READ/WRITE: the iovec's length) */
+    uint64_t off, len;       /* bytes; len for DISCARD (READ/WRITE: the iovec's length) */
     int64_t result;          /* set when reaped: >= 0 done, or a negative errno */
 };
 

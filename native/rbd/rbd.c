@@ -3,8 +3,8 @@
  * as the file drivers. Its own cffi module (xenblk._rbd, build_rbd.py) so that hosts without
  * librbd still load xenblk._storage; the pointer it returns is the whole interface, as for files.
  *
- * The data plane's I/O is asynchronous (ops->aio_submit): rbd_aio_readv/writev/flush/discard/
- * write_zeroes with completions that librbd queues on the image and signals on an eventfd
+ * The data plane's I/O is asynchronous (ops->aio_submit): rbd_aio_readv/writev/flush/discard
+ * with completions that librbd queues on the image and signals on an eventfd
  * (rbd_set_image_notification); the queue threads poll that fd with their others and collect the
  * completions with rbd_poll_io_events. No callback runs our code on librbd's threads and no thread
  * waits per request. The synchronous ops (Python, tests, the rare FLUSH carrying data) use
@@ -118,7 +118,7 @@ static int64_t r_refresh_size(struct xb_image *img)
 static int r_aio_submit(struct xb_image *img, struct xb_aio *a)
 {
     rbd_image_t im = P(img)->image;
-    if (a->op == XB_AIO_WRITE || a->op == XB_AIO_DISCARD || a->op == XB_AIO_WRITE_ZEROES) {
+    if (a->op == XB_AIO_WRITE || a->op == XB_AIO_DISCARD) {
         int w = writable(img);
         if (w)
             return w;
@@ -140,9 +140,6 @@ static int r_aio_submit(struct xb_image *img, struct xb_aio *a)
         break;
     case XB_AIO_DISCARD:
         rc = rbd_aio_discard(im, a->off, a->len, c);
-        break;
-    case XB_AIO_WRITE_ZEROES:
-        rc = rbd_aio_write_zeroes(im, a->off, a->len, c, 0, 0);
         break;
     default:
         rc = -EINVAL;
