@@ -173,9 +173,10 @@ def test_cluster_paused_under_io_waits_then_completes(rstack: Stack, ceph_cluste
         rstack.wait_served(100, domid=5)
         ceph_cluster.pause_osd()
         try:
-            # Requests the OSD does not answer stay in flight; nothing fails meanwhile.
-            wait_until(lambda: inflight(rstack, 5) > 0, "requests waiting for the stopped cluster", GENEROUS,
-                       interval=0.1)  # fmt: skip
+            # Requests the OSD does not answer stay in flight until the guest's whole queue depth waits;
+            # nothing fails meanwhile.
+            wait_until(lambda: inflight(rstack, 5) >= 8, "the guest's 8 requests waiting for the stopped cluster",
+                       GENEROUS, interval=0.1)  # fmt: skip
             stuck = rstack.served(domid=5)
             assert guest.poll() is None and rstack.serve.poll() is None
         finally:
