@@ -300,6 +300,11 @@ def test_image_api_writes_only_under_the_lock(ceph_cluster: CephCluster) -> None
             assert busy.value.owner
             with pytest.raises(StorageError, match="Read-only"):
                 other.write(0, b"y" * 512)
+        # Another librbd client that writes without taking the lock itself is refused by librbd.
+        r = ceph_cluster.run("rbd", "bench", "--io-type", "write", "--io-size", "4K", "--io-total", "4K",
+                             f"{pool}/api", check=False, timeout=GENEROUS)  # fmt: skip
+        assert r.returncode != 0, r.stdout
+        assert img.read(512, 4) == b"aaaa"
         ceph_cluster.run("rbd", "snap", "create", f"{pool}/api@s")
     with rbd.open_image(parse_rbd(f"{pool}/api@s"), cfg) as snap:
         assert snap.readonly
