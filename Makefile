@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.hostile --runtime 2
 	$(PY) -m bench.nbd
+	$(PY) -m bench.rbd
 
 # Real Xen under QEMU (tests/xen/vm/xenvm, software emulation) in two Dom0 flavours:
 # d12 = Debian 12 / Xen 4.17 / C xenstored, d13 = Debian 13 / Xen 4.20 / oxenstored under systemd.

@@ -21,6 +21,7 @@ MODULES = {
     "_storage": ("build_storage.py", ["common", "storage"]),
     "_dataplane": ("build_dataplane.py", ["common", "platform", "dataplane", "nbd"]),
     "_simguest": ("build_simguest.py", ["common", "simguest"]),
+    "_rbd": ("build_rbd.py", ["common", "rbd"]),
 }
 
 

@@ -44,6 +44,7 @@ DEBS=(
   python3-dev python3-cffi python3-setuptools # make deb: the native modules for the system python3
   python3-uvloop python3-structlog python3-prometheus-client python3-pyroute2  # the package's deps (test_deb)
   clang "$clang_rt"                           # libFuzzer and sanitizers
+  librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common  # the RBD driver (xenblk._rbd) and its test cluster
 )
 
 missing=()

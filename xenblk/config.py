@@ -75,6 +75,22 @@ class StorageConfig:
 
 
 @dataclass
+class RbdConfig:
+    allowed_pools: list[str] = field(default_factory=list)
+    """Ceph pools whose images may be served (params rbd:POOL/IMAGE[@SNAP]); empty: no RBD disks."""
+    conf_file: str = "/etc/ceph/ceph.conf"
+    """ceph.conf naming the monitors; empty: librados' default search."""
+    client_id: str = "admin"
+    """cephx user (client.<id>) the daemon connects as."""
+    keyring: str = ""
+    """Keyring file of that user; empty: the one ceph.conf names."""
+    connect_timeout: int = 30
+    """Seconds to reach the monitors when an RBD disk is opened."""
+    op_timeout: int = 0
+    """Seconds an I/O waits for an unreachable cluster before the guest gets EIO; 0: until it is back."""
+
+
+@dataclass
 class XenstoreConfig:
     path: str = ""
     """Socket path; empty: $XENSTORED_PATH, $XENSTORED_RUNDIR/socket, /var/run/xenstored/socket, /dev/xen/xenbus."""
@@ -97,6 +113,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    rbd: RbdConfig = field(default_factory=RbdConfig)
     xenstore: XenstoreConfig = field(default_factory=XenstoreConfig)
     nbd: NbdConfig = field(default_factory=NbdConfig)
 
@@ -115,6 +132,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "dataplane.memory_per_disk_mib": (1, 65536),
     "xenstore.timeout": (0.1, 3600),
     "nbd.max_clients": (1, 256),
+    "rbd.connect_timeout": (1, 3600),
+    "rbd.op_timeout": (0, 86400),
 }
 
 

@@ -30,7 +30,8 @@ ffi: Any = _storage.ffi
 lib: Any = _storage.lib
 
 FORMATS = {"raw": lib.XB_FMT_RAW, "block": lib.XB_FMT_BLOCK, "qcow2": lib.XB_FMT_QCOW2}
-FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+# rbd images come from xenblk.rbd (their own module), never from a file: named, not openable here
+FORMAT_NAMES = {v: k for k, v in FORMATS.items()} | {lib.XB_FMT_RBD: "rbd"}
 CACHE_MODES = ("writeback", "none")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xenblk.errors import XenblkError
-from xenblk.xen.params import FORMAT_ALIASES, ParamsError, join_params, split_known
+from xenblk.xen.params import FORMAT_ALIASES, NETWORK_FORMATS, ParamsError, join_params, split_known
 from xenblk.xen.paths import backend_path, backend_type_path, frontend_path
 from xenblk.xen.states import XenbusState as S
 from xenblk.xen.states import name, parse_state
@@ -43,6 +43,8 @@ def image_params(image: str, fmt: str | None) -> str:
         if fmt is not None and FORMAT_ALIASES[prefix] != FORMAT_ALIASES.get(fmt, fmt):
             raise ParamsError(f"image {image!r} says format {prefix} but --format is {fmt}")
         fmt, image = prefix, rest
+    if fmt is not None and FORMAT_ALIASES.get(fmt, fmt) in NETWORK_FORMATS:
+        return join_params(fmt, image)
     path = os.path.abspath(image)
     return join_params(fmt, path)
 

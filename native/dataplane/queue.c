@@ -315,6 +315,58 @@ static void batch_run(struct xb_queue *q)
     }
 }
 
+/* ---- asynchronous drivers (rbd): no extents, no workers; completions come on img->aio_fd ---- */
+
+static void slow_finished(struct xb_queue *q, struct xb_req *r);
+
+/* Hand r's storage operation to the driver; it comes back through reap_aio(). */
+static void aio_start(struct xb_queue *q, struct xb_req *r, int op)
+{
+    struct xb_image *img = q->dev->img;
+    r->t_storage = now_ns();
+    r->err = 0;
+    /* the discard answer rules of the slow path (EOPNOTSUPP) apply to the same op here */
+    r->slow_kind = op == XB_AIO_DISCARD ? XB_SLOW_DISCARD : XB_SLOW_READ;
+    r->aio_iov.iov_base = r->buf;
+    r->aio_iov.iov_len = r->len;
+    r->aio.op = op;
+    r->aio.iov = &r->aio_iov;
+    r->aio.iovcnt = 1;
+    r->aio.off = r->p.sector << XB_SECTOR_SHIFT;
+    r->aio.len = op == XB_AIO_DISCARD ? r->p.nr_sectors << XB_SECTOR_SHIFT : r->len;
+    r->aio.result = 0;
+    int rc = img->ops->aio_submit(img, &r->aio);
+    if (rc < 0) {
+        r->err = rc;
+        r->t_storage_end = now_ns();
+        slow_finished(q, r);
+    }
+}
+
+/* Collect what the driver finished. The image's completions are one queue for all of a device's
+ * queues: a request of another queue goes back to that queue (its done list, its eventfd). */
+static void reap_aio(struct xb_queue *q)
+{
+    struct xb_image *img = q->dev->img;
+    struct xb_aio *done[64];
+    int n;
+    do {
+        n = img->ops->aio_reap(img, done, 64);
+        for (int i = 0; i < n; i++) {
+            struct xb_req *r = (struct xb_req *)((char *)done[i] - __builtin_offsetof(struct xb_req, aio));
+            int64_t res = done[i]->result;
+            r->err = res < 0 ? (int)res : 0;
+            r->t_storage_end = now_ns();
+            if (r->q == q)
+                slow_finished(q, r);
+            else
+                xb_slow_post(r);
+        }
+    } while (n == 64);
+    if (n < 0)
+        queue_fail(q, "storage completion queue failed: %s", strerror(-n));
+}
+
 static void slow_io(struct xb_queue *q, struct xb_req *r, int write)
 {
     xb_slow_submit(q, r, write ? XB_SLOW_WRITE : XB_SLOW_READ);
@@ -354,6 +406,10 @@ static void start_rw(struct xb_queue *q, struct xb_req *r, int write)
 {
     struct xb_image *img = q->dev->img;
     uint64_t off = r->p.sector << XB_SECTOR_SHIFT;
+    if (img->ops->aio_submit) {
+        aio_start(q, r, write ? XB_AIO_WRITE : XB_AIO_READ);
+        return;
+    }
     r->t_storage = now_ns();
     r->err = 0;
     r->nr_ext = 0;
@@ -424,16 +480,21 @@ static void storage_done(struct xb_queue *q, struct xb_req *r)
     finish(q, r, XB_RSP_OKAY, -1);
 }
 
-/* Requests the slow-path workers finished for this queue. */
+static void slow_finished(struct xb_queue *q, struct xb_req *r)
+{
+    if (r->slow_kind == XB_SLOW_DISCARD && r->err == -EOPNOTSUPP)
+        finish(q, r, XB_RSP_EOPNOTSUPP, XB_ERR_OTHER);
+    else
+        storage_done(q, r);
+}
+
+/* Requests the slow-path workers (or another queue's reap_aio) finished for this queue. */
 static void reap_slow(struct xb_queue *q)
 {
     struct xb_req *r = xb_slow_take_done(q);
     while (r) {
         struct xb_req *next = r->next_free;
-        if (r->slow_kind == XB_SLOW_DISCARD && r->err == -EOPNOTSUPP)
-            finish(q, r, XB_RSP_EOPNOTSUPP, XB_ERR_OTHER);
-        else
-            storage_done(q, r);
+        slow_finished(q, r);
         r = next;
     }
 }
@@ -492,6 +553,10 @@ static void start_flush(struct xb_queue *q, struct xb_req *r)
     if (r->p.nseg) {
         r->flush_after = 1;
         copy_later(q, r, XB_COPY_FROM_GUEST);
+        return;
+    }
+    if (q->dev->img->ops->aio_submit) {
+        aio_start(q, r, XB_AIO_FLUSH);
         return;
     }
     r->t_storage = now_ns();
@@ -652,6 +717,10 @@ static void dispatch(struct xb_queue *q, struct xb_req *r)
             start_flush(q, r);
         break;
     case XB_OP_DISCARD:
+        if (q->dev->img->ops->aio_submit && !(r->p.discard_flag & XB_DISCARD_SECURE)) {
+            aio_start(q, r, XB_AIO_DISCARD);
+            break;
+        }
         r->t_storage = now_ns();
         xb_slow_submit(q, r, XB_SLOW_DISCARD);
         break;
@@ -726,11 +795,14 @@ static void drain_fd(int fd)
 void *xb_queue_main(void *arg)
 {
     struct xb_queue *q = arg;
-    struct pollfd pfd[4] = {
+    struct xb_image *img = q->dev->img;
+    int aio = img->ops->aio_submit != NULL;
+    struct pollfd pfd[5] = {
         {.fd = xb_evtchn_fd(q->ch), .events = POLLIN},
         {.fd = q->cq_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
         {.fd = q->slow_fd, .events = POLLIN},
+        {.fd = aio ? img->aio_fd : -1, .events = POLLIN}, /* every queue of the device polls it */
     };
     int busy = 1; /* look at the ring once before sleeping: the guest may have queued already */
     /* journal hook: after a daemon restart, the requests it took and did not answer, again */
@@ -738,7 +810,7 @@ void *xb_queue_main(void *arg)
     while (xb_journal_next_replay(q, replay))
         handle_request(q, replay);
     for (;;) {
-        int rc = poll(pfd, 4, busy ? 0 : -1);
+        int rc = poll(pfd, 5, busy ? 0 : -1);
         if (rc < 0 && errno != EINTR) {
             queue_fail(q, "poll failed: %s", strerror(errno));
             break;
@@ -758,9 +830,13 @@ void *xb_queue_main(void *arg)
                 drain_fd(q->stop_fd);
             if (pfd[3].revents & POLLIN)
                 drain_fd(q->slow_fd);
+            if (pfd[4].revents & POLLIN)
+                drain_fd(img->aio_fd); /* before polling the driver: a completion after this wakes us again */
         }
         if (q->uring_ok)
             reap_completions(q);
+        if (aio)
+            reap_aio(q);
         reap_slow(q);
         if (q->mem_wait)
             resume_waiting(q);

@@ -55,6 +55,8 @@ struct xb_req {
     size_t ext_buf_off[XB_MAX_EXTENTS];
     uint64_t ext_done[XB_MAX_EXTENTS];
     enum xb_slow_kind slow_kind;
+    struct xb_aio aio;      /* an asynchronous driver's operation (ops->aio_submit) */
+    struct iovec aio_iov;
     struct xb_req *next_free; /* also links the slow-path job and done lists */
 };
 

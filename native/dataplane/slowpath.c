@@ -50,7 +50,7 @@ static void run(struct xb_req *r)
     r->t_storage_end = xb_now_ns();
 }
 
-static void post(struct xb_req *r)
+void xb_slow_post(struct xb_req *r)
 {
     struct xb_queue *q = r->q;
     pthread_mutex_lock(&q->done_mu);
@@ -80,7 +80,7 @@ static void *worker(void *arg)
             pool->tail = NULL;
         pthread_mutex_unlock(&pool->mu);
         run(r);
-        post(r);
+        xb_slow_post(r);
     }
 }
 

@@ -23,7 +23,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-enum xb_image_format { XB_FMT_RAW = 0, XB_FMT_BLOCK = 1, XB_FMT_QCOW2 = 2 };
+enum xb_image_format { XB_FMT_RAW = 0, XB_FMT_BLOCK = 1, XB_FMT_QCOW2 = 2, XB_FMT_RBD = 4 };
 
 /* xb_image_open flags */
 #define XB_OPEN_RDONLY 0x1u
@@ -50,6 +50,18 @@ struct xb_extent {
 
 struct xb_image;
 
+/* One asynchronous storage operation (drivers with ops->aio_submit: rbd). The caller owns it
+ * until it comes back from ops->aio_reap with `result` set. */
+/* (blkif has no write-zeroes request: ops->write_zeroes stays synchronous) */
+enum xb_aio_op { XB_AIO_READ = 1, XB_AIO_WRITE, XB_AIO_FLUSH, XB_AIO_DISCARD };
+struct xb_aio {
+    int op;                  /* enum xb_aio_op */
+    const struct iovec *iov; /* READ/WRITE: the data */
+    int iovcnt;
+    uint64_t off, len;       /* bytes; len for DISCARD (READ/WRITE: the iovec's length) */
+    int64_t result;          /* set when reaped: >= 0 done, or a negative errno */
+};
+
 struct xb_image_ops {
     /* Return 1 with *ext filled if [off, off+len) starts with a plain fd range
      * usable for direct I/O (for a write: already allocated, no COW needed);
@@ -65,6 +77,13 @@ struct xb_image_ops {
     /* Re-read the size (online resize); returns the new size in bytes or <0. */
     int64_t (*refresh_size)(struct xb_image *img);
     void (*close)(struct xb_image *img);
+    /* Asynchronous drivers only (NULL elsewhere): the data plane submits every READ/WRITE/FLUSH/
+     * DISCARD here instead of map()/the slow path, polls `aio_fd` (readable when something
+     * completed; the poller drains it, non-blocking) and collects finished operations with
+     * aio_reap (any thread may reap any operation: it returns whatever completed). aio_submit
+     * returns 0 (submitted) or a negative errno (not submitted, will not be reaped). */
+    int (*aio_submit)(struct xb_image *img, struct xb_aio *a);
+    int (*aio_reap)(struct xb_image *img, struct xb_aio **done, int max);
 };
 
 struct xb_image {
@@ -78,6 +97,7 @@ struct xb_image {
     uint32_t caps;             /* XB_CAP_* */
     int direct;                /* opened with O_DIRECT: buffers and offsets must be aligned */
     void *priv;                /* driver state */
+    int aio_fd;                /* with ops->aio_submit: the completion eventfd */
 };
 
 #endif

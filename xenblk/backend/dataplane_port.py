@@ -79,12 +79,15 @@ def journal_paths(journal_dir: str, name: str, queues: int) -> list[Path]:
 
 def journal_ident(domid: int, devid: int, q: int, fe: FrontendConfig, image: Any) -> str:
     """What a queue's journal belongs to: the frontend's ring and channel as now in XenStore, and
-    the image file (a journal is only resumed for exactly these)."""
-    st = os.stat(image.path)
+    the image file (a journal is only resumed for exactly these; an RBD image by its name)."""
+    dev_ino = (0, 0)
+    if image.format != "rbd":
+        st = os.stat(image.path)
+        dev_ino = (st.st_dev, st.st_ino)
     qk = fe.queues[q]
     desc = (
         f"{domid}/{devid}/{q}/{len(fe.queues)}/{fe.protocol}/{fe.ring_pages}/{list(qk.ring_refs)}/"
-        f"{qk.event_channel}/{image.path}/{st.st_dev}/{st.st_ino}/{image.format}"
+        f"{qk.event_channel}/{image.path}/{dev_ino[0]}/{dev_ino[1]}/{image.format}"
     )
     return hashlib.sha256(desc.encode()).hexdigest()[:63]
 

@@ -94,6 +94,8 @@ class DeviceTask:
         self.image: Any = None
         self.nbd: Any = None  # xenblk.nbd.NbdExport of the open image (docs/DESIGN.md, "NBD export")
         self.image_format = ""
+        self._header_fd = -1  # an RBD image's "header changed" eventfd, watched by the loop (online resize)
+        self._header_tasks: set[asyncio.Task[None]] = set()
         self.cdrom = False
         self.sectors = 0
         self.frontend: FrontendConfig | None = None
@@ -391,8 +393,13 @@ class DeviceTask:
                 allowed_devices=list(st.allowed_devices),
                 backing_dirs=list(st.backing_dirs),
                 meta_writethrough=wt,
+                rbd=cfg.rbd,
             ),
         )
+        if spec.format == "rbd" and not self.image.readonly:
+            await self._rbd_lock()
+        if spec.format == "rbd":
+            self._watch_rbd_header()
         self.image_format = str(self.image.format)
         self.sectors = int(self.image.size) // 512
         self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
@@ -427,6 +434,68 @@ class DeviceTask:
             with contextlib.suppress(_Vanished):
                 await self._transact_values({"physical-device-path": path})
         self.log.info("device.nbd_export", socket=path, readonly=readonly)
+
+    async def _rbd_lock(self) -> None:
+        """Hold the RBD image's exclusive lock before anything can write (README, "Ceph RBD"): while
+        another client (another Dom0's daemon) holds it, wait, the device not yet served."""
+        from xenblk import rbd
+        from xenblk.storage import StorageError
+
+        loop = asyncio.get_running_loop()
+        img = self.image
+        waiting = False
+        try:
+            while True:
+                try:
+                    prev = await loop.run_in_executor(None, rbd.acquire_lock, img)
+                except rbd.LockBusy as e:
+                    if not waiting:
+                        self.log.warning("device.rbd_lock_wait", image=str(img.path), owner=e.owner, error=str(e))
+                        waiting = True
+                    await asyncio.sleep(1.0)
+                    xs = self.ctx.xs
+                    online, bstate = await xs.try_read(f"{self.bpath}/online"), await xs.try_read(f"{self.bpath}/state")
+                    if self._shutdown or bstate is None or (online or "").strip() == "0":
+                        # detached (or removed, or the daemon stopping) while waiting: stop waiting
+                        raise StorageError(f"{img.path}: detached while waiting for the exclusive lock") from None
+                    continue
+                break
+        except StorageError as e:
+            self._close_image()
+            raise ImageSpecError(str(e)) from None
+        except BaseException:
+            self._close_image()
+            raise
+        if prev:
+            # librbd hands over a held lock only when its holder's watch is gone, and blocklists that
+            # client first; or the holder released it between our look and our acquire.
+            self.log.warning("device.rbd_lock_taken_over", image=str(img.path), previous_owner=prev)
+        self.log.info("device.rbd_lock_acquired", image=str(img.path), waited=waiting)
+
+    def _watch_rbd_header(self) -> None:
+        """An RBD image grows from anywhere (`rbd resize` on any host): librbd's header watch wakes
+        the loop, which re-reads the size as `xenblk resize` would."""
+        from xenblk import rbd
+
+        fd = rbd.update_fd(self.image)
+        if fd < 0:
+            return
+        self._header_fd = fd
+
+        def changed() -> None:
+            with contextlib.suppress(OSError):
+                os.read(fd, 8)
+            t = asyncio.ensure_future(self._resize_quietly())
+            self._header_tasks.add(t)
+            t.add_done_callback(self._header_tasks.discard)
+
+        asyncio.get_running_loop().add_reader(fd, changed)
+
+    async def _resize_quietly(self) -> None:
+        try:
+            await self.resize()
+        except XenblkError as e:
+            self.log.warning("device.resize_failed", error=str(e))
 
     async def _resume(self, fs: int) -> bool:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
@@ -710,6 +779,10 @@ class DeviceTask:
         if exp is not None:
             exp.close()  # first: it returns once no NBD request is in the image any more
         img, self.image = self.image, None
+        if self._header_fd >= 0:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing is watching it
+                asyncio.get_running_loop().remove_reader(self._header_fd)
+            self._header_fd = -1
         if img is not None:
             img.close()
 

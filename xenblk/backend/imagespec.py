@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xenblk.config import RbdConfig
 from xenblk.errors import XenblkError
-from xenblk.xen.params import FORMAT_ALIASES, split_prefix
+from xenblk.xen.params import FORMAT_ALIASES, ParamsError, parse_rbd, split_prefix
 
 
 class ImageSpecError(XenblkError):
@@ -72,6 +73,13 @@ def parse_params(params: str | None, mode: str | None) -> ImageSpec:
                 f"unknown image format {prefix!r} in params (known: {', '.join(sorted(FORMAT_ALIASES))})"
             )
         fmt = FORMAT_ALIASES[prefix]
+    if fmt == "rbd":
+        try:
+            name = parse_rbd(path)
+        except ParamsError as e:
+            raise ImageSpecError(str(e)) from None
+        # a snapshot cannot be written: served read-only, as a read-only file is
+        return ImageSpec(path=str(name), format="rbd", readonly=parse_mode(mode) or name.snap is not None)
     if not path.startswith("/"):
         raise ImageSpecError(f"image path {path[:80]!r} is not absolute")
     return ImageSpec(path=path, format=fmt, readonly=parse_mode(mode))
@@ -149,12 +157,16 @@ def open_image(
     allowed_devices: Sequence[str] = (),
     backing_dirs: Sequence[str] = (),
     meta_writethrough: bool = False,
+    rbd: RbdConfig | None = None,
 ) -> Any:
     """Open the image where the rules above allow it; returns xenblk.storage.Image.
-    meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled)."""
+    meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled).
+    An RBD image (rbd.allowed_pools) is opened without its exclusive lock: see xenblk.rbd."""
     from xenblk.storage import Image, StorageError, file_kind, open_checked, open_in_dir, under_dirs
 
     path = spec.path
+    if spec.format == "rbd":
+        return _open_rbd(spec, rbd or RbdConfig())
     try:
         if device_allowed(path, allowed_devices):
             # udev's names (/dev/vg/lv, /dev/mapper/...) are links root made: followed
@@ -197,5 +209,21 @@ def open_image(
             meta_writethrough=meta_writethrough,
             backing_dirs=backing_dirs,
         )
+    except StorageError as e:
+        raise ImageSpecError(str(e)) from None
+
+
+def _open_rbd(spec: ImageSpec, cfg: RbdConfig) -> Any:
+    from xenblk import rbd
+    from xenblk.storage import StorageError
+
+    name = parse_rbd(spec.path)
+    if name.pool not in cfg.allowed_pools:
+        raise ImageSpecError(
+            f"rbd image {name}: pool {name.pool} is not in rbd.allowed_pools"
+            f" ({', '.join(cfg.allowed_pools) or 'none configured'})"
+        )
+    try:
+        return rbd.open_image(name, cfg, readonly=spec.readonly)
     except StorageError as e:
         raise ImageSpecError(str(e)) from None

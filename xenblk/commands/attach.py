@@ -23,11 +23,15 @@ def register(sub: Any) -> None:
         "simulated domain is created first if it does not exist.",
     )
     p.add_argument("domid", type=int, metavar="DOMID", help="the guest domain")
-    p.add_argument("image", metavar="IMAGE", help="[format:]path of the image (relative paths are made absolute)")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="[format:]path of the image (relative paths are made absolute), or rbd:POOL/IMAGE[@SNAP]",
+    )
     p.add_argument("--vdev", default="xvdb", help="virtual device name in the guest (default xvdb)")
     p.add_argument(
         "--format",
-        choices=["raw", "qcow2", "block"],
+        choices=["raw", "qcow2", "block", "rbd"],
         default=None,
         help="image format (default: block if IMAGE is a block device, else raw; never guessed from contents)",
     )
