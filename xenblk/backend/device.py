@@ -17,7 +17,7 @@ from typing import Any
 from xenblk import log as xlog
 from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice, journals_on
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
-from xenblk.backend.imagespec import ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
+from xenblk.backend.imagespec import ImageBusy, ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
 from xenblk.config import Config
 from xenblk.errors import XenblkError
@@ -38,6 +38,16 @@ RETRY_SECONDS = 0.5  # after xenstored was unreachable
 FREE_RECONNECTS = 3
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 4.0
+# An image another open holds (its OFD lock: the source of a handover, another daemon, another device) is
+# tried again after LOCK_RETRY_FIRST seconds, doubling up to LOCK_RETRY_MAX, for as long as it takes: the
+# holder releases it when its device closes or its process dies, and nothing signals that to us.
+LOCK_RETRY_FIRST = 0.05
+LOCK_RETRY_MAX = 1.0
+
+
+def lock_retry_delay(tries: int) -> float:
+    """Seconds before the next attempt to open an image held by another open, after `tries` attempts."""
+    return min(LOCK_RETRY_FIRST * (1 << min(max(tries - 1, 0), 16)), LOCK_RETRY_MAX)
 
 
 def reconnect_backoff(fruitless: int) -> float:
@@ -122,6 +132,11 @@ class DeviceTask:
         self.taken = False
         self._progress = asyncio.Event()  # set after every step: take/release wait on it
         self.finished = False
+        # Waiting for another open of the image to release it (ImageBusy): the reason, since when, attempts.
+        self.lock_wait: str | None = None
+        self._lock_wait_since = 0.0
+        self._lock_tries = 0
+        self._lock_timer: asyncio.TimerHandle | None = None
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
         self.guest_log = RateLimitedLog(self.log)
         self.task: asyncio.Task[None] | None = None
@@ -147,8 +162,9 @@ class DeviceTask:
             with contextlib.suppress(Exception):
                 await self._close_with_error(f"internal error: {type(e).__name__}: {e}")
         finally:
+            self._end_lock_wait()
             await self._stop_dataplane()
-            self._close_image()
+            await self._release_image()
             self.finished = True
             self._progress.set()
 
@@ -231,8 +247,10 @@ class DeviceTask:
             return False  # closed with an error at start; only removal or shutdown from here
         fs = s.fstate
         if self.phase is Phase.NEW:
-            if s.bstate == S.CONNECTED and fs in (S.INITIALISED, S.CONNECTED) and await self._resume(fs):
-                return False
+            if s.bstate == S.CONNECTED and fs in (S.INITIALISED, S.CONNECTED):
+                resumed = await self._resume(fs)
+                if resumed or resumed is None:  # None: the image is held elsewhere; the rings wait for it
+                    return False
             if s.bstate in (S.INITIALISED, S.CONNECTED, S.CLOSING) and fs in (S.INITIALISED, S.CONNECTED, S.CLOSING):
                 # A previous daemon left this device connected without closing it, and its rings cannot be
                 # resumed (no journal, or not for these rings). Close, and serve it again once the frontend
@@ -266,7 +284,8 @@ class DeviceTask:
             if not self.taken:
                 return False  # the hotplug script's take opens it; the frontend waits in the meantime
             try:
-                await self._open_image()
+                if not await self._open_or_wait():
+                    return False  # held by another open: the frontend waits until it is released
             except ImageSpecError as e:
                 await self._close_with_error(str(e), fs)
                 return False
@@ -389,13 +408,15 @@ class DeviceTask:
         self.sectors = int(self.image.size) // 512
         self.log.info("device.image_opened", path=self.spec.path, format=self.image_format, sectors=self.sectors)
 
-    async def _resume(self, fs: int) -> bool:
+    async def _resume(self, fs: int) -> bool | None:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
-        writing nothing the guest could notice. False (nothing changed) when that cannot be done."""
+        writing nothing the guest could notice. False (nothing changed) when that cannot be done; None
+        while another open holds the image (tried again later: its rings wait, unanswered)."""
         xs = self.ctx.xs
         cfg = self.ctx.cfg
         try:
-            await self._open_image()
+            if not await self._open_or_wait():
+                return None
         except ImageSpecError as e:
             self.log.warning("device.resume_impossible", error=str(e))
             return False
@@ -464,7 +485,8 @@ class DeviceTask:
             self.sectors = 0  # opened at take (see __init__); the InitWait nodes do not depend on the image
         elif self.image is None:
             try:
-                await self._open_image()
+                if not await self._open_or_wait():
+                    return False  # B stays Initialising: the frontend waits for InitWait
             except ImageSpecError as e:
                 await self._close_with_error(str(e))
                 return False
@@ -588,8 +610,9 @@ class DeviceTask:
             if s.bstate != S.CLOSING:
                 await self._write_state(S.CLOSING)
             return False
+        self._end_lock_wait()  # detached while waiting for the image: nothing to wait for any more
         await self._stop_dataplane()
-        self._close_image()  # before Closed: whoever waits for Closed may hand the image to someone else
+        await self._release_image()  # before Closed: whoever waits for Closed may hand the image to someone else
         if s.bstate != S.CLOSED:
             await self._write_state(S.CLOSED)
         if self.hotplug:
@@ -632,10 +655,65 @@ class DeviceTask:
             self.fruitless = 0
         self._cycle_info("device.stopped")
 
-    def _close_image(self) -> None:
+    async def _release_image(self) -> None:
+        """Flush and close the image, which releases its ownership lock (the OFD lock dies with the
+        descriptor, closed last by the driver after its own final metadata writes). Called only once the
+        data plane has stopped (every request taken from the rings answered), so another device or daemon
+        waiting for the lock finds everything this one acknowledged in the file and none of its writes
+        still to come."""
         img, self.image = self.image, None
-        if img is not None:
+        if img is None:
+            return
+        path = self.spec.path if self.spec else None
+
+        def release() -> str | None:
+            why = None
+            if img.can_flush and not img.readonly:
+                try:
+                    img.flush()
+                except XenblkError as e:  # nothing better to do than say so: the guest was already answered
+                    why = str(e)
             img.close()
+            return why
+
+        why = await asyncio.get_running_loop().run_in_executor(None, release)
+        if why:
+            self.log.error("device.release_flush_failed", path=path, error=why)
+        self._cycle_info("device.image_released", path=path)
+
+    async def _open_or_wait(self) -> bool:
+        """_open_image, except that an image held by another open (ImageBusy) is no refusal: the device
+        waits for it, trying again on the lock_retry_delay() schedule. True once open, False while waiting;
+        raises ImageSpecError on a refusal."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self._open_image()
+        except ImageBusy as e:
+            self._lock_tries += 1
+            if self.lock_wait is None:
+                self._lock_wait_since = loop.time()
+                self.log.warning("device.image_busy", error=str(e), retry_max_seconds=LOCK_RETRY_MAX)
+            elif self._lock_tries & (self._lock_tries - 1) == 0:  # 2nd, 4th, 8th... attempt: still waiting
+                self.log.info("device.image_busy", error=str(e), tries=self._lock_tries,
+                              seconds=round(loop.time() - self._lock_wait_since, 3))  # fmt: skip
+            self.lock_wait = str(e)
+            if self._lock_timer is not None:
+                self._lock_timer.cancel()  # one pending retry, however many watch events came meanwhile
+            self._lock_timer = loop.call_later(lock_retry_delay(self._lock_tries), self._changed.set)
+            self._progress.set()  # a hotplug take returns: waiting is not a failure
+            return False
+        if self.lock_wait is not None:
+            self.log.info("device.image_lock_acquired", tries=self._lock_tries + 1,
+                          seconds=round(loop.time() - self._lock_wait_since, 3))  # fmt: skip
+            self._end_lock_wait()
+        return True
+
+    def _end_lock_wait(self) -> None:
+        self.lock_wait = None
+        self._lock_tries = 0
+        if self._lock_timer is not None:
+            self._lock_timer.cancel()
+            self._lock_timer = None
 
     # -- the hotplug script's requests (control ops take/release)
 
@@ -649,6 +727,10 @@ class DeviceTask:
                 if self.image is not None:
                     return {"image": self.spec.path if self.spec else None, "format": self.image_format,
                             "sectors": self.sectors}  # fmt: skip
+                if self.lock_wait is not None:
+                    # Held by another open (the source of a handover is released only after this device is
+                    # added): accepted; the device connects once it gets the image.
+                    return {"image": self.spec.path if self.spec else None, "waiting": self.lock_wait}
                 if self.phase is Phase.CLOSED and self.error:
                     raise XenblkError(self.error)
                 if self.finished:
@@ -700,6 +782,7 @@ class DeviceTask:
             reconnects=max(self.connections - 1, 0),
             resizes=self.resizes,
             sectors=self.sectors,
+            lock_wait=self.lock_wait is not None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -724,6 +807,7 @@ class DeviceTask:
             "connections": self.connections,
             "resizes": self.resizes,
             "reconnect_backoffs": self.backoffs,
+            "lock_wait": self.lock_wait,
         }
 
 
