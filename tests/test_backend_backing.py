@@ -209,7 +209,9 @@ async def test_block_device_image_needs_allowed_devices(harness: Harness, loop_d
     await _bystander(h)
     # even with /dev among allowed_dirs (an old config), a device is not served as a file
     h.cfg.storage.allowed_dirs = [str(h.images), "/dev"]
-    await h.attach(1, "xvdb", params=f"phy:{loop_dev}")
+    # read-only, as the disks below: a refused device is tried again at its next event, and once the
+    # pattern below admits the device a read-write xvdb would hold it and make them wait (image lock)
+    await h.attach(1, "xvdb", params=f"phy:{loop_dev}", mode="r")
     await _closed_with(h, 1, "xvdb", "storage.allowed_devices")
     h.cfg.storage.allowed_devices = ["/dev/loop*"]  # type: ignore[attr-defined,unused-ignore]
     await h.attach(1, "xvdc", params=f"phy:{loop_dev}", mode="r")

@@ -184,7 +184,9 @@ def test_serve_with_wait_errors_and_sighup_reload(sim_host: SimHostProc, cfg: Pa
         img = cfg.parent / "images" / "ok.raw"
         img.write_bytes(b"\0" * (1 << 20))
         run(cfg, "attach", "1", str(img), "--vdev", "xvdc", "--wait=initwait", "--sim", str(sim_host.dir))
-        r = run(cfg, "attach", "1", str(img), "--vdev", "xvdd", "--wait", "--timeout", "1", "--sim", str(sim_host.dir),
+        img2 = cfg.parent / "images" / "ok2.raw"  # its own: xvdc holds ok.raw read-write (image lock)
+        img2.write_bytes(b"\0" * (1 << 20))
+        r = run(cfg, "attach", "1", str(img2), "--vdev", "xvdd", "--wait", "--timeout", "1", "--sim", str(sim_host.dir),
                 check=False)  # fmt: skip
         assert r.returncode == 1 and "backend state is InitWait after 1s" in r.stderr  # no guest: never Connected
         text = run(cfg, "list", "--sim", str(sim_host.dir)).stdout

@@ -171,7 +171,9 @@ def test_flush_starved_discard_loop_keeps_the_qcow2_bounded(stack: Stack) -> Non
     bound = MiB + 256 * 1024 + QCOW2_RESERVE
     assert img.stat().st_size <= bound, f"the image grew to {img.stat().st_size / MiB:.1f} MiB"
     assert 'xenblk_errors_total{domid="1",reason="quota",vdev="xvdb"} 0.0' in stack.scrape()
-    stack.xenblk("detach", "1", "xvdb", "--force", "--sim", str(stack.sim))
+    # a detach that waits for Closed: the daemon has closed the image (and dropped its lock, which
+    # qemu-img would otherwise meet) before it writes Closed
+    stack.xenblk("detach", "1", "xvdb", "--sim", str(stack.sim))
     check = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 

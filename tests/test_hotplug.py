@@ -408,3 +408,39 @@ def test_vbd_left_to_xen_blkback_loaded_after_the_start(host: Host) -> None:
     assert host.open_fds_to(image) == []
     assert not [d for d in host.served() if d["domid"] == 11]
     host.xs_batch([("rm", f"/local/domain/0/{xp}"), ("rm", f"/local/domain/11/device/vbd/{vdev_to_devid('xvdb')}")])
+
+
+def test_add_of_an_image_another_disk_holds_succeeds_and_connects_once_released(host: Host) -> None:
+    """A localhost migration as libxl runs it: the destination domain's disk is added while the source's
+    disk (same daemon) holds the image. The script's add must succeed (libxl destroys the source only
+    once the destination is complete), the destination waits for the image (docs: image ownership)
+    and connects once the source is removed; its guest's I/O then verifies."""
+    image = host.stack.images / "m.raw"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    src = host.write_libxl_disk(3, "xvdb", f"aio:{image}")
+    host.wait_state(src, "2")
+    assert host.hotplug("add", src).returncode == 0
+    dst = host.write_libxl_disk(4, "xvdb", f"aio:{image}")
+    host.wait_state(dst, "2")
+    r = host.hotplug("add", dst)
+    assert r.returncode == 0, r.stderr + host.stack.log_tail()
+    assert host.read(f"/local/domain/0/{dst}/hotplug-status") == "connected"
+    (waiting,) = [d for d in host.served() if d["domid"] == 4]
+    assert "in use" in (waiting["lock_wait"] or ""), waiting
+    guest = host.stack.guest_proc(4, "--rw", "randrw", "--bs", "4k", "--iodepth", "8", "--size", "8M", "--verify",
+                                  "--seed", "9", "--timeout", "120")  # fmt: skip
+    try:
+        fe = f"/local/domain/4/device/vbd/{vdev_to_devid('xvdb')}/state"
+        deadline = time.monotonic() + 120
+        while host.read(fe) != "3":  # the guest has granted its rings and waits for Connected
+            assert guest.poll() is None and time.monotonic() < deadline, host.stack.log_tail()
+            time.sleep(0.05)
+        assert host.read(f"/local/domain/0/{dst}/state") == "2"  # not connected while the source holds it
+        assert host.libxl_remove(src, 3).returncode == 0  # the source domain destroyed: the image released
+        out, err = guest.communicate(timeout=120)
+        assert guest.returncode == 0, out + err + host.stack.log_tail()
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.communicate()
+    assert host.libxl_remove(dst, 4).returncode == 0

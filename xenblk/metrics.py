@@ -58,6 +58,7 @@ class DiskView:
     reconnects: int = 0
     resizes: int = 0
     sectors: int = 0
+    lock_wait: bool = False  # waiting for another open of its image to release it
 
 
 @dataclass
@@ -126,6 +127,11 @@ class _DiskFamilies:
         self.size = GaugeMetricFamily("xenblk_device_size_bytes", "Disk size advertised to the guest", labels=labels)
         self.rec = CounterMetricFamily("xenblk_device_reconnects", "Frontend reconnections", labels=labels)
         self.rsz = CounterMetricFamily("xenblk_device_resizes", "Online resizes published", labels=labels)
+        self.lkw = GaugeMetricFamily(
+            "xenblk_device_image_lock_wait",
+            "1 while the disk waits for another open of its image (another daemon or device) to release it",
+            labels=labels,
+        )
 
     def add(self, d: DiskView) -> None:
         lv = [str(d.domid), d.vdev]
@@ -133,6 +139,7 @@ class _DiskFamilies:
         self.qn.add_metric(lv, len(d.queues))
         self.size.add_metric(lv, d.sectors * 512)
         self.rec.add_metric(lv, d.reconnects)
+        self.lkw.add_metric(lv, 1 if d.lock_wait else 0)
         self.rsz.add_metric(lv, d.resizes)
         if not d.queues:
             return
@@ -174,7 +181,7 @@ class _DiskFamilies:
     def families(self) -> Iterator[Any]:
         yield from (self.req, self.byt, self.err, self.lat, self.sto, self.segs, self.occ, self.infl)
         yield from (self.refs, self.errs, self.gcf, self.gmf, self.memb, self.memw)
-        yield from (self.state, self.qn, self.size, self.rec, self.rsz)
+        yield from (self.state, self.qn, self.size, self.rec, self.rsz, self.lkw)
 
 
 class XenblkCollector(Collector):

@@ -17,6 +17,7 @@ any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only if it is a r
 from __future__ import annotations
 
 import errno as _errno
+import fcntl
 import os
 import stat
 import threading
@@ -41,6 +42,11 @@ class StorageError(XenblkError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class ImageLocked(StorageError):
+    """Another open of the image holds a conflicting OFD lock (see lock_image): not a refusal, the
+    image is in use; the daemon waits for it to be released."""
 
 
 _KINDS = {
@@ -84,13 +90,46 @@ def _os_error(name: str, e: OSError, where: str = "") -> StorageError:
     return StorageError(msg, e.errno or 0)
 
 
+def lock_image(fd: int, name: str) -> None:
+    """Takes the image's ownership lock on `fd`: an OFD lock on the whole file (block device: its
+    /dev node), a write lock if fd is open read-write, else a read lock, so read-only users share and
+    a writer excludes everyone. It belongs to this open file description, which is handed to C and
+    closed last by xb_image_close (after the driver's own final writes) or by the kernel when the
+    process dies: the lock is released exactly when this open ends, never earlier. Raises
+    ImageLocked when another open holds a conflicting lock, StorageError if the file cannot be
+    locked at all (the image is then not served: unprotected is not an option)."""
+    rc = int(lib.xb_ofd_lock(fd))
+    if rc == 0:
+        return
+    if rc > 0:
+        mine = "read-write" if _writable(fd) else "read-only"
+        held = "read-write" if rc == lib.XB_LOCK_HELD_WRITE else "read-only"
+        raise ImageLocked(
+            f"{name}: in use: another open of this image holds it {held} (OFD lock; another xenblk daemon, or "
+            f"another device of this one), so it cannot be opened {mine} until that is released",
+            _errno.EAGAIN,
+        )
+    raise StorageError(f"{name}: cannot take its ownership lock (OFD lock): {os.strerror(-rc)}", -rc)
+
+
+def _writable(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+
+
 def open_checked(
-    opener: Callable[[int], int], name: str, *, readonly: bool, accept: Callable[[int], str | None], where: str = ""
+    opener: Callable[[int], int],
+    name: str,
+    *,
+    readonly: bool,
+    accept: Callable[[int], str | None],
+    where: str = "",
+    lock: bool = False,
 ) -> int:
     """Opens a file through `opener(os flags) -> fd` the way every image is opened: an O_PATH
     probe first (no side effect: a FIFO cannot block, a device is not opened), `accept(st_mode)`
     (None, or why not), then the real open with O_NONBLOCK (the driver clears it), read-write
     falling back to read-only where the file refuses writing, and the same inode or nothing.
+    lock: then lock_image() before anything reads the file (raises ImageLocked).
     Returns the fd; raises StorageError."""
     try:
         probe = opener(os.O_PATH)
@@ -117,6 +156,12 @@ def open_checked(
     if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) or stat.S_IFMT(st2.st_mode) != stat.S_IFMT(st.st_mode):
         os.close(fd)
         raise StorageError(f"{name}: refused: it was replaced while being opened", _errno.EAGAIN)
+    if lock:
+        try:
+            lock_image(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
     return fd
 
 
@@ -131,7 +176,9 @@ def under_dirs(path: str, dirs: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
-def open_in_dir(root: str, rel: str, name: str, *, readonly: bool, accept: Callable[[int], str | None]) -> int:
+def open_in_dir(
+    root: str, rel: str, name: str, *, readonly: bool, accept: Callable[[int], str | None], lock: bool = False
+) -> int:
     """open_checked of root/rel, beneath root (the admin's directory, whose own path may hold links)."""
     try:
         dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -139,7 +186,12 @@ def open_in_dir(root: str, rel: str, name: str, *, readonly: bool, accept: Calla
         raise StorageError(f"{name}: directory {root}: {e.strerror}", e.errno or 0) from None
     try:
         return open_checked(
-            lambda fl: open_beneath(dirfd, rel, fl), name, readonly=readonly, accept=accept, where=f" under {root}"
+            lambda fl: open_beneath(dirfd, rel, fl),
+            name,
+            readonly=readonly,
+            accept=accept,
+            where=f" under {root}",
+            lock=lock,
         )
     finally:
         os.close(dirfd)
@@ -149,10 +201,12 @@ def regular_only(mode: int) -> str | None:
     return None if stat.S_ISREG(mode) else f"is {file_kind(mode)} (only regular files are accepted here)"
 
 
-def open_backing_file(parent: str, name: str, backing_dirs: Sequence[str]) -> tuple[int, str]:
+def open_backing_file(parent: str, name: str, backing_dirs: Sequence[str], *, lock: bool = False) -> tuple[int, str]:
     """The backing file `name` of the image `parent` (the name comes from the parent's header:
     hostile): resolved against the parent's directory when relative, normalized, accepted only
-    under one of `backing_dirs`, opened read-only beneath it, a regular file. Returns (fd, path)."""
+    under one of `backing_dirs`, opened read-only beneath it, a regular file; lock: with a read
+    lock (lock_image), so base images are shared and never opened read-write meanwhile.
+    Returns (fd, path)."""
     if not backing_dirs:
         raise StorageError(
             f"{parent}: backing file {name!r} refused: backing files are not allowed (storage.backing_dirs is empty)",
@@ -166,7 +220,7 @@ def open_backing_file(parent: str, name: str, backing_dirs: Sequence[str]) -> tu
             f"{parent}: backing file {shown} is outside storage.backing_dirs ({', '.join(backing_dirs)})",
             _errno.EPERM,
         )
-    fd = open_in_dir(*hit, f"{parent}: backing file {p}", readonly=True, accept=regular_only)
+    fd = open_in_dir(*hit, f"{parent}: backing file {p}", readonly=True, accept=regular_only, lock=lock)
     return fd, p
 
 
@@ -174,14 +228,15 @@ class _BackingOpener:
     """What the xb_backing_fn C calls for each backing file of a chain does (see open_backing_file); C calls
     lib.xb_py_open_backing with a handle to this object as ctx."""
 
-    def __init__(self, backing_dirs: Sequence[str]) -> None:
+    def __init__(self, backing_dirs: Sequence[str], lock: bool) -> None:
         self.dirs = list(backing_dirs)
+        self.lock = lock
         self.error: StorageError | None = None  # the refusal, whole (C's copy is cut at XB_ERRLEN)
 
     def _call(self, ctx: Any, parent_c: Any, name_c: Any, fmt_c: Any, resolved_c: Any, err_c: Any) -> int:
         parent = os.fsdecode(ffi.string(parent_c))
         try:
-            fd, path = open_backing_file(parent, os.fsdecode(ffi.string(name_c)), self.dirs)
+            fd, path = open_backing_file(parent, os.fsdecode(ffi.string(name_c)), self.dirs, lock=self.lock)
         except StorageError as e:
             self.error = e
             _set_err(err_c, str(e))
@@ -233,6 +288,7 @@ class Image:
         cache: str | None = None,
         meta_writethrough: bool = False,
         backing_dirs: Sequence[str] = (),
+        lock: bool = False,
     ) -> Image:
         """Opens `path` as named by a trusted caller (tests, `xenblk image`; the daemon goes through
         xenblk.backend.imagespec.open_image, which adds its directory rules): a regular file or a
@@ -240,7 +296,9 @@ class Image:
         cache None: the format's default (page cache for files, O_DIRECT for block devices);
         "none": O_DIRECT; "writeback": page cache, even for a block device. meta_writethrough
         (qcow2): a write that allocates puts its metadata in the file before it returns, so a
-        killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact")."""
+        killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact").
+        lock: take the ownership lock (lock_image) on the image and its backing files, as the daemon
+        does; ImageLocked if another open holds it."""
         name = os.path.abspath(path)
 
         def file_or_device(mode: int) -> str | None:
@@ -248,7 +306,9 @@ class Image:
                 return None
             return f"is {file_kind(mode)}, not an image file or block device"
 
-        fd = open_checked(lambda fl: os.open(path, fl | os.O_CLOEXEC), name, readonly=readonly, accept=file_or_device)
+        fd = open_checked(
+            lambda fl: os.open(path, fl | os.O_CLOEXEC), name, readonly=readonly, accept=file_or_device, lock=lock
+        )
         return cls.open_fd(
             fd,
             name,
@@ -257,6 +317,7 @@ class Image:
             cache=cache,
             meta_writethrough=meta_writethrough,
             backing_dirs=backing_dirs,
+            lock=lock,  # for the backing files: open_checked locked fd
         )
 
     @classmethod
@@ -270,9 +331,11 @@ class Image:
         cache: str | None = None,
         meta_writethrough: bool = False,
         backing_dirs: Sequence[str] = (),
+        lock: bool = False,
     ) -> Image:
         """The driver on an fd the caller opened and checked (ownership passes: it is closed on
-        failure too). fmt None: block for a block device, else raw."""
+        failure too). fmt None: block for a block device, else raw. lock: the backing files are
+        opened with their read lock (the caller has locked fd itself, before anything read it)."""
         try:
             if fmt is None:
                 fmt = default_format(os.fstat(fd).st_mode)
@@ -293,7 +356,7 @@ class Image:
         if meta_writethrough:
             flags |= lib.XB_OPEN_WRITETHROUGH_META
         err = ffi.new("char[]", lib.XB_ERRLEN)
-        opener = _BackingOpener(backing_dirs)
+        opener = _BackingOpener(backing_dirs, lock)
         handle = ffi.new_handle(opener)  # alive for the whole call: C calls back only during it
         ptr = lib.xb_image_open_fd(fd, os.fsencode(name), FORMATS[fmt], flags, lib.xb_py_open_backing, handle, err)
         if ptr == ffi.NULL:

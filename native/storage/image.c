@@ -83,6 +83,29 @@ int xb_open_beneath(int dirfd, const char *rel, int oflags, unsigned how_flags)
     return open_beneath_walk(dirfd, rel, oflags);
 }
 
+int xb_ofd_lock(int fd)
+{
+    /* An OFD lock belongs to the open file description: it conflicts with every other open of the
+     * file, in this process too (two devices of one daemon), and goes away only when the last fd of
+     * that description is closed (xb_image_close) or its process dies. POSIX (F_SETLK) locks would
+     * not conflict within a process and would drop when any fd of the file is closed. */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    short type = (fl & O_ACCMODE) == O_RDONLY ? F_RDLCK : F_WRLCK;
+    struct flock lk = {.l_type = type, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    if (fcntl(fd, F_OFD_SETLK, &lk) == 0)
+        return 0;
+    if (errno != EAGAIN && errno != EACCES)
+        return -errno;
+    /* Who is in the way: a writer, or (for our write lock) readers only. The holder may let go
+     * between the two calls: then it is reported as a reader, and the caller's retry succeeds. */
+    struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    if (fcntl(fd, F_OFD_GETLK, &q) == 0 && q.l_type == F_WRLCK)
+        return XB_LOCK_HELD_WRITE;
+    return XB_LOCK_HELD_READ;
+}
+
 struct xb_image *xb_image_open_fd(int fd, const char *name, int format, unsigned flags, xb_backing_fn backing,
                                   void *ctx, char *err)
 {

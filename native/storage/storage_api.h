@@ -51,6 +51,12 @@ struct xb_image *xb_image_open(const char *path, int format, unsigned flags, cha
  * leaves the directory). XB_BENEATH_WALK forces the walk (tests). */
 #define XB_BENEATH_WALK 0x1u
 int xb_open_beneath(int dirfd, const char *rel, int oflags, unsigned how);
+/* Takes an OFD lock on the whole of `fd`'s file: a write lock if the fd is open for writing, else
+ * a read lock (read-only users share). 0: locked; XB_LOCK_HELD_WRITE / XB_LOCK_HELD_READ: another
+ * open file description holds a conflicting lock (a writer / readers only); -errno otherwise. */
+#define XB_LOCK_HELD_READ 1
+#define XB_LOCK_HELD_WRITE 2
+int xb_ofd_lock(int fd);
 ssize_t xb_image_read(struct xb_image *img, void *buf, size_t len, uint64_t off);
 ssize_t xb_image_write(struct xb_image *img, const void *buf, size_t len, uint64_t off);
 int xb_image_flush(struct xb_image *img);

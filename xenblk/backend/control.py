@@ -5,7 +5,9 @@ request per line, one JSON reply per line. Used by `xenblk list`, `xenblk resize
     {"op": "resize", "domid": 1, "vdev": "xvdb"}  -> {"ok": true, "old_sectors": N, "sectors": M, "changed": b}
     {"op": "take", "backend": "backend/vbd3/1/51712"}
                                                   -> open the image now; {"ok": true, "image", "format", "sectors"}
-                                                     once open, or {"ok": false, "error": why} once refused
+                                                     once open, {"ok": true, "image", "waiting": why} while
+                                                     another open holds it (the disk connects once it is
+                                                     released), or {"ok": false, "error": why} once refused
     {"op": "release", "backend": "backend/vbd3/1/51712"}
                                                   -> {"ok": true} once the device holds no image
     errors                                        -> {"ok": false, "error": "one line"}

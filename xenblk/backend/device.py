@@ -19,7 +19,7 @@ from typing import Any
 from xenblk import log as xlog
 from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice, journals_on
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
-from xenblk.backend.imagespec import ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
+from xenblk.backend.imagespec import ImageBusy, ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
 from xenblk.backend.ratelimit import RateLimitedLog
 from xenblk.config import Config
 from xenblk.errors import XenblkError
@@ -39,6 +39,16 @@ RETRY_SECONDS = 0.5  # after xenstored was unreachable
 FREE_RECONNECTS = 3
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 4.0
+# An image another open holds (its OFD lock: the source of a handover, another daemon, another device) is
+# tried again after LOCK_RETRY_FIRST seconds, doubling up to LOCK_RETRY_MAX, for as long as it takes: the
+# holder releases it when its device closes or its process dies, and nothing signals that to us.
+LOCK_RETRY_FIRST = 0.05
+LOCK_RETRY_MAX = 1.0
+
+
+def lock_retry_delay(tries: int) -> float:
+    """Seconds before the next attempt to open an image held by another open, after `tries` attempts."""
+    return min(LOCK_RETRY_FIRST * (1 << min(max(tries - 1, 0), 16)), LOCK_RETRY_MAX)
 
 
 def reconnect_backoff(fruitless: int) -> float:
@@ -127,6 +137,11 @@ class DeviceTask:
         self.taken = False
         self._progress = asyncio.Event()  # set after every step: take/release wait on it
         self.finished = False
+        # Waiting for another open of the image to release it (ImageBusy): the reason, since when, attempts.
+        self.lock_wait: str | None = None
+        self._lock_wait_since = 0.0
+        self._lock_tries = 0
+        self._lock_timer: asyncio.TimerHandle | None = None
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
         self.guest_log = RateLimitedLog(self.log)
         self.task: asyncio.Task[None] | None = None
@@ -152,8 +167,9 @@ class DeviceTask:
             with contextlib.suppress(Exception):
                 await self._close_with_error(f"internal error: {type(e).__name__}: {e}")
         finally:
+            self._end_lock_wait()
             await self._stop_dataplane()
-            self._close_image()
+            await self._release_image()
             self.finished = True
             self._progress.set()
 
@@ -232,8 +248,10 @@ class DeviceTask:
             return False  # closed with an error at start; only removal or shutdown from here
         fs = s.fstate
         if self.phase is Phase.NEW:
-            if s.bstate == S.CONNECTED and fs in (S.INITIALISED, S.CONNECTED) and await self._resume(fs):
-                return False
+            if s.bstate == S.CONNECTED and fs in (S.INITIALISED, S.CONNECTED):
+                resumed = await self._resume(fs)
+                if resumed or resumed is None:  # None: the image is held elsewhere; the rings wait for it
+                    return False
             if s.bstate in (S.INITIALISED, S.CONNECTED, S.CLOSING) and fs in (S.INITIALISED, S.CONNECTED, S.CLOSING):
                 # A previous daemon left this device connected without closing it, and its rings cannot be
                 # resumed (no journal, or not for these rings). Close, and serve it again once the frontend
@@ -267,7 +285,8 @@ class DeviceTask:
             if not self.taken:
                 return False  # the hotplug script's take opens it; the frontend waits in the meantime
             try:
-                await self._open_image()
+                if not await self._open_or_wait():
+                    return False  # held by another open: the frontend waits until it is released
             except ImageSpecError as e:
                 await self._close_with_error(str(e), fs)
                 return False
@@ -497,13 +516,15 @@ class DeviceTask:
         except XenblkError as e:
             self.log.warning("device.resize_failed", error=str(e))
 
-    async def _resume(self, fs: int) -> bool:
+    async def _resume(self, fs: int) -> bool | None:
         """A previous daemon died with this device Connected: carry on its rings from their journals,
-        writing nothing the guest could notice. False (nothing changed) when that cannot be done."""
+        writing nothing the guest could notice. False (nothing changed) when that cannot be done; None
+        while another open holds the image (tried again later: its rings wait, unanswered)."""
         xs = self.ctx.xs
         cfg = self.ctx.cfg
         try:
-            await self._open_image()
+            if not await self._open_or_wait():
+                return None
         except ImageSpecError as e:
             self.log.warning("device.resume_impossible", error=str(e))
             return False
@@ -589,7 +610,8 @@ class DeviceTask:
             self.sectors = 0  # opened at take (see __init__); the InitWait nodes do not depend on the image
         elif self.image is None:
             try:
-                await self._open_image()
+                if not await self._open_or_wait():
+                    return False  # B stays Initialising: the frontend waits for InitWait
             except ImageSpecError as e:
                 await self._close_with_error(str(e))
                 return False
@@ -714,8 +736,9 @@ class DeviceTask:
             if s.bstate != S.CLOSING:
                 await self._write_state(S.CLOSING)
             return False
+        self._end_lock_wait()  # detached while waiting for the image: nothing to wait for any more
         await self._stop_dataplane()
-        self._close_image()  # before Closed: whoever waits for Closed may hand the image to someone else
+        await self._release_image()  # before Closed: whoever waits for Closed may hand the image to someone else
         if s.bstate != S.CLOSED:
             await self._write_state(S.CLOSED)
         if self.hotplug:
@@ -774,17 +797,88 @@ class DeviceTask:
             self.fruitless = 0
         self._cycle_info("device.stopped")
 
-    def _close_image(self) -> None:
+    def _take_image(self) -> tuple[Any, Any]:
+        """The image and its NBD export, no longer the device's, and RBD's header watch stopped (on the
+        loop's thread); the caller closes them, the export first."""
         exp, self.nbd = self.nbd, None
-        if exp is not None:
-            exp.close()  # first: it returns once no NBD request is in the image any more
         img, self.image = self.image, None
         if self._header_fd >= 0:
             with contextlib.suppress(RuntimeError):  # no loop: nothing is watching it
                 asyncio.get_running_loop().remove_reader(self._header_fd)
             self._header_fd = -1
+        return img, exp
+
+    def _close_image(self) -> None:
+        img, exp = self._take_image()
+        if exp is not None:
+            exp.close()  # first: it returns once no NBD request is in the image any more
         if img is not None:
             img.close()
+
+    async def _release_image(self) -> None:
+        """Flush and close the image, which releases its ownership lock (the OFD lock dies with the
+        descriptor, closed last by the driver after its own final metadata writes). Called only once the
+        data plane has stopped (every request taken from the rings answered), so another device or daemon
+        waiting for the lock finds everything this one acknowledged in the file and none of its writes
+        still to come. The NBD export goes first: its close returns once no NBD request is in the image."""
+        img, exp = self._take_image()
+        if img is None and exp is None:
+            return
+        path = self.spec.path if self.spec else None
+
+        def release() -> str | None:
+            if exp is not None:
+                exp.close()
+            if img is None:
+                return None
+            why = None
+            if img.can_flush and not img.readonly:
+                try:
+                    img.flush()
+                except XenblkError as e:  # nothing better to do than say so: the guest was already answered
+                    why = str(e)
+            img.close()
+            return why
+
+        why = await asyncio.get_running_loop().run_in_executor(None, release)
+        if why:
+            self.log.error("device.release_flush_failed", path=path, error=why)
+        if img is not None:
+            self._cycle_info("device.image_released", path=path)
+
+    async def _open_or_wait(self) -> bool:
+        """_open_image, except that an image held by another open (ImageBusy) is no refusal: the device
+        waits for it, trying again on the lock_retry_delay() schedule. True once open, False while waiting;
+        raises ImageSpecError on a refusal."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self._open_image()
+        except ImageBusy as e:
+            self._lock_tries += 1
+            if self.lock_wait is None:
+                self._lock_wait_since = loop.time()
+                self.log.warning("device.image_busy", error=str(e), retry_max_seconds=LOCK_RETRY_MAX)
+            elif self._lock_tries & (self._lock_tries - 1) == 0:  # 2nd, 4th, 8th... attempt: still waiting
+                self.log.info("device.image_busy", error=str(e), tries=self._lock_tries,
+                              seconds=round(loop.time() - self._lock_wait_since, 3))  # fmt: skip
+            self.lock_wait = str(e)
+            if self._lock_timer is not None:
+                self._lock_timer.cancel()  # one pending retry, however many watch events came meanwhile
+            self._lock_timer = loop.call_later(lock_retry_delay(self._lock_tries), self._changed.set)
+            self._progress.set()  # a hotplug take returns: waiting is not a failure
+            return False
+        if self.lock_wait is not None:
+            self.log.info("device.image_lock_acquired", tries=self._lock_tries + 1,
+                          seconds=round(loop.time() - self._lock_wait_since, 3))  # fmt: skip
+            self._end_lock_wait()
+        return True
+
+    def _end_lock_wait(self) -> None:
+        self.lock_wait = None
+        self._lock_tries = 0
+        if self._lock_timer is not None:
+            self._lock_timer.cancel()
+            self._lock_timer = None
 
     # -- the hotplug script's requests (control ops take/release)
 
@@ -798,6 +892,10 @@ class DeviceTask:
                 if self.image is not None:
                     return {"image": self.spec.path if self.spec else None, "format": self.image_format,
                             "sectors": self.sectors}  # fmt: skip
+                if self.lock_wait is not None:
+                    # Held by another open (the source of a handover is released only after this device is
+                    # added): accepted; the device connects once it gets the image.
+                    return {"image": self.spec.path if self.spec else None, "waiting": self.lock_wait}
                 if self.phase is Phase.CLOSED and self.error:
                     raise XenblkError(self.error)
                 if self.finished:
@@ -849,6 +947,7 @@ class DeviceTask:
             reconnects=max(self.connections - 1, 0),
             resizes=self.resizes,
             sectors=self.sectors,
+            lock_wait=self.lock_wait is not None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -874,6 +973,7 @@ class DeviceTask:
             "resizes": self.resizes,
             "reconnect_backoffs": self.backoffs,
             "nbd": {"socket": self.nbd.path, **dataclasses.asdict(self.nbd.stats())} if self.nbd is not None else None,
+            "lock_wait": self.lock_wait,
         }
 
 

@@ -37,6 +37,11 @@ class ImageSpecError(XenblkError):
     """A refused `params`/`mode` (one line, for B/error)."""
 
 
+class ImageBusy(ImageSpecError):
+    """The image is fine but another open holds its ownership lock (xenblk.storage.lock_image): the
+    device waits for it instead of failing (the destination of a handover)."""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     path: str
@@ -161,8 +166,10 @@ def open_image(
 ) -> Any:
     """Open the image where the rules above allow it; returns xenblk.storage.Image.
     meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled).
+    Every image, device and backing file is locked as it is opened (lock_image: read-write images
+    exclusively, read-only ones and backing files shared); ImageBusy while another open holds it.
     An RBD image (rbd.allowed_pools) is opened without its exclusive lock: see xenblk.rbd."""
-    from xenblk.storage import Image, StorageError, file_kind, open_checked, open_in_dir, under_dirs
+    from xenblk.storage import Image, ImageLocked, StorageError, file_kind, open_checked, open_in_dir, under_dirs
 
     path = spec.path
     if spec.format == "rbd":
@@ -171,7 +178,7 @@ def open_image(
         if device_allowed(path, allowed_devices):
             # udev's names (/dev/vg/lv, /dev/mapper/...) are links root made: followed
             fd = open_checked(
-                lambda fl: os.open(path, fl | os.O_CLOEXEC), path, readonly=spec.readonly, accept=_block_only
+                lambda fl: os.open(path, fl | os.O_CLOEXEC), path, readonly=spec.readonly, accept=_block_only, lock=True
             )
         else:
             hit = under_dirs(os.path.normpath(path), allowed_dirs)
@@ -193,7 +200,7 @@ def open_image(
                     )
                 return None if stat.S_ISREG(mode) else f"is {file_kind(mode)}, not an image file"
 
-            fd = open_in_dir(*hit, f"image {path}", readonly=spec.readonly, accept=file_only)
+            fd = open_in_dir(*hit, f"image {path}", readonly=spec.readonly, accept=file_only, lock=True)
         fmt = spec.format
         if fmt == "block" and not stat.S_ISBLK(os.fstat(fd).st_mode):
             os.close(fd)
@@ -208,7 +215,10 @@ def open_image(
             cache=None if is_block else cache,
             meta_writethrough=meta_writethrough,
             backing_dirs=backing_dirs,
+            lock=True,
         )
+    except ImageLocked as e:
+        raise ImageBusy(str(e)) from None
     except StorageError as e:
         raise ImageSpecError(str(e)) from None
 

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
             r["in_flight"] = d.get("in_flight")
             r["format"] = d.get("format") or r["format"]  # the daemon knows what "auto" resolved to
             r["nbd"] = d.get("nbd")  # the NBD export's socket and counters, when the disk has one
+            if d.get("lock_wait"):
+                r["lock_wait"] = d["lock_wait"]  # the image is held elsewhere: this disk waits for it
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -66,6 +68,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         )
         if r.get("error"):
             out.append(f"{'':>5} error: {r['error']}")
+        if r.get("lock_wait"):
+            out.append(f"{'':>5} waiting for the image: {r['lock_wait']}")
     if not rows:
         out.append("(no virtual disks)")
     return "\n".join(out)
