@@ -47,6 +47,8 @@ void xb_qcow2_close_impl(struct xb_image *img)
 
 struct xb_image *xb_image_backing(struct xb_image *img)
 {
+    if (img->format == XB_FMT_VHD)
+        return xb_vhd_backing(img);
     return img->format == XB_FMT_QCOW2 ? QC(img)->backing : NULL;
 }
 

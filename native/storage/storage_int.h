@@ -26,6 +26,11 @@ struct xb_image *xb_qcow2_open_fd(int fd, const char *name, unsigned flags, int 
 int xb_fd_prepare(int fd, int *readonly);
 /* "a block device", "a FIFO", ... for a message about st_mode. */
 const char *xb_file_kind(unsigned mode);
+struct xb_image *xb_vhd_open_fd(int fd, const char *name, unsigned flags, int depth, xb_backing_fn backing, void *ctx,
+                                char *err);
+struct xb_image *xb_vhd_backing(struct xb_image *img);
+int xb_vhd_check(struct xb_image *img, struct xb_check_result *out, char *err);
+int xb_vhd_describe(struct xb_image *img, struct xb_image_desc *d);
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d);
 #endif

@@ -6,7 +6,7 @@ import re
 
 from xenblk.errors import XenblkError
 
-FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "block": "block", "phy": "block"}
+FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "vhd": "vhd", "block": "block", "phy": "block"}
 _PREFIX = re.compile(r"([a-z0-9]+):(.*)", re.DOTALL)
 
 
