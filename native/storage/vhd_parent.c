@@ -86,9 +86,11 @@ static int locator_path(uint32_t code, const uint8_t *data, size_t len, char *ou
 }
 
 /* Opens `name` as the parent of v: the callback judges and opens it; it must be a regular file,
- * a VHD whose footer carries the unique id v recorded. 0, or -errno with err set. */
+ * a VHD whose footer carries the unique id v recorded. 0, or -errno with err set; *opened once the
+ * callback gave a file: then its verdict is final (trying the other names of a disk that fails
+ * deeper down would retry its whole chain for each, exponentially in the chain's depth). */
 static int try_parent(struct vhd *v, const char *name, unsigned flags, int depth, xb_backing_fn backing, void *ctx,
-                      char *err)
+                      int *opened, char *err)
 {
     char sub[XB_ERRLEN], resolved[XB_PATHLEN];
     sub[0] = 0;
@@ -101,6 +103,7 @@ static int try_parent(struct vhd *v, const char *name, unsigned flags, int depth
             xb_seterr(err, "%s: parent %s: %s", v->path, name, strerror(-fd));
         return fd;
     }
+    *opened = 1;
     resolved[sizeof(resolved) - 1] = 0;
     if (!resolved[0])
         snprintf(resolved, sizeof(resolved), "%s", name);
@@ -148,9 +151,9 @@ int vhd_open_parent(struct vhd *v, const uint8_t *hdr, unsigned flags, int depth
         xb_seterr(err, "out of memory");
         return -ENOMEM;
     }
-    int rc = -ENOENT, tried = 0;
-    for (unsigned k = 0; k < sizeof(order) / sizeof(order[0]) && rc; k++) {
-        for (unsigned i = 0; i < VHD_NLOC && rc; i++) {
+    int rc = -ENOENT, tried = 0, opened = 0;
+    for (unsigned k = 0; k < sizeof(order) / sizeof(order[0]) && rc && !opened; k++) {
+        for (unsigned i = 0; i < VHD_NLOC && rc && !opened; i++) {
             const uint8_t *e = hdr + VH_LOCATORS + 24 * i;
             if (vhd_be32(e) != order[k])
                 continue;
@@ -162,13 +165,13 @@ int vhd_open_parent(struct vhd *v, const uint8_t *hdr, unsigned flags, int depth
                 locator_path(order[k], data, len, name, sizeof(name)))
                 continue;
             tried = 1;
-            rc = try_parent(v, name, flags, depth, backing, ctx, err);
+            rc = try_parent(v, name, flags, depth, backing, ctx, &opened, err);
         }
     }
-    if (rc && utf16_to_utf8(hdr + VH_PARENT_NAME, 256, 0, name, sizeof(name)) > 0 && !strchr(name, '\\') &&
+    if (rc && !opened && utf16_to_utf8(hdr + VH_PARENT_NAME, 256, 0, name, sizeof(name)) > 0 && !strchr(name, '\\') &&
         !strchr(name, '/')) {
         tried = 1;
-        rc = try_parent(v, name, flags, depth, backing, ctx, err);
+        rc = try_parent(v, name, flags, depth, backing, ctx, &opened, err);
     }
     free(data);
     if (rc && !tried)
