@@ -250,7 +250,9 @@ int xb_vhd_describe(struct xb_image *img, struct xb_image_desc *d)
     if (fstat(v->fd, &st) == 0)
         d->allocated_bytes = (uint64_t)st.st_blocks * 512;
     if (v->parent) {
-        snprintf(d->backing_file, sizeof(d->backing_file), "%s", v->parent_name);
+        size_t n = strnlen(v->parent_name, sizeof(d->backing_file) - 1); /* cut to the field */
+        memcpy(d->backing_file, v->parent_name, n);
+        d->backing_file[n] = 0;
         snprintf(d->backing_format, sizeof(d->backing_format), "vhd");
     }
     return 0;

@@ -84,7 +84,7 @@ struct vhd {
     uint8_t parent_uuid[16];
     uint32_t parent_ts;
     struct xb_image *parent; /* differencing: the parent image (owned), opened read-only */
-    char parent_name[1024];  /* the locator or name that resolved */
+    char parent_name[XB_PATHLEN]; /* the path the parent resolved to */
 };
 
 static inline struct vhd *VH(struct xb_image *img) { return img->priv; }
