@@ -56,6 +56,7 @@ class IoBench:
         self.log = log
         self._raw: Path | None = None
         self._qcow2: Path | None = None
+        self._vhd: Path | None = None
         self._fio_cache: dict[tuple[str, str], Measure] = {}  # (cache mode, workload) -> fio on the raw image
         self._domids = itertools.count(1)
 
@@ -75,6 +76,13 @@ class IoBench:
             self.log(f"  image: {self._qcow2} (qcow2, fully allocated) in {time.monotonic() - t0:.1f}s")
         return self._qcow2
 
+    def vhd(self) -> Path:
+        if self._vhd is None:
+            t0 = time.monotonic()
+            self._vhd = images.allocated_vhd(self.raw(), self.images / "alloc.vhd")
+            self.log(f"  image: {self._vhd} (dynamic VHD, fully allocated) in {time.monotonic() - t0:.1f}s")
+        return self._vhd
+
     def image_for(self, case: Case) -> Path:
         kind = case.image
         if kind.fmt == "raw":
@@ -82,8 +90,9 @@ class IoBench:
         if kind.fresh:
             # Virtually FIRST_WRITE_SCALE x larger than the data images, so that a time-based run keeps hitting
             # clusters it has not allocated yet (the image only grows by what is written).
-            return images.empty_qcow2(self.images / f"first-{case.work.name}.qcow2", self.size * FIRST_WRITE_SCALE)
-        return self.qcow2()
+            empty = images.empty_vhd if kind.fmt == "vhd" else images.empty_qcow2
+            return empty(self.images / f"first-{case.work.name}.{kind.fmt}", self.size * FIRST_WRITE_SCALE)
+        return self.vhd() if kind.fmt == "vhd" else self.qcow2()
 
     # -- running -------------------------------------------------------------------------------------------------------
     def run(self, cases: list[Case]) -> list[dict[str, Any]]:
@@ -113,17 +122,17 @@ class IoBench:
     def _run_case(self, env: SimEnv, case: Case) -> dict[str, Any]:
         """`rounds` x (xenblk, then fio), alternating so both sides see the same background load; the best
         round of each side is the case's measure (the least disturbed one), every round's IOPS is kept.
-        qcow2 cases also run the workload on the raw twin through xenblk in each round: their targets are
+        qcow2 and VHD cases also run the workload on the raw twin through xenblk in each round: their targets are
         ratios to raw, which must be measured under the same load, not minutes apart."""
         kind = case.image
         xbs: list[Measure] = []
-        raws: list[Measure] = []  # qcow2 cases: the same workload on the raw twin through xenblk, same daemon
+        raws: list[Measure] = []  # qcow2/vhd cases: the same workload on the raw twin through xenblk, same daemon
         refs: list[Measure] = []
         errors: list[str] = []
         for _ in range(self.rounds):
             try:
                 xbs.append(self._xenblk_round(env, case))
-                if kind.fmt == "qcow2":
+                if kind.fmt in ("qcow2", "vhd"):
                     raws.append(self._xenblk_round(env, case, raw_twin=True))
             except BenchError as e:
                 errors.append(f"xenblk: {e}")

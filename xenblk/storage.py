@@ -239,7 +239,7 @@ class Image:
         block device, never blocking on a FIFO; qcow2 backing files only under `backing_dirs`.
         cache None: the format's default (page cache for files, O_DIRECT for block devices);
         "none": O_DIRECT; "writeback": page cache, even for a block device. meta_writethrough
-        (qcow2): a write that allocates puts its metadata in the file before it returns, so a
+        (qcow2, VHD): a write that allocates puts its metadata in the file before it returns, so a
         killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact")."""
         name = os.path.abspath(path)
 
