@@ -198,8 +198,8 @@ def test_hostile_parents_are_refused(tmp_path: Path) -> None:
     (tmp_path / "ok").mkdir()
     cases = {
         "wrong unique id": ({"W2ru": "base.vhd"}, b"\x01" * 16, [str(tmp_path)], "another unique id"),
-        "outside backing_dirs": ({"W2ku": "\\" + str(outside / "base.vhd")[1:].replace("/", "\\")}, None, ok, "outside"),
-        "drive letter only": ({"W2ku": "C:\\images\\base.vhd"}, None, [str(tmp_path)], "without a usable parent locator"),
+        "outside backing_dirs": ({"W2ku": str(outside / "base.vhd").replace("/", "\\")}, None, ok, "outside"),
+        "drive letter only": ({"W2ku": "C:\\base.vhd"}, None, [str(tmp_path)], "without a usable parent locator"),
         "dot-dot escape": ({"W2ru": "..\\..\\etc\\passwd"}, None, ok, "outside"),
     }
     for locs, puid, dirs, msg in cases.values():

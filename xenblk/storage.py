@@ -10,8 +10,9 @@ Files are opened here, in Python, and handed to C as fds: each is opened once (f
 O_PATH probe that cannot block or touch a device, checked with fstat, then for I/O with
 O_NONBLOCK, and the fd's inode compared with the probe's), and the fd C uses is the one
 checked. A qcow2 backing file (or a differencing VHD's parent) is opened through a callback from
-C once C has read its name from the parent's header (the child's, for a VHD): only under `backing_dirs`, beneath that directory without following
-any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only if it is a regular file.
+C once C has read its name from the image's header: only under `backing_dirs`, beneath that
+directory without following any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only
+if it is a regular file.
 """
 
 from __future__ import annotations

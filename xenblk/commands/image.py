@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
             action="append",
             default=[],
             metavar="DIR",
-            help="also accept qcow2 backing files and VHD parents under DIR (besides storage.backing_dirs; repeatable); "
+            help="also accept qcow2 backing files and VHD parents under DIR (besides storage.backing_dirs; "
+            "repeatable); "
             "backing files are regular files opened beneath such a directory without following symlinks",
         )
         q.add_argument("--json", action="store_true", help="print JSON")
