@@ -31,6 +31,7 @@ static void vhd_free(struct vhd *v)
     free(v->full);
     free(v->bmbuf);
     free(v->bat_dirty);
+    free(v->pend_bm);
     if (v->fd >= 0)
         close(v->fd);
     pthread_mutex_destroy(&v->lock);

@@ -81,6 +81,10 @@ struct vhd {
     uint8_t *bat_dirty;   /* a bit per 512-byte BAT sector whose entries the next flush writes */
     int any_dirty;
     int meta_wt; /* XB_OPEN_WRITETHROUGH_META: BAT entries written at allocation */
+    /* New dynamic blocks whose all-ones bitmap the next flush writes (before the BAT entries that
+     * publish them): an allocation then costs the footer and the data, not a third write. */
+    uint64_t *pend_bm;
+    size_t npend_bm, cap_pend_bm;
     uint8_t parent_uuid[16];
     uint32_t parent_ts;
     struct xb_image *parent; /* differencing: the parent image (owned), opened read-only */

@@ -2,8 +2,9 @@
  * differencing disk), writes, block allocation, the ordered flush, discard, the fast-path map.
  *
  * Allocation and ordering. A new block goes where the footer was; the footer moves first: the
- * footer at the new end, then the block's bitmap over the old footer, then data, and the BAT entry
- * (the only thing that makes the block part of the disk) only at the next flush, after an
+ * footer at the new end, then data, the block's bitmap over the old footer (a dynamic block's, all
+ * ones, at the next flush; a differencing block's at once, its bits follow each write), and the BAT
+ * entry (the only thing that makes the block part of the disk) only at the next flush, after an
  * fdatasync of all of that: data -> bitmap -> BAT, and the file's last 512 bytes are a valid footer
  * after every single write. A process killed anywhere leaves a readable image whose BAT points only
  * at complete blocks (at worst a block's worth of unreferenced space at the end); a power loss
@@ -138,8 +139,25 @@ static int write_bat_sector(struct vhd *v, uint32_t b)
     return write_bat_range(v, first, last);
 }
 
+#define VHD_PEND_MAX 4096 /* new blocks between flushes before the driver flushes by itself */
+
+static int flush_locked(struct vhd *v);
+
 static int allocate(struct vhd *v, uint32_t b, int64_t *bo)
 {
+    if (v->npend_bm >= VHD_PEND_MAX) {
+        int r = flush_locked(v); /* a guest that never flushes: bound what waits for one */
+        if (r)
+            return r;
+    }
+    if (v->npend_bm == v->cap_pend_bm) {
+        size_t cap = v->cap_pend_bm ? 2 * v->cap_pend_bm : 64;
+        uint64_t *p = realloc(v->pend_bm, cap * sizeof(*p));
+        if (!p)
+            return -ENOMEM;
+        v->pend_bm = p;
+        v->cap_pend_bm = cap;
+    }
     uint64_t e = v->footer_off, span = (uint64_t)v->bitmap_len + v->block_size;
     if (e % VHD_SECTOR || e / VHD_SECTOR >= VHD_BAT_FREE)
         return -EFBIG; /* a BAT entry is a 32-bit sector number */
@@ -148,11 +166,17 @@ static int allocate(struct vhd *v, uint32_t b, int64_t *bo)
     if (r < 0)
         return (int)r;
     /* A dynamic block's data area lies past the old end of the file and reads as zeros: every
-     * sector is valid at once. A differencing block's sectors come from the parent until written. */
-    memset(v->bmbuf, v->type == VHD_TYPE_DYNAMIC ? 0xff : 0, v->bitmap_len);
-    r = xb_pwrite_full(v->fd, v->bmbuf, v->bitmap_len, e);
-    if (r < 0)
-        return (int)r;
+     * sector is valid at once, its bitmap all ones (written by the next flush; until then nothing
+     * reads it: the block is marked full). A differencing block's sectors come from the parent
+     * until written: its bitmap starts all zeros, now, as each write reads and updates it. */
+    if (v->type == VHD_TYPE_DYNAMIC && !v->meta_wt) {
+        v->pend_bm[v->npend_bm++] = e;
+    } else {
+        memset(v->bmbuf, v->type == VHD_TYPE_DYNAMIC ? 0xff : 0, v->bitmap_len);
+        r = xb_pwrite_full(v->fd, v->bmbuf, v->bitmap_len, e);
+        if (r < 0)
+            return (int)r;
+    }
     v->footer_off = nf;
     v->bat[b] = (uint32_t)(e / VHD_SECTOR);
     set_full(v, b, v->type == VHD_TYPE_DYNAMIC);
@@ -284,6 +308,15 @@ static ssize_t vhd_pwritev(struct xb_image *img, const struct iovec *iov, int io
 /* data and bitmaps durable, then the BAT entries that point at them, then durable again. */
 static int flush_locked(struct vhd *v)
 {
+    if (v->npend_bm) {
+        memset(v->bmbuf, 0xff, v->bitmap_len);
+        for (size_t i = 0; i < v->npend_bm; i++) {
+            ssize_t r = xb_pwrite_full(v->fd, v->bmbuf, v->bitmap_len, v->pend_bm[i]);
+            if (r < 0)
+                return (int)r;
+        }
+        v->npend_bm = 0;
+    }
     if (fdatasync(v->fd))
         return -errno;
     if (!v->any_dirty)
