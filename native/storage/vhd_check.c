@@ -1,5 +1,6 @@
 /* The VHD consistency check: blocks that overlap each other or the metadata, a footer missing from
- * the end of the file (xenblk never leaves one so; see vhd_io.c), allocation counts. */
+ * the end of the file (xenblk never leaves one so; see vhd_io.c) or a footer copy at offset 0 that
+ * differs from it, allocation counts. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,8 @@ int xb_vhd_check(struct xb_image *img, struct xb_check_result *out, char *err)
     uint8_t tail[VHD_FOOTER_LEN];
     if (xb_pread_full(v->fd, tail, sizeof(tail), v->footer_off) < 0 || memcmp(tail, v->footer, sizeof(tail)))
         out->corruptions++; /* no footer where the last block ends */
+    if (xb_pread_full(v->fd, tail, sizeof(tail), 0) < 0 || memcmp(tail, v->footer, sizeof(tail)))
+        out->corruptions++; /* the footer copy at 0 (what QEMU reads first) differs from it */
     for (uint32_t b = 0; b < v->bat_entries; b++) {
         int64_t o = vhd_block_off(v, b);
         if (o < 0)

@@ -10,7 +10,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include "vhd.h"
 
@@ -93,29 +92,10 @@ static int try_parent(struct vhd *v, const char *name, unsigned flags, int depth
                       int *opened, char *err)
 {
     char sub[XB_ERRLEN], resolved[XB_PATHLEN];
-    sub[0] = 0;
-    resolved[0] = 0;
-    int fd = backing(ctx, v->path, name, "vhd", resolved, sub);
-    if (fd < 0) {
-        if (sub[0])
-            xb_seterr(err, "%s", sub);
-        else
-            xb_seterr(err, "%s: parent %s: %s", v->path, name, strerror(-fd));
-        return fd;
-    }
+    int fd = xb_backing_open(v->path, name, "vhd", backing, ctx, resolved, err);
+    if (fd < 0)
+        return fd; /* nothing opened, nothing nested: the next name may be tried */
     *opened = 1;
-    resolved[sizeof(resolved) - 1] = 0;
-    if (!resolved[0])
-        snprintf(resolved, sizeof(resolved), "%s", name);
-    struct stat st;
-    if (fstat(fd, &st))
-        st.st_mode = 0;
-    if (!S_ISREG(st.st_mode)) {
-        xb_seterr(err, "%s: parent %s is %s (only regular files are parents)", v->path, resolved,
-                  xb_file_kind(st.st_mode));
-        close(fd);
-        return -EPERM;
-    }
     unsigned pflags = XB_OPEN_RDONLY | (flags & XB_OPEN_WRITETHROUGH_META);
     struct xb_image *p = xb_vhd_open_fd(fd, resolved, pflags, depth + 1, backing, ctx, sub);
     if (!p) {
