@@ -259,6 +259,14 @@ def test_hostile_metadata_is_refused_and_a_lost_end_footer_repaired(tmp_path: Pa
     with Image.open(str(p), "vhd") as img:
         assert img.check()["corruptions"] == 0
     assert qemu_raw(p, "vpc") == data and "Dynamic" in vhdiinfo(p)
+    # more than a half-written block beyond the last one: a writer does not cut it
+    with open(p, "ab") as f:
+        f.write(bytes(512))
+        f.truncate(f.tell() + 8 * MiB)
+    with pytest.raises(StorageError, match="beyond the last block"):
+        Image.open(str(p), "vhd")
+    with Image.open(str(p), "vhd", readonly=True) as img:
+        assert img.read(0, img.size) == data
     # the copy at 0 torn instead: the footer at the end serves, the check names the difference
     p = tmp_path / "torn0.vhd"
     shutil.copy(src, p)

@@ -145,8 +145,14 @@ static int open_dynamic(struct vhd *v, uint64_t fsize, int end_ok, unsigned flag
     } else {
         /* The footer copy at 0 stood in for a lost or torn footer at the end (a tool that writes the
          * footer last, killed mid-allocation): the footer goes right after the last block. A writer
-         * puts it back there now, cutting off whatever half-written block lay beyond. */
+         * puts it back there now, cutting off whatever half-written block lay beyond — at most one
+         * block: more than that is not what such a crash leaves, and is not cut. */
         v->footer_off = end;
+        if (!v->ro && fsize > end + span + VHD_FOOTER_LEN) {
+            xb_seterr(err, "%s: no footer at the end and %llu bytes beyond the last block: not cut (open it read-only)",
+                      v->path, (unsigned long long)(fsize - end));
+            return -EINVAL;
+        }
         if (!v->ro && (ftruncate(v->fd, (off_t)(end + VHD_FOOTER_LEN)) ||
                        xb_pwrite_full(v->fd, v->footer, VHD_FOOTER_LEN, end) < 0 || fdatasync(v->fd))) {
             xb_seterr(err, "%s: cannot restore the footer at the end: %s", v->path, strerror(errno));
