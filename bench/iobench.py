@@ -59,6 +59,11 @@ class IoBench:
         self._vhd: Path | None = None
         self._fio_cache: dict[tuple[str, str], Measure] = {}  # (cache mode, workload) -> fio on the raw image
         self._domids = itertools.count(1)
+        self._fresh = itertools.count(1)
+        # First-write images used up, deleted once their kind is done: unlinking a sparse file of thousands
+        # of extents (random first writes into a VHD's blocks) stalls the file system for many seconds, which
+        # must not fall into the next attach or measurement.
+        self._trash: list[Path] = []
 
     # -- images --------------------------------------------------------------------------------------------------------
     def raw(self) -> Path:
@@ -91,7 +96,8 @@ class IoBench:
             # Virtually FIRST_WRITE_SCALE x larger than the data images, so that a time-based run keeps hitting
             # clusters it has not allocated yet (the image only grows by what is written).
             empty = images.empty_vhd if kind.fmt == "vhd" else images.empty_qcow2
-            return empty(self.images / f"first-{case.work.name}.{kind.fmt}", self.size * FIRST_WRITE_SCALE)
+            name = f"first-{case.work.name}-{next(self._fresh)}.{kind.fmt}"
+            return empty(self.images / name, self.size * FIRST_WRITE_SCALE)
         return self.vhd() if kind.fmt == "vhd" else self.qcow2()
 
     # -- running -------------------------------------------------------------------------------------------------------
@@ -117,6 +123,9 @@ class IoBench:
             env.start_daemon(cache=kind.cache)
             for case in cases:
                 out.append(self._run_case(env, case))
+        for p in self._trash:
+            p.unlink(missing_ok=True)
+        self._trash.clear()
         return out
 
     def _run_case(self, env: SimEnv, case: Case) -> dict[str, Any]:
@@ -192,7 +201,7 @@ class IoBench:
                     self.log(f"  (detach failed: {str(e).splitlines()[0]})")
         finally:
             if fresh:
-                image.unlink(missing_ok=True)
+                self._trash.append(image)
 
     def _fio_key(self, case: Case) -> tuple[str, str]:
         return ("none" if case.image.fio_direct else "writeback", case.work.name)
