@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ImageKind:
     name: str
-    fmt: str  # raw | qcow2
+    fmt: str  # raw | qcow2 | vhd
     cache: str  # storage.cache of the daemon: writeback | none
     fresh: bool  # a new, empty image for every case (first writes)
     fio_direct: bool
@@ -33,6 +33,14 @@ IMAGE_KINDS: tuple[ImageKind, ...] = (
     ImageKind(
         "qcow2-first", "qcow2", "writeback", True, False, "raw twin",
         "a new empty qcow2 for each case: every write allocates clusters (metadata updates, zero-fill)",
+    ),
+    ImageKind(
+        "vhd-alloc", "vhd", "writeback", False, False, "raw twin",
+        "dynamic VHD with every block allocated (qemu-img convert -O vpc from filled raw), page cache: BAT lookup",
+    ),
+    ImageKind(
+        "vhd-first", "vhd", "writeback", True, False, "raw twin",
+        "a new empty dynamic VHD for each case: every write into a new 2 MiB block allocates it (footer moved)",
     ),
 )  # fmt: skip
 
@@ -68,6 +76,8 @@ QUICK = {
     "raw-direct/randwrite-4k-qd32",
     "qcow2-alloc/randread-4k-qd32",
     "qcow2-first/randwrite-4k-qd32",
+    "vhd-alloc/randread-4k-qd32",
+    "vhd-first/randwrite-4k-qd32",
 }
 
 

@@ -1,5 +1,5 @@
 """Benchmark images on the real disk (not tmpfs: O_DIRECT must work): a raw file full of
-data, a fully allocated qcow2 of the same data, and empty qcow2 files for first writes."""
+data, a fully allocated qcow2 and VHD of the same data, and empty qcow2/VHD files for first writes."""
 
 from __future__ import annotations
 
@@ -34,6 +34,22 @@ def empty_qcow2(path: Path, size: int) -> Path:
     if path.exists():
         path.unlink()
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], timeout=60, what=f"qemu-img create {path}")
+    return path
+
+
+def allocated_vhd(raw: Path, path: Path) -> Path:
+    """A dynamic VHD with every block allocated: a copy of the filled raw file (force_size: the raw size,
+    not one rounded to a CHS geometry)."""
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vpc", "-o", "force_size=on", "-S", "0", str(raw),
+         str(path)], timeout=600, what=f"qemu-img convert to {path}")  # fmt: skip
+    return path
+
+
+def empty_vhd(path: Path, size: int) -> Path:
+    if path.exists():
+        path.unlink()
+    run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "force_size=on", str(path), str(size)], timeout=60,
+        what=f"qemu-img create {path}")  # fmt: skip
     return path
 
 

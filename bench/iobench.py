@@ -56,8 +56,14 @@ class IoBench:
         self.log = log
         self._raw: Path | None = None
         self._qcow2: Path | None = None
+        self._vhd: Path | None = None
         self._fio_cache: dict[tuple[str, str], Measure] = {}  # (cache mode, workload) -> fio on the raw image
         self._domids = itertools.count(1)
+        self._fresh = itertools.count(1)
+        # First-write images used up, deleted once their kind is done: unlinking a sparse file of thousands
+        # of extents (random first writes into a VHD's blocks) stalls the file system for many seconds, which
+        # must not fall into the next attach or measurement.
+        self._trash: list[Path] = []
 
     # -- images --------------------------------------------------------------------------------------------------------
     def raw(self) -> Path:
@@ -75,6 +81,13 @@ class IoBench:
             self.log(f"  image: {self._qcow2} (qcow2, fully allocated) in {time.monotonic() - t0:.1f}s")
         return self._qcow2
 
+    def vhd(self) -> Path:
+        if self._vhd is None:
+            t0 = time.monotonic()
+            self._vhd = images.allocated_vhd(self.raw(), self.images / "alloc.vhd")
+            self.log(f"  image: {self._vhd} (dynamic VHD, fully allocated) in {time.monotonic() - t0:.1f}s")
+        return self._vhd
+
     def image_for(self, case: Case) -> Path:
         kind = case.image
         if kind.fmt == "raw":
@@ -82,8 +95,10 @@ class IoBench:
         if kind.fresh:
             # Virtually FIRST_WRITE_SCALE x larger than the data images, so that a time-based run keeps hitting
             # clusters it has not allocated yet (the image only grows by what is written).
-            return images.empty_qcow2(self.images / f"first-{case.work.name}.qcow2", self.size * FIRST_WRITE_SCALE)
-        return self.qcow2()
+            empty = images.empty_vhd if kind.fmt == "vhd" else images.empty_qcow2
+            name = f"first-{case.work.name}-{next(self._fresh)}.{kind.fmt}"
+            return empty(self.images / name, self.size * FIRST_WRITE_SCALE)
+        return self.vhd() if kind.fmt == "vhd" else self.qcow2()
 
     # -- running -------------------------------------------------------------------------------------------------------
     def run(self, cases: list[Case]) -> list[dict[str, Any]]:
@@ -108,22 +123,25 @@ class IoBench:
             env.start_daemon(cache=kind.cache)
             for case in cases:
                 out.append(self._run_case(env, case))
+        for p in self._trash:
+            p.unlink(missing_ok=True)
+        self._trash.clear()
         return out
 
     def _run_case(self, env: SimEnv, case: Case) -> dict[str, Any]:
         """`rounds` x (xenblk, then fio), alternating so both sides see the same background load; the best
         round of each side is the case's measure (the least disturbed one), every round's IOPS is kept.
-        qcow2 cases also run the workload on the raw twin through xenblk in each round: their targets are
+        qcow2 and VHD cases also run the workload on the raw twin through xenblk in each round: their targets are
         ratios to raw, which must be measured under the same load, not minutes apart."""
         kind = case.image
         xbs: list[Measure] = []
-        raws: list[Measure] = []  # qcow2 cases: the same workload on the raw twin through xenblk, same daemon
+        raws: list[Measure] = []  # qcow2/vhd cases: the same workload on the raw twin through xenblk, same daemon
         refs: list[Measure] = []
         errors: list[str] = []
         for _ in range(self.rounds):
             try:
                 xbs.append(self._xenblk_round(env, case))
-                if kind.fmt == "qcow2":
+                if kind.fmt in ("qcow2", "vhd"):
                     raws.append(self._xenblk_round(env, case, raw_twin=True))
             except BenchError as e:
                 errors.append(f"xenblk: {e}")
@@ -183,7 +201,7 @@ class IoBench:
                     self.log(f"  (detach failed: {str(e).splitlines()[0]})")
         finally:
             if fresh:
-                image.unlink(missing_ok=True)
+                self._trash.append(image)
 
     def _fio_key(self, case: Case) -> tuple[str, str]:
         return ("none" if case.image.fio_direct else "writeback", case.work.name)

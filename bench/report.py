@@ -39,7 +39,7 @@ def table(records: list[dict[str, Any]]) -> str:
     lines.append("latencies in microseconds (xenblk: guest-side, submit to response; fio: io_uring total latency);")
     lines.append("us/IO: CPU microseconds per request, xenblk: the daemon process (all threads), fio: fio itself;")
     lines.append("CPU s/GiB: the xenblk daemon process (all threads) per GiB moved; ratio = xenblk IOPS / fio IOPS;")
-    lines.append("vs raw (qcow2): xenblk IOPS / xenblk IOPS on the raw twin, measured in the same rounds")
+    lines.append("vs raw (qcow2, vhd): xenblk IOPS / xenblk IOPS on the raw twin, measured in the same rounds")
     return "\n".join(lines)
 
 
@@ -89,6 +89,8 @@ def targets(
     for kind, limit, name in (
         ("qcow2-alloc", 0.9, "qcow2 allocated vs raw"),
         ("qcow2-first", 0.5, "qcow2 first writes vs raw"),
+        ("vhd-alloc", 0.9, "VHD allocated vs raw"),
+        ("vhd-first", 0.5, "VHD first writes vs raw"),
     ):
         pairs = []
         for n, r in rc.items():

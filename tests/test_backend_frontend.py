@@ -106,6 +106,7 @@ def test_random_hostile_key_maps() -> None:
         ("aio:/img/a.raw", "r", ("/img/a.raw", "raw", True)),
         ("qcow2:/img/a:b.qcow2", "w!", ("/img/a:b.qcow2", "qcow2", False)),
         ("phy:/dev/vg/lv", "w", ("/dev/vg/lv", "block", False)),
+        ("vhd:/img/a.vhd", "w", ("/img/a.vhd", "vhd", False)),
         ("/img/with:colon", "ro", ("/img/with:colon", None, True)),
     ],
 )
@@ -118,7 +119,6 @@ def test_params(params: str, mode: str, expect: tuple[str, str | None, bool]) ->
     ("params", "mode", "message"),
     [
         (None, "w", "params is missing"),
-        ("vhd:/a", "w", "vhd images are not supported yet"),
         ("qcow2:a.qcow2", "w", "is not absolute"),
         ("/a\n/b", "w", "control characters"),
         ("/a", None, "mode is None"),

@@ -242,7 +242,7 @@ IMAGE_CASES: dict[str, tuple[ImageCase, str | None]] = {
     "symlink out of allowed_dirs": (_symlink_out, "symbolic link"),
     "qcow2 backing file outside": (_backing_outside, "backing file"),
     "unknown format": (_unknown_format, "unknown image format 'qed'"),
-    "vhd": (_vhd, "vhd images are not supported yet"),
+    "vhd prefix on a raw file": (_vhd, "not a VHD image"),
     "missing file": (_missing, "nope.raw"),
     "relative path": (_relative, "is not absolute"),
     "qcow2 header in a raw image": (_qcow2_planted_in_raw, None),

@@ -264,7 +264,7 @@ def test_qcow2_through_the_admin_rule_and_phy_backend_for_xen_417(host: Host) ->
     [
         ("missing", "No such file or directory"),
         ("outside", "outside storage.allowed_dirs"),
-        ("vhd", "vhd images are not supported yet"),
+        ("vhd", "not a VHD image"),
         ("unknown", "unknown image format 'qed'"),
         ("qcow2-not-qcow2", "not a qcow2 image"),
     ],
@@ -273,7 +273,7 @@ def test_refused_disk_gives_hotplug_error_and_leaves_nothing(host: Host, case: s
     images = host.stack.images
     outside = host.tmp / "outside.raw"
     fake = images / "qcow2" / "raw-in-qcow2-dir.img"
-    for p in (outside, fake):
+    for p in (outside, fake, images / "a.vhd"):
         subprocess.run(["truncate", "-s", "8M", str(p)], check=True)
     params = {
         "missing": f"aio:{images}/nope.raw",

@@ -18,8 +18,8 @@ from xenblk.errors import XenblkError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xenblk",
-        description="Userspace Xen PV block backend for Dom0: serves blkfront guests from raw, qcow2 and block-device "
-        "images, on real Xen or on the embedded simulated host.",
+        description="Userspace Xen PV block backend for Dom0: serves blkfront guests from raw, qcow2, VHD and "
+        "block-device images, on real Xen or on the embedded simulated host.",
     )
     p.add_argument("--version", action="version", version=f"xenblk {__version__}")
     p.add_argument("--config", type=Path, default=None, help=f"TOML config file (default {config.DEFAULT_PATH})")

@@ -1,6 +1,6 @@
 """Images as Python sees them: a thin layer over the C drivers in xenblk._storage.
 
-The drivers (raw file, block device, qcow2) live in C so the data plane can use
+The drivers (raw file, block device, qcow2, VHD) live in C so the data plane can use
 them without the GIL; this module opens them, turns their negative errnos into
 StorageError, and offers synchronous read/write/flush/discard for the control
 plane and tests. The format is never guessed from an image's contents: a guest
@@ -9,9 +9,10 @@ can write those, so an unlabelled image is raw (or block for a device).
 Files are opened here, in Python, and handed to C as fds: each is opened once (first as an
 O_PATH probe that cannot block or touch a device, checked with fstat, then for I/O with
 O_NONBLOCK, and the fd's inode compared with the probe's), and the fd C uses is the one
-checked. A qcow2 backing file is opened through a callback from C once C has read its name
-from the parent's header: only under `backing_dirs`, beneath that directory without following
-any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only if it is a regular file.
+checked. A qcow2 backing file (or a differencing VHD's parent) is opened through a callback from
+C once C has read its name from the image's header: only under `backing_dirs`, beneath that
+directory without following any symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS), and only
+if it is a regular file.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from xenblk.errors import XenblkError
 ffi: Any = _storage.ffi
 lib: Any = _storage.lib
 
-FORMATS = {"raw": lib.XB_FMT_RAW, "block": lib.XB_FMT_BLOCK, "qcow2": lib.XB_FMT_QCOW2}
+FORMATS = {"raw": lib.XB_FMT_RAW, "block": lib.XB_FMT_BLOCK, "qcow2": lib.XB_FMT_QCOW2, "vhd": lib.XB_FMT_VHD}
 # rbd images come from xenblk.rbd (their own module), never from a file: named, not openable here
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()} | {lib.XB_FMT_RBD: "rbd"}
 CACHE_MODES = ("writeback", "none")
+VHD_TYPES = {2: "fixed", 3: "dynamic", 4: "differencing"}
 
 
 class StorageError(XenblkError):
@@ -295,7 +297,7 @@ class Image:
         block device, never blocking on a FIFO; qcow2 backing files only under `backing_dirs`.
         cache None: the format's default (page cache for files, O_DIRECT for block devices);
         "none": O_DIRECT; "writeback": page cache, even for a block device. meta_writethrough
-        (qcow2): a write that allocates puts its metadata in the file before it returns, so a
+        (qcow2, VHD): a write that allocates puts its metadata in the file before it returns, so a
         killed process loses no acknowledged write (docs/DESIGN.md, "Restart without guest impact").
         lock: take the ownership lock (lock_image) on the image and its backing files, as the daemon
         does; ImageLocked if another open holds it."""
@@ -455,7 +457,8 @@ class Image:
         return _describe(self._p(), self.path)
 
     def check(self) -> dict[str, Any]:
-        """The driver's consistency check: qcow2 counts leaked and corrupt clusters; raw is always clean."""
+        """The driver's consistency check: qcow2 counts leaked and corrupt clusters, VHD overlapping or
+        out-of-bounds blocks and a footer missing from the end (blocks count as clusters); raw is always clean."""
         res = ffi.new("struct xb_check_result *")
         err = ffi.new("char[]", lib.XB_ERRLEN)
         rc = lib.xb_image_check(self._p(), res, err)
@@ -505,4 +508,15 @@ def _describe(ptr: Any, path: str) -> dict[str, Any]:
             b = lib.xb_image_backing(ptr)
             if b != ffi.NULL:
                 out["backing"] = _describe(b, backing)
+    elif d.format == lib.XB_FMT_VHD:
+        out["vhd_type"] = VHD_TYPES.get(int(d.vhd_disk_type), str(d.vhd_disk_type))
+        if d.cluster_size:
+            out["block_size"] = int(d.cluster_size)
+        parent = ffi.string(d.backing_file).decode(errors="replace")
+        if parent:
+            out["backing_file"] = parent
+            out["backing_format"] = "vhd"
+            b = lib.xb_image_backing(ptr)
+            if b != ffi.NULL:
+                out["backing"] = _describe(b, parent)
     return out

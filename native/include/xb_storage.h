@@ -23,7 +23,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-enum xb_image_format { XB_FMT_RAW = 0, XB_FMT_BLOCK = 1, XB_FMT_QCOW2 = 2, XB_FMT_RBD = 4 };
+enum xb_image_format { XB_FMT_RAW = 0, XB_FMT_BLOCK = 1, XB_FMT_QCOW2 = 2, XB_FMT_VHD = 3, XB_FMT_RBD = 4 };
 
 /* xb_image_open flags */
 #define XB_OPEN_RDONLY 0x1u

@@ -117,6 +117,8 @@ struct xb_image *xb_image_open_fd(int fd, const char *name, int format, unsigned
         return xb_raw_open_fd(fd, name, format == XB_FMT_BLOCK, flags, err);
     case XB_FMT_QCOW2:
         return xb_qcow2_open_fd(fd, name, flags, 0, backing, ctx, err);
+    case XB_FMT_VHD:
+        return xb_vhd_open_fd(fd, name, flags, 0, backing, ctx, err);
     default:
         close(fd);
         xb_seterr(err, "unknown image format %d", format);
@@ -234,6 +236,8 @@ int xb_image_check(struct xb_image *img, struct xb_check_result *out, char *err)
         err[0] = 0;
     if (img->format == XB_FMT_QCOW2)
         return xb_qcow2_check(img, out, err);
+    if (img->format == XB_FMT_VHD)
+        return xb_vhd_check(img, out, err);
     return 0;
 }
 
@@ -254,6 +258,8 @@ int xb_image_describe(struct xb_image *img, struct xb_image_desc *out)
     out->virtual_size = img->size;
     if (img->format == XB_FMT_QCOW2)
         return xb_qcow2_describe(img, out);
+    if (img->format == XB_FMT_VHD)
+        return xb_vhd_describe(img, out);
     if (img->format == XB_FMT_RAW) {
         struct stat st;
         int fd = *(int *)img->priv; /* raw keeps its fd first */

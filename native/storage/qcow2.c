@@ -47,6 +47,8 @@ void xb_qcow2_close_impl(struct xb_image *img)
 
 struct xb_image *xb_image_backing(struct xb_image *img)
 {
+    if (img->format == XB_FMT_VHD)
+        return xb_vhd_backing(img);
     return img->format == XB_FMT_QCOW2 ? QC(img)->backing : NULL;
 }
 
@@ -131,31 +133,9 @@ static int open_backing(struct qcow2 *q, unsigned flags, int depth, xb_backing_f
         return -ELOOP;
     }
     char sub[XB_ERRLEN], resolved[XB_PATHLEN];
-    sub[0] = 0;
-    resolved[0] = 0;
-    int fd = backing(ctx, q->path, q->backing_file, is_qcow2 ? "qcow2" : "raw", resolved, sub);
-    if (fd < 0) {
-        if (sub[0])
-            xb_seterr(err, "%s", sub);
-        else
-            xb_seterr(err, "%s: backing file %s: %s", q->path, q->backing_file, strerror(-fd));
+    int fd = xb_backing_open(q->path, q->backing_file, is_qcow2 ? "qcow2" : "raw", backing, ctx, resolved, err);
+    if (fd < 0)
         return fd;
-    }
-    resolved[sizeof(resolved) - 1] = 0;
-    if (!resolved[0])
-        snprintf(resolved, sizeof(resolved), "%s", q->backing_file);
-    struct stat st;
-    if (fstat(fd, &st)) {
-        xb_seterr(err, "%s: backing file %s: %s", q->path, resolved, strerror(errno));
-        close(fd);
-        return -EIO;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        xb_seterr(err, "%s: backing file %s is %s (only regular files are backing files)", q->path, resolved,
-                  xb_file_kind(st.st_mode));
-        close(fd);
-        return -EPERM;
-    }
     unsigned bflags = XB_OPEN_RDONLY | (flags & XB_OPEN_DIRECT ? 0 : XB_OPEN_BUFFERED);
     if (is_qcow2)
         q->backing = xb_qcow2_open_fd(fd, resolved, bflags, depth + 1, backing, ctx, sub);

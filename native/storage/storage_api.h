@@ -23,6 +23,7 @@ struct xb_image_desc {
     int compression_type;    /* 0 zlib, 1 zstd */
     char backing_file[1024];
     char backing_format[32];
+    int vhd_disk_type; /* 2 fixed, 3 dynamic, 4 differencing */
 };
 
 /* Opens the backing file `name` of the image `parent`, for reading. `name` and `fmt` come from the
@@ -36,9 +37,9 @@ typedef int (*xb_backing_fn)(void *ctx, const char *parent, const char *name, co
 
 /* Opens an image on an fd the caller opened (and hands over: closed on failure too). The fd's
  * access mode decides read-write or read-only (XB_OPEN_RDONLY forces read-only); O_NONBLOCK is
- * cleared. raw needs a regular file, block a block device, qcow2 either. A qcow2 backing file is
- * opened only through `backing` (NULL: an image with a backing file is refused), and only a
- * regular file is accepted from it — never a device, FIFO or socket. */
+ * cleared. raw and vhd need a regular file, block a block device, qcow2 either. A qcow2 backing file
+ * (or a VHD parent) is opened only through `backing` (NULL: an image with a backing file is
+ * refused), and only a regular file is accepted from it — never a device, FIFO or socket. */
 struct xb_image *xb_image_open_fd(int fd, const char *name, int format, unsigned flags, xb_backing_fn backing,
                                   void *ctx, char *err);
 /* C tests only: opens `path` (not following a symlink in its last component, not blocking on a
@@ -69,7 +70,7 @@ int xb_image_check(struct xb_image *img, struct xb_check_result *out, char *err)
  * request is in flight; refuses (-EUCLEAN) an image with corruptions. out->leaks = clusters freed. */
 int xb_image_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_image_describe(struct xb_image *img, struct xb_image_desc *out);
-/* The backing image of a qcow2 image (owned by it), or NULL. */
+/* The backing image of a qcow2 image or the parent of a differencing VHD (owned by it), or NULL. */
 struct xb_image *xb_image_backing(struct xb_image *img);
 /* Test-only fault injection (fault.c): a wrapper image that forwards to `inner` (and owns it:
  * closing the wrapper closes it) and fails the ops matching a rule with -err. Only Python test

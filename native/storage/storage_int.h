@@ -24,8 +24,19 @@ struct xb_image *xb_qcow2_open_fd(int fd, const char *name, unsigned flags, int 
 /* Clears O_NONBLOCK (opened so that a FIFO could not block us) and returns 1 if the fd was
  * opened read-only. */
 int xb_fd_prepare(int fd, int *readonly);
+/* The backing file (qcow2) or parent (VHD) `name` that `image`'s header names, opened through the
+ * caller's callback (which judges the name: xenblk allows only storage.backing_dirs) and accepted
+ * only if it is a regular file, never a device, FIFO or socket. Returns the fd (the caller owns it)
+ * with the path it resolved to in `resolved` (XB_PATHLEN), or -errno with the reason in err. */
+int xb_backing_open(const char *image, const char *name, const char *fmt, xb_backing_fn backing, void *ctx,
+                    char *resolved, char *err);
 /* "a block device", "a FIFO", ... for a message about st_mode. */
 const char *xb_file_kind(unsigned mode);
+struct xb_image *xb_vhd_open_fd(int fd, const char *name, unsigned flags, int depth, xb_backing_fn backing, void *ctx,
+                                char *err);
+struct xb_image *xb_vhd_backing(struct xb_image *img);
+int xb_vhd_check(struct xb_image *img, struct xb_check_result *out, char *err);
+int xb_vhd_describe(struct xb_image *img, struct xb_image_desc *d);
 int xb_qcow2_check(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_qcow2_repair_leaks(struct xb_image *img, struct xb_check_result *out, char *err);
 int xb_qcow2_describe(struct xb_image *img, struct xb_image_desc *d);

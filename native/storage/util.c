@@ -1,6 +1,8 @@
-/* Helpers the image drivers share (storage_int.h): full-length I/O, iovec copies, fd checks. */
+/* Helpers the image drivers share (storage_int.h): full-length I/O, iovec copies, fd checks, the
+ * backing-file open both qcow2 and VHD use. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -118,4 +120,36 @@ const char *xb_file_kind(unsigned mode)
     default:
         return "not a regular file";
     }
+}
+
+int xb_backing_open(const char *image, const char *name, const char *fmt, xb_backing_fn backing, void *ctx,
+                    char *resolved, char *err)
+{
+    char sub[XB_ERRLEN];
+    sub[0] = 0;
+    resolved[0] = 0;
+    int fd = backing(ctx, image, name, fmt, resolved, sub);
+    if (fd < 0) {
+        if (sub[0])
+            xb_seterr(err, "%s", sub);
+        else
+            xb_seterr(err, "%s: backing file %s: %s", image, name, strerror(-fd));
+        return fd;
+    }
+    resolved[XB_PATHLEN - 1] = 0;
+    if (!resolved[0])
+        snprintf(resolved, XB_PATHLEN, "%s", name);
+    struct stat st;
+    if (fstat(fd, &st)) {
+        xb_seterr(err, "%s: backing file %s: %s", image, resolved, strerror(errno));
+        close(fd);
+        return -EIO;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        xb_seterr(err, "%s: backing file %s is %s (only regular files are backing files)", image, resolved,
+                  xb_file_kind(st.st_mode));
+        close(fd);
+        return -EPERM;
+    }
+    return fd;
 }

@@ -1,1 +1,1 @@
--I../storage ../storage/image.c ../storage/util.c ../storage/raw.c ../storage/qcow2.c ../storage/qcow2_cache.c ../storage/qcow2_io.c ../storage/qcow2_refcount.c ../storage/qcow2_check.c -lz -lzstd ../common/err.c
+-I../storage ../storage/image.c ../storage/util.c ../storage/raw.c ../storage/qcow2.c ../storage/qcow2_cache.c ../storage/qcow2_io.c ../storage/qcow2_refcount.c ../storage/qcow2_check.c ../storage/vhd.c ../storage/vhd_parent.c ../storage/vhd_io.c ../storage/vhd_check.c -lz -lzstd ../common/err.c

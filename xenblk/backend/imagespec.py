@@ -10,8 +10,9 @@ Where an image may be (docs/config.md, README "Security"):
   swapping a link in during the open), and a regular file;
 - a block device: only when its path matches one of `storage.allowed_devices` (fnmatch
   patterns, e.g. /dev/vg0/guest-*; /dev is no directory of files);
-- a qcow2 backing file: only under `storage.backing_dirs` (read-only base images; empty by
-  default: no backing files), a regular file, each link of the chain checked before it is opened.
+- a qcow2 backing file or the parent of a differencing VHD: only under `storage.backing_dirs`
+  (read-only base images; empty by default: no backing files), a regular file, each link of the
+  chain checked before it is opened.
 
 `storage.qcow2_dirs` is the admin's rule for toolstacks that can only say raw (libxl's
 `backendtype=tap` accepts format=raw|vhd): a regular file under one of those directories
@@ -45,7 +46,7 @@ class ImageBusy(ImageSpecError):
 @dataclass(frozen=True)
 class ImageSpec:
     path: str
-    format: str | None  # raw | qcow2 | block; None: block if S_ISBLK else raw
+    format: str | None  # raw | qcow2 | vhd | block; None: block if S_ISBLK else raw
     readonly: bool
 
     def resolved_format(self) -> str:
@@ -68,11 +69,6 @@ def parse_params(params: str | None, mode: str | None) -> ImageSpec:
     fmt: str | None = None
     prefix, path = split_prefix(params)
     if prefix is not None:
-        if prefix == "vhd":
-            raise ImageSpecError(
-                f"vhd images are not supported yet (params {params[:200]!r}); convert to raw or qcow2 "
-                "(qemu-img convert -O qcow2) and name it aio:/raw: (qcow2 via storage.qcow2_dirs)"
-            )
         if prefix not in FORMAT_ALIASES:
             raise ImageSpecError(
                 f"unknown image format {prefix!r} in params (known: {', '.join(sorted(FORMAT_ALIASES))})"

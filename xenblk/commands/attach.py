@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
     p.add_argument("--vdev", default="xvdb", help="virtual device name in the guest (default xvdb)")
     p.add_argument(
         "--format",
-        choices=["raw", "qcow2", "block", "rbd"],
+        choices=["raw", "qcow2", "vhd", "block", "rbd"],
         default=None,
         help="image format (default: block if IMAGE is a block device, else raw; never guessed from contents)",
     )

@@ -16,7 +16,7 @@ def register(sub: Any) -> None:
     isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     for name, helptext in (
         ("info", "format, virtual size, cluster size, backing chain, allocation"),
-        ("check", "the driver's consistency check (qcow2: leaked and corrupt clusters)"),
+        ("check", "the driver's consistency check (qcow2: leaked and corrupt clusters; vhd: blocks)"),
     ):
         q = isub.add_parser(name, help=helptext)
         q.add_argument("path", metavar="PATH")
@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
             action="append",
             default=[],
             metavar="DIR",
-            help="also accept qcow2 backing files under DIR (besides storage.backing_dirs; repeatable); "
+            help="also accept qcow2 backing files and VHD parents under DIR (besides storage.backing_dirs; "
+            "repeatable); "
             "backing files are regular files opened beneath such a directory without following symlinks",
         )
         q.add_argument("--json", action="store_true", help="print JSON")
@@ -62,6 +63,9 @@ def _print_info(info: dict[str, Any], indent: str = "") -> None:
     if "cluster_size" in info:
         print(f"{indent}cluster size: {info['cluster_size']}")
         print(f"{indent}qcow2 version: {info['qcow2_version']}, refcount bits: {info['refcount_bits']}")
+    if "vhd_type" in info:
+        block = f", block size {info['block_size']}" if "block_size" in info else ""
+        print(f"{indent}vhd type: {info['vhd_type']}{block}")
     if "backing_file" in info:
         print(f"{indent}backing file: {info['backing_file']} (format {info['backing_format']})")
         if "backing" in info:
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
         print(f"{args.path}: {res['corruptions']} corruptions, {res['leaks']} leaked clusters")
         if res["format"] == "qcow2":
             print(f"{res['allocated_clusters']}/{res['total_clusters']} clusters allocated")
+        elif res["format"] == "vhd" and res["total_clusters"]:
+            print(f"{res['allocated_clusters']}/{res['total_clusters']} blocks allocated")
         print("no errors found" if res["corruptions"] == 0 and res["leaks"] == 0 else "errors found")
     if res["corruptions"]:
         return 2

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 from xenblk.errors import XenblkError
 
-FORMAT_ALIASES = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "block": "block", "phy": "block", "rbd": "rbd"}
+FORMAT_ALIASES = {
+    "raw": "raw",
+    "aio": "raw",
+    "qcow2": "qcow2",
+    "vhd": "vhd",
+    "block": "block",
+    "phy": "block",
+    "rbd": "rbd",
+}
 # Formats whose "path" names no file (a Ceph pool/image): never made absolute, never stat'ed.
 NETWORK_FORMATS = frozenset({"rbd"})
 _PREFIX = re.compile(r"([a-z0-9]+):(.*)", re.DOTALL)
