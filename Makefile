@@ -86,4 +86,4 @@ deb: setup
 	@if [ -n "$(SUITE)" ]; then packaging/deb-for.sh "$(SUITE)"; else packaging/build-deb.sh; fi
 
 clean:
-	rm -rf build xenblk/_*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build xenblk/_*.so tests/_*.so .pytest_cache .mypy_cache .ruff_cache

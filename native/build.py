@@ -22,7 +22,10 @@ MODULES = {
     "_dataplane": ("build_dataplane.py", ["common", "platform", "dataplane", "nbd"]),
     "_simguest": ("build_simguest.py", ["common", "simguest"]),
     "_rbd": ("build_rbd.py", ["common", "rbd"]),
+    # test-only (the storage fault layer): built into tests/, never packaged
+    "_xbfault": ("build_testfault.py", ["testing"]),
 }
+PACKAGE_OF = {"_xbfault": "tests"}
 
 
 def _digest(script: str, areas: list[str]) -> str:
@@ -42,7 +45,7 @@ def build(name: str, force: bool = False) -> None:
     os.environ["XENBLK_ABS_PATHS"] = "1"
     script, areas = MODULES[name]
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = ROOT / "xenblk" / f"{name}{suffix}"
+    target = ROOT / PACKAGE_OF.get(name, "xenblk") / f"{name}{suffix}"
     stamp = ROOT / "build" / f"{name}.stamp"
     digest = _digest(script, areas)
     if not force and target.exists() and stamp.exists() and stamp.read_text() == digest:
@@ -61,7 +64,7 @@ def build(name: str, force: bool = False) -> None:
     os.replace(staged, target)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest)
-    print(f"built xenblk/{target.name}")
+    print(f"built {target.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

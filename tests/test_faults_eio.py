@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.fault_image import FaultImage
+from tests import _xbfault  # type: ignore[attr-defined]
+from tests.fixtures.fault_image import FAULT_OPS, FaultImage, as_fault_ptr
 from tests.fixtures.faults import MakeGuestDisk
 from tests.fixtures.ring import (
     ABIS,
@@ -240,4 +241,5 @@ def test_fault_api_refuses_nonsense(tmp_path: Path) -> None:
     # a plain image has no fault rules to set, not even through the C call
     with storage.Image.open(str(path)) as plain:
         assert not hasattr(plain, "inject_fault")
-        assert storage.lib.xb_fault_add(plain.ptr, storage.lib.XB_FAULT_READ, errno.EIO, 0, 0, 0, 0) == -errno.EINVAL
+        rc = _xbfault.lib.xb_fault_add(as_fault_ptr(plain.ptr), FAULT_OPS["read"], errno.EIO, 0, 0, 0, 0)
+        assert rc == -errno.EINVAL

@@ -25,6 +25,14 @@ def test_no_product_module_names_the_fault_layer() -> None:
     assert users == []
 
 
+def test_the_product_modules_do_not_carry_it() -> None:
+    """fault.c is built into the test-only tests._xbfault, not into xenblk._storage (nor the package)."""
+    assert not hasattr(storage.lib, "xb_fault_wrap")
+    native = PACKAGE.parent / "native"
+    assert "testing" not in (native / "build_storage.py").read_text()
+    assert "build_testfault" not in (PACKAGE.parent / "setup.py").read_text()
+
+
 @pytest.mark.parametrize("params", ["fault:/srv/x.raw", "faulty:/srv/x.raw", "FaultImage:/srv/x.raw"])
 def test_params_cannot_name_it(params: str) -> None:
     with pytest.raises(ImageSpecError):
@@ -32,7 +40,7 @@ def test_params_cannot_name_it(params: str) -> None:
 
 
 def test_no_image_format_opens_it(tmp_path: Path) -> None:
-    assert set(storage.FORMATS) == {"raw", "block", "qcow2"}
+    assert set(storage.FORMATS) == {"raw", "block", "qcow2", "vhd"}
     p = tmp_path / "x.raw"
     p.write_bytes(bytes(4096))
     with pytest.raises(storage.StorageError, match="unknown image format"):

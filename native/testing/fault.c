@@ -1,5 +1,5 @@
 /* A fault-injecting image for tests: forwards every op to a real image and fails the ones
- * that match a rule set at run time from Python (xenblk.storage.FaultImage).
+ * that match a rule set at run time from Python (tests/fixtures/fault_image.py).
  *
  * Only test code creates one (xb_fault_wrap has no path from a config, XenStore or a guest).
  * Faults are real on the fast path too: map() refuses any range a live read or write rule
@@ -8,7 +8,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include "storage_int.h"
+#include "fault_api.h"
+#include "xb_storage.h"
 
 struct fault_rule {
     unsigned ops;   /* XB_FAULT_* */
@@ -30,6 +31,14 @@ struct fault_image {
 };
 
 static struct fault_image *F(struct xb_image *img) { return img->priv; }
+
+static uint64_t iov_len(const struct iovec *iov, int iovcnt)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < iovcnt; i++)
+        n += iov[i].iov_len;
+    return n;
+}
 
 static int overlaps(const struct fault_rule *r, unsigned op, uint64_t off, uint64_t len)
 {
@@ -88,14 +97,14 @@ static void f_unmap(struct xb_image *img, const struct xb_extent *ext)
 
 static ssize_t f_preadv(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
-    int r = check(img, XB_FAULT_READ, off, xb_iov_len(iov, iovcnt));
+    int r = check(img, XB_FAULT_READ, off, iov_len(iov, iovcnt));
     struct xb_image *in = F(img)->inner;
     return r ? r : in->ops->preadv(in, iov, iovcnt, off);
 }
 
 static ssize_t f_pwritev(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
-    int r = check(img, XB_FAULT_WRITE, off, xb_iov_len(iov, iovcnt));
+    int r = check(img, XB_FAULT_WRITE, off, iov_len(iov, iovcnt));
     struct xb_image *in = F(img)->inner;
     return r ? r : in->ops->pwritev(in, iov, iovcnt, off);
 }
