@@ -56,9 +56,10 @@ bench: setup
 
 # Real Xen under QEMU (tests/xen/vm/xenvm, software emulation) in two Dom0 flavours:
 # d12 = Debian 12 / Xen 4.17 / C xenstored, d13 = Debian 13 / Xen 4.20 / oxenstored under systemd.
-# Per flavour one boot runs the xenblk test (tests/xen/dom0-test.sh) and then the restart test
-# (kill -9 of the daemon under a verified guest workload, dm-error; dom0-restart.sh).
-# Logs: build/xen-<flavour>-all/{test,restart}/. A failed flavour does not stop the others.
+# Per flavour one boot runs the xenblk test (tests/xen/dom0-test.sh), the restart test
+# (kill -9 of the daemon under a verified guest workload, dm-error; dom0-restart.sh) and the xl
+# lifecycle through block-xenblk (d13: the trixie package under systemd; dom0-xl.sh).
+# Logs: build/xen-<flavour>-all/{test,restart,xl}/. A failed flavour does not stop the others.
 XEN_FLAVOUR ?= $(firstword $(XEN_FLAVOURS))
 xen-test: setup
 	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f all || rc=1; done; exit $$rc

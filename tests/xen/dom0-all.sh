@@ -1,15 +1,15 @@
 #!/bin/bash
-# Dom0 side of `make xen-test-<flavour>`: the test boot's script (dom0-test.sh) and then the
-# restart boot's (dom0-restart.sh) in one Dom0, each with its own log dir under XEN_TEST_OUT
-# (test/, restart/). One boot instead of two: a Debian 13 Dom0 under systemd takes minutes to
+# Dom0 side of `make xen-test-<flavour>`: the test boot's script (dom0-test.sh), the
+# restart boot's (dom0-restart.sh) and then the xl lifecycle (dom0-xl.sh) in one Dom0, each with
+# its own log dir under XEN_TEST_OUT (test/, restart/, xl/). One boot instead of two: a Debian 13 Dom0 under systemd takes minutes to
 # come up under TCG, and each script leaves the Dom0 as it found it (its guest gone, its daemon
 # stopped, its devices detached), which the second one's own checks would catch otherwise.
-# Env: as dom0-test.sh and dom0-restart.sh. Exit status: the sum of their failures (at most 100).
+# Env: as dom0-test.sh, dom0-restart.sh and dom0-xl.sh. Exit status: the sum of their failures (at most 100).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${XEN_TEST_OUT:?}
 rc=0 results=()
-for what in test restart; do
+for what in test restart xl; do
     mkdir -p "$OUT/$what"
     echo "==== $what (dom0-$what.sh; logs in $OUT/$what)"
     # into a file, followed until the script exits: a daemon the script starts in passing
