@@ -201,7 +201,7 @@ type = "pv"
 kernel = "$GUEST_KERNEL"
 ramdisk = "$INITRD"
 extra = "console=hvc0 quiet xbmode=xl xbdisks=xvdb xbreload=0 xbpassmib=4 $2"
-memory = 256
+memory = 512
 vcpus = 1
 on_poweroff = "destroy"
 on_reboot = "restart"
