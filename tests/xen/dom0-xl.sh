@@ -134,7 +134,7 @@ if [ $MODE = systemd ]; then
     deb=${XEN_XL_DEB:-$(ls "$ROOT"/build/trixie/xenblk_*_amd64.deb 2> /dev/null | tail -1)}
     if [ -z "$deb" ] || [ ! -r "$deb" ]; then
         bad "no package (build it on the host: packaging/deb-for.sh trixie)"
-    elif (cd "$(dirname "$deb")" && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-download \
+    elif (cd "$(dirname "$deb")" && DEBIAN_FRONTEND=noninteractive apt-get install -y \
         "./$(basename "$deb")") > "$OUT/apt.log" 2>&1; then
         ok "apt install ./$(basename "$deb") (offline: its dependencies are in the root)"
     else
