@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup native demo test test-fast test-debian13 lint test-py test-c fuzz bench xen-test xen-test-d12 xen-test-d13 xen-bench xen-restart clean
+.PHONY: setup native demo test test-fast test-debian13 lint test-py test-c fuzz bench xen-test xen-test-d12 xen-test-d13 xen-bench xen-restart xen-xl clean
 
 setup:
 	@scripts/setup.sh
@@ -61,6 +61,8 @@ bench: setup
 # Per flavour one boot runs the xenblk test (tests/xen/dom0-test.sh) and then the restart test
 # (kill -9 of the daemon under a verified guest workload, dm-error; dom0-restart.sh).
 # Logs: build/xen-<flavour>-all/{test,restart}/. A failed flavour does not stop the others.
+# make xen-xl: the xl lifecycle through block-xenblk (d13: the trixie package under systemd;
+# tests/xen/dom0-xl.sh), one boot per flavour; not yet part of make test (README, "Using xenblk with xl").
 XEN_FLAVOUR ?= $(firstword $(XEN_FLAVOURS))
 xen-test: setup
 	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f all || rc=1; done; exit $$rc
@@ -74,6 +76,9 @@ xen-test-d13: setup
 # kill -9 of xenblk serve (twice) under a crc32c-verified guest fio; dm-error disk; both flavours
 xen-restart: setup
 	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f restart || rc=1; done; exit $$rc
+
+xen-xl: setup
+	@rc=0; for f in $(XEN_FLAVOURS); do tests/xen/run.sh $$f xl || rc=1; done; exit $$rc
 
 # blkback vs qdisk vs xenblk inside one guest (XEN_FLAVOUR, default: the first of XEN_FLAVOURS); table in bench/results/
 xen-bench: setup

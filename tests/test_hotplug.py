@@ -35,6 +35,8 @@ class Host:
     tmp: Path
     wrapper: Path  # what XENBLK points the hotplug script at: this checkout's xenblk on the sim host
     script: Path = SCRIPT
+    # the script's own client (xenblk/hotplug_client.py, or this one) instead of `xenblk hotplug`
+    client: Path | None = None
 
     def write_libxl_disk(self, domid: int, vdev: str, params: str, btype: str = "vbd3") -> str:
         """The nodes libxl writes for a disk with script=block-xenblk, in one transaction, state 1 last.
@@ -98,6 +100,9 @@ class Host:
         env = {**os.environ, "XENBUS_PATH": xenbus_path, "XENBUS_TYPE": xenbus_path.split("/")[1],
                "XENBUS_BASE_PATH": "backend", "script": "/etc/xen/scripts/block-xenblk",
                "XENBLK": str(self.wrapper)}  # fmt: skip
+        if self.client is not None:  # as installed: python3 -I -S on the client, the daemon's config
+            del env["XENBLK"]
+            env |= {"XENBLK_HOTPLUG_CLIENT": str(self.client), "XENBLK_CONFIG": str(self.stack.config)}
         return subprocess.run([str(self.script), action], env=env, capture_output=True, text=True, timeout=timeout)
 
     def libxl_remove(self, xenbus_path: str, domid: int) -> subprocess.CompletedProcess[str]:
@@ -295,6 +300,36 @@ def test_refused_disk_gives_hotplug_error_and_leaves_nothing(host: Host, case: s
     host.wait_gone(5)
     assert host.read(b) is None
     assert host.open_fds_to(outside) == [] and host.open_fds_to(fake) == []
+
+
+def test_script_client_adds_refuses_and_removes(host: Host) -> None:
+    """What block-xenblk runs when installed: xenblk/hotplug_client.py on python3 -I -S (stdlib only, a
+    fast start within libxl's 40 s); the daemon writes hotplug-status / hotplug-error itself."""
+    from xenblk import config, hotplug_client
+
+    assert config.DaemonConfig().run_dir == hotplug_client.RUN_DIR
+    host.client = ROOT / "xenblk" / "hotplug_client.py"
+    image = host.stack.images / "a.raw"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    good = host.write_libxl_disk(6, "xvdb", f"aio:{image}")
+    bad = host.write_libxl_disk(7, "xvdb", f"aio:{host.stack.images}/nope.raw")
+    for xp in (good, bad):
+        host.wait_state(xp, "2")
+    r = host.hotplug("add", good)
+    assert r.returncode == 0, r.stderr + host.stack.log_tail()
+    assert host.read(f"/local/domain/0/{good}/hotplug-status") == "connected"
+    assert host.read(f"/local/domain/0/{good}/hotplug-error") is None
+    assert host.open_fds_to(image) != []
+    r = host.hotplug("add", bad)
+    assert r.returncode == 1 and "No such file or directory" in r.stderr, r.stderr
+    assert "No such file or directory" in (host.read(f"/local/domain/0/{bad}/hotplug-error") or "")
+    assert host.read(f"/local/domain/0/{bad}/hotplug-status") != "connected"
+    verified_io(host, 6)
+    assert host.libxl_remove(bad, 7).returncode == 0
+    assert host.libxl_remove(good, 6).returncode == 0
+    assert host.open_fds_to(image) == []
+    host.wait_gone(6)
+    host.wait_gone(7)
 
 
 def test_add_without_a_daemon_fails_at_once_with_the_reason(host: Host) -> None:

@@ -4,10 +4,13 @@
 #
 # Kernel arguments (xl `extra`):
 #   xbdisks=xvdb,xvdc,...   the disks to wait for (attached after boot, by the Dom0 script)
-#   xbmode=test|bench|restart  test: verify, discard, unbind/bind; bench: the fio table jobs;
+#   xbmode=test|bench|restart|xl  test: verify, discard, unbind/bind; bench: the fio table jobs;
 #                           restart: crc32c fio passes on xvdb until Dom0 says stop (Dom0 kills
 #                           the daemon meanwhile, each kill triggered by a pass marker), then the
-#                           dm-error disk (xvdd) reads OK in its good half and fails in its bad half
+#                           dm-error disk (xvdd) reads OK in its good half and fails in its bad half;
+#                           xl: restart's passes on xvdb while Dom0 drives xl (save, restore, kill...),
+#                           plus a verified fio run on each disk Dom0 hot-plugs as xvdc ("xbctl hotN");
+#                           after "stop" it prints its result and waits for `xl shutdown`
 #   xbmaxpasses=N           restart: failure bound if Dom0 never says stop (default 100000)
 #   xbpassmib=N             restart: MiB written and verified per pass (default 16; 1 makes
 #                           passes short, so a kill can also land between two passes)
@@ -249,8 +252,36 @@ bench() {
     done
 }
 
+# hot_disks: for each "xbctl hotN" from Dom0 (N = 1, 2, ...: Dom0 `xl block-attach`ed a disk as
+# xvdc), a verified fio run on xvdc, "GUEST hotN verified", then "GUEST hotN gone" once Dom0's
+# `xl block-detach` removed it. Runs beside restart_io until Dom0 says stop; its failures are
+# GUEST FAIL lines, which Dom0 counts.
+hot_disks() {
+    local n=1 t
+    while ! dom0_said stop; do
+        if dom0_said "hot$n"; then
+            disks=xvdc wait_disks 1800 && fio_verify xvdc
+            echo "GUEST hot$n verified"
+            t=0
+            while [ -b /dev/xvdc ] && [ $t -lt 1800 ]; do sleep 1; t=$((t + 1)); done
+            [ -b /dev/xvdc ] && bad "xvdc still present 1800s after hot$n" || echo "GUEST hot$n gone"
+            n=$((n + 1))
+        fi
+        sleep 1
+    done
+}
+
 wait_disks 1800 || { echo "GUEST failures=$fail"; exit $fail; }
-if [ "$mode" = bench ]; then
+if [ "$mode" = xl ]; then
+    # `xl shutdown` makes the kernel run /sbin/poweroff (orderly_poweroff), which busybox lacks there
+    mkdir -p /sbin && printf '#!/bin/sh\nsync\nexec /bin/busybox poweroff -f\n' > /sbin/poweroff && chmod 755 /sbin/poweroff
+    hot_disks &
+    restart_io xvdb
+    wait
+    echo "GUEST failures=$fail"
+    echo "GUEST waiting for xl shutdown"
+    while :; do sleep 60; done
+elif [ "$mode" = bench ]; then
     bench
 elif [ "$mode" = restart ]; then
     restart_io xvdb

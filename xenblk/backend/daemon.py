@@ -35,7 +35,7 @@ from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView, MetricsServer
 from xenblk.xen.paths import backend_type_path, domain_path
 from xenblk.xen.states import parse_state
-from xenblk.xenstore import XenStore, XenStoreError
+from xenblk.xenstore import Transaction, XenStore, XenStoreError
 
 log = structlog.get_logger("xenblk.daemon")
 
@@ -370,6 +370,35 @@ class Daemon:
         if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
             raise XenblkError("timeout must be a number of seconds in (0, 600]")
         path = f"{self._base(key[0])}/{key[1]}/{key[2]}"
+        if op != "take" or req.get("publish") is not True:
+            return await self._take_or_release(op, key, path, timeout)
+        # "publish": the hotplug script's outcome written here, so that the script itself needs no
+        # XenStore client (block-xenblk runs xenblk/hotplug_client.py: a fast start, see there)
+        try:
+            reply = await self._take_or_release(op, key, path, timeout)
+        except XenblkError as e:
+            await self._publish_hotplug(path, str(e))
+            raise
+        await self._publish_hotplug(path, None)
+        return reply
+
+    async def _publish_hotplug(self, path: str, error: str | None) -> None:
+        """B/hotplug-status = connected, or B/hotplug-error = the reason (libxl prints "script: <reason>")."""
+        assert self.ctx is not None
+
+        async def body(t: Transaction) -> None:
+            if await t.try_read(f"{path}/state") is None:
+                return  # removed meanwhile: never create B again
+            if error is None:
+                await t.rm(f"{path}/hotplug-error")
+                await t.write(f"{path}/hotplug-status", "connected")
+            else:
+                await t.write(f"{path}/hotplug-error", error[:1000])
+                await t.write(f"{path}/hotplug-status", "error")
+
+        await self.ctx.xs.transact(body)
+
+    async def _take_or_release(self, op: str, key: Key, path: str, timeout: float) -> dict[str, Any]:
         dev = self.devices.get(key)
         if op == "take" and key[0] == "vbd" and dev is None and (module := self._blkback_loaded()) is not None:
             raise XenblkError(

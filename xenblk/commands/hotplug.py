@@ -3,9 +3,11 @@ for a disk with `script=block-xenblk`.
 
 libxl writes the backend dir (B/script names the script), waits for InitWait, then runs
 `block-xenblk add` with XENBUS_PATH=backend/<type>/<domid>/<devid> (relative to Dom0's home).
-`add` asks the running daemon (control op "take") to open the image and waits until it is open
-or refused: then B/hotplug-status=connected and exit 0, or B/hotplug-error=<the daemon's reason>
-and exit 1, which libxl turns into "script: <reason>" and a failed `xl create`/`xl block-attach`.
+`add` asks the running daemon (control op "take", with "publish") to open the image and waits until it
+is open or refused: the daemon writes B/hotplug-status=connected (exit 0) or B/hotplug-error=<its reason>
+(exit 1; written from here when the daemon does not answer), which libxl turns into "script: <reason>"
+and a failed `xl create`/`xl block-attach`. block-xenblk itself runs xenblk/hotplug_client.py (the same
+request, a faster start); this command is its fallback and what a checkout's XENBLK points it at.
 `remove` (after the toolstack saw Closed) returns once the daemon holds no image for that dir.
 """
 
@@ -63,10 +65,14 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
     path = absolute(backend, cfg.daemon.domid)
     if args.timeout <= 0 or args.timeout > 600:
         raise XenblkError("hotplug: --timeout must be in (0, 600] seconds")
-    request = {"op": "take" if args.action == "add" else "release", "backend": path, "timeout": args.timeout}
+    # publish: the daemon writes hotplug-status / hotplug-error itself (as for block-xenblk's client)
+    request = {"op": "take" if args.action == "add" else "release", "backend": path, "timeout": args.timeout,
+               "publish": True}  # fmt: skip
     error: str | None = None
+    answered = False
     try:
         reply = control.call(cfg.daemon.run_dir, request, timeout=args.timeout + 5)
+        answered = True
         if not reply.get("ok"):
             error = str(reply.get("error") or "refused without a reason")
     except control.DaemonNotRunning as e:
@@ -90,17 +96,14 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
             async def body(t: Transaction) -> None:
                 if await t.try_read(f"{path}/state") is None:
                     return  # removed meanwhile: never create B again
-                if error is None:
-                    await t.rm(f"{path}/hotplug-error")
-                    await t.write(f"{path}/hotplug-status", "connected")
-                else:
-                    await t.write(f"{path}/hotplug-error", error[:1000])
-                    await t.write(f"{path}/hotplug-status", "error")
+                await t.write(f"{path}/hotplug-error", (error or "")[:1000])
+                await t.write(f"{path}/hotplug-status", "error")
 
             await xs.transact(body)
 
     try:
-        asyncio.run(publish())
+        if not answered:  # the daemon wrote nothing: the reason goes to B/hotplug-error from here
+            asyncio.run(publish())
     except (XenblkError, OSError) as e:
         print(f"block-xenblk add {path}: cannot write the hotplug status to XenStore: {e}", file=sys.stderr)
         return 1
