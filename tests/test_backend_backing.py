@@ -286,14 +286,20 @@ def test_symlink_swap_during_open_never_serves_the_target(tmp_path: Path) -> Non
     link_tmp, file_tmp = images / ".l", images / ".f"
     stop = threading.Event()
 
+    died: list[BaseException] = []
+
     def flipper() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(FileNotFoundError, FileExistsError):
-                os.symlink(victim, link_tmp)
-                os.replace(link_tmp, own)
-            with contextlib.suppress(FileNotFoundError, FileExistsError):
-                os.link(good, file_tmp)
-                os.replace(file_tmp, own)
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(FileNotFoundError, FileExistsError):
+                    os.symlink(victim, link_tmp)
+                    os.replace(link_tmp, own)
+                with contextlib.suppress(FileNotFoundError, FileExistsError):
+                    os.link(good, file_tmp)
+                    os.replace(file_tmp, own)
+        except BaseException as e:  # said below: a dead flipper is why a state was never met
+            died.append(e)
+            raise
 
     t = threading.Thread(target=flipper, daemon=True)
     t.start()
@@ -316,7 +322,8 @@ def test_symlink_swap_during_open_never_serves_the_target(tmp_path: Path) -> Non
     finally:
         stop.set()
         t.join()
-    assert served and refused  # both states were met: the flipper ran during the opens
+    assert not died, f"the flipper died: {died[0]!r}"
+    assert served and refused, (served, refused, tries)  # both states were met: the flipper ran during the opens
 
 
 @pytest.mark.parametrize(
