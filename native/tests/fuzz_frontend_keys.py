@@ -213,9 +213,16 @@ def expected_spec(params: str | None, mode: str | None) -> ImageSpec | None:
         if not colon or name not in FORMAT_ALIASES:
             return None
         fmt, path = FORMAT_ALIASES[name], rest
+    readonly = {"r": True, "ro": True, "w": False, "rw": False, "w!": False}.get(mode or "")
+    if fmt == "rbd":  # POOL/IMAGE[@SNAP], each a Ceph name; a snapshot is served read-only
+        pool, slash, rest = path.partition("/")
+        image, at, snap = rest.partition("@")
+        names = [pool, image] + ([snap] if at else [])
+        if not slash or not all(re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,126}", n) for n in names):
+            return None
+        return None if readonly is None else ImageSpec(path, fmt, readonly or bool(at))
     if not path.startswith("/"):
         return None
-    readonly = {"r": True, "ro": True, "w": False, "rw": False, "w!": False}.get(mode or "")
     return None if readonly is None else ImageSpec(path, fmt, readonly)
 
 
