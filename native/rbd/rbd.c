@@ -54,11 +54,13 @@ static int r_map(struct xb_image *img, uint64_t off, uint64_t len, int for_write
 
 static void r_unmap(struct xb_image *img, const struct xb_extent *ext) { (void)img, (void)ext; }
 
-static ssize_t r_preadv(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
+/* librbd's synchronous calls take one buffer: one call per iovec entry, a short transfer is EIO. */
+static ssize_t rw_each(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off, int write)
 {
     size_t total = 0;
     for (int i = 0; i < iovcnt; i++) {
-        ssize_t n = rbd_read2(P(img)->image, off + total, iov[i].iov_len, iov[i].iov_base, 0);
+        ssize_t n = write ? rbd_write2(P(img)->image, off + total, iov[i].iov_len, iov[i].iov_base, 0)
+                          : rbd_read2(P(img)->image, off + total, iov[i].iov_len, iov[i].iov_base, 0);
         if (n < 0)
             return n;
         if ((size_t)n != iov[i].iov_len)
@@ -68,21 +70,15 @@ static ssize_t r_preadv(struct xb_image *img, const struct iovec *iov, int iovcn
     return (ssize_t)total;
 }
 
+static ssize_t r_preadv(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return rw_each(img, iov, iovcnt, off, 0);
+}
+
 static ssize_t r_pwritev(struct xb_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
     int w = writable(img);
-    if (w)
-        return w;
-    size_t total = 0;
-    for (int i = 0; i < iovcnt; i++) {
-        ssize_t n = rbd_write2(P(img)->image, off + total, iov[i].iov_len, iov[i].iov_base, 0);
-        if (n < 0)
-            return n;
-        if ((size_t)n != iov[i].iov_len)
-            return -EIO;
-        total += (size_t)n;
-    }
-    return (ssize_t)total;
+    return w ? w : rw_each(img, iov, iovcnt, off, 1);
 }
 
 static int r_flush(struct xb_image *img) { return rbd_flush(P(img)->image); }
