@@ -40,7 +40,7 @@ DEBS=(
   "$xen" xenstore-utils libxen-dev           # real C xenstored (simulated host), xenstore-* oracles, UAPI headers
   liburing-dev zlib1g-dev libzstd-dev         # data plane and qcow2
   qemu-utils fio                              # qemu-img/qemu-io oracles, fio reference
-  libvhdi-utils                               # vhdiinfo/vhdimount: VHD oracles
+  libvhdi-utils python3-libvhdi               # vhdiinfo and libvhdi's Python binding: VHD oracles
   libnbd-bin nbdkit                           # nbdinfo/nbdcopy: NBD export oracles; nbdkit: its bench reference
   prometheus systemd                          # promtool, systemd-analyze
   python3-dev python3-cffi python3-setuptools # make deb: the native modules for the system python3
