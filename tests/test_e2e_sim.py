@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.e2e import Stack, free_port, stop
+from tests.fixtures.e2e import Stack, free_port, run_stack, stop
 from tests.fixtures.wait import GENEROUS, proc_alive, wait_until
 
 
@@ -218,20 +218,61 @@ def test_ring_ref_not_granted_closes_only_that_device(stack: Stack) -> None:
     assert stack.serve.poll() is None
 
 
-def test_sigterm_under_load_drains_and_closes_cleanly(stack: Stack) -> None:
+def test_sigterm_under_load_hands_the_devices_over_to_the_next_daemon(stack: Stack) -> None:
+    """daemon.on_stop = "keep" (the default): `systemctl restart xenblk` under a verified workload is
+    invisible to the guest: drained, nothing written to XenStore, the next daemon resumes the rings."""
     qcow, _raw = make_images(stack)
     stack.attach(1, f"qcow2:{qcow}", "xvdb")
-    guest = stack.guest_proc(1, "--rw", "randwrite", "--iodepth", "32", "--until-stopped", "--io-timeout", "20")
+    guest = stack.guest_proc(1, "--rw", "randrw", "--bs", "8k", "--iodepth", "16", "--verify", "--flush-every", "32",
+                             "--seed", "4", "--until-stopped")  # fmt: skip
     try:
         stack.wait_backend(1, "xvdb", 4)
         stack.wait_served(200, 1, "xvdb")  # under load: the guest's writes are being answered
         assert stop(stack.serve) == 0, stack.log_tail()
-        assert _read(stack, 1, "xvdb", "state") == "6"
+        assert _read(stack, 1, "xvdb", "state") == "4"  # the guest was told nothing
         with pytest.raises(AssertionError):
-            _read(stack, 1, "xvdb", "error")  # closed cleanly, not on an error
-        assert '"device.stopped"' in stack.serve_log.read_text()
+            _read(stack, 1, "xvdb", "error")
+        assert '"device.handed_over"' in stack.serve_log.read_text()
+        state = stack.config.parent / "state"
+        assert list(state.glob("*.journal")), "the rings' journals were not kept"
+        orphan = state / "vbd3-9-51712-q0.journal"  # a guest destroyed while no daemon ran
+        orphan.write_bytes(b"x" * 4096)
+        stack.restart_serve()
+        stack.wait_served(200, 1, "xvdb")  # the new daemon serves the same rings
+        assert not orphan.exists()
+        assert guest.poll() is None, "the guest's workload ended across the restart"
+        guest.send_signal(signal.SIGTERM)
+        out, err = guest.communicate(timeout=GENEROUS)
     finally:
-        guest.kill()
-        guest.communicate(timeout=60)
+        if guest.poll() is None:
+            guest.kill()
+            guest.communicate(timeout=60)
+    assert guest.returncode == 0, f"{out}\n{err}\n{stack.log_tail()}"
+    (d,) = disks_of(json.loads(out))
+    assert d.get("errors", 0) == 0 and d.get("verify_errors", 0) == 0 and d["verified_reads"] > 0, d
+    log = stack.serve_log.read_text()
+    assert log.count('"device.resumed"') == 1 and '"device.stale_connection"' not in log, stack.log_tail(80)
+    assert stop(stack.serve) == 0, stack.log_tail()
+    chk = subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+def test_sigterm_with_on_stop_close_drains_and_closes_cleanly(tmp_path: Path, sim_dir: Path) -> None:
+    with run_stack(tmp_path, sim_dir, daemon_config='on_stop = "close"') as stack:
+        qcow, _raw = make_images(stack)
+        stack.attach(1, f"qcow2:{qcow}", "xvdb")
+        guest = stack.guest_proc(1, "--rw", "randwrite", "--iodepth", "32", "--until-stopped", "--io-timeout", "20")
+        try:
+            stack.wait_backend(1, "xvdb", 4)
+            stack.wait_served(200, 1, "xvdb")
+            assert stop(stack.serve) == 0, stack.log_tail()
+            assert _read(stack, 1, "xvdb", "state") == "6"
+            with pytest.raises(AssertionError):
+                _read(stack, 1, "xvdb", "error")  # closed cleanly, not on an error
+            assert '"device.stopped"' in stack.serve_log.read_text()
+            assert not list((tmp_path / "state").glob("*.journal"))  # nothing left to resume
+        finally:
+            guest.kill()
+            guest.communicate(timeout=60)
     chk = subprocess.run(["qemu-img", "check", str(qcow)], capture_output=True, text=True)
     assert chk.returncode == 0, chk.stdout + chk.stderr

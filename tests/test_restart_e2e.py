@@ -10,20 +10,12 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.fixtures.e2e import XENBLK, Stack, stop
+from tests.fixtures.e2e import Stack, stop
 from tests.fixtures.wait import GENEROUS
 from tests.test_e2e_sim import disks_of
 
 KILLS = 3
 PER_DISK = 200
-
-
-def _restart(stack: Stack) -> None:
-    """What systemd does after the daemon died on a signal: start it again, same command line."""
-    log = open(stack.serve_log, "ab")  # noqa: SIM115
-    stack.serve = subprocess.Popen([*XENBLK, "--config", str(stack.config), "serve", "--sim", str(stack.sim)],
-                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    log.close()
 
 
 def test_kill_9_under_a_verified_workload_is_invisible_to_the_guest(stack: Stack) -> None:
@@ -58,7 +50,7 @@ def test_kill_9_under_a_verified_workload_is_invisible_to_the_guest(stack: Stack
         for _ in range(KILLS):
             stack.serve.kill()  # SIGKILL: nothing is drained, closed or written
             assert stack.serve.wait(timeout=GENEROUS) == -9
-            _restart(stack)
+            stack.restart_serve()  # what systemd does after the daemon died on a signal
             served = serving_every_disk()
             assert guest.poll() is None, "the guest run ended while the daemon was being restarted"
         guest.send_signal(signal.SIGTERM)  # the workload stops issuing, drains, and reports

@@ -1,8 +1,10 @@
 """The daemon's main loop: XenStore watches on each backend type, one DeviceTask per
 device, the metrics endpoint, the control socket, kernel uevents, signals and systemd.
 
-SIGTERM/SIGINT: every device is drained and closed (B/state = 6; the backend dirs stay,
-so the next start serves them again); exit status 0.
+SIGTERM/SIGINT: every device is drained; then with daemon.on_stop = "keep" (the default) it is left
+as it stands in XenStore, its rings' journals kept, so the next daemon carries on and the guest only
+waits (a restart without guest impact); with "close" it is closed (B/state = 6; the backend dirs stay,
+so the next start serves them again, and Linux blkfront drops the disk). Exit status 0.
 SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
 allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
 a device's next InitWait); nbd.* (when a device next opens its image); metrics.enabled/listen (the endpoint is
@@ -114,6 +116,7 @@ class Daemon:
                     self._tasks.append(asyncio.create_task(self._watch_loop(btype, w), name=f"watch {btype}"))
                 for btype in self.cfg.daemon.backend_types:
                     await self._rescan(btype)
+                self._remove_orphan_journals(dataplane)
                 if self.use_uevents:
                     uev = UeventListener(loop, self._on_block_resize)
                     uev.start()
@@ -147,9 +150,23 @@ class Daemon:
         log.info("daemon.stopped")
         return 0
 
+    def _remove_orphan_journals(self, dataplane: object) -> None:
+        """Journals a handover or a kill left for devices whose backend dirs went while no daemon ran
+        (the guest destroyed meanwhile): nothing can resume them, and a name may come back for new rings."""
+        jdir = getattr(dataplane, "journal_dir", None)
+        if jdir is None:
+            return
+        live = {f"{b}-{d}-{i}" for b, d, i in self.devices}
+        for p in Path(jdir).glob("*-q*.journal"):
+            if p.name.rsplit("-q", 1)[0] not in live:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    log.info("daemon.orphan_journal_removed", journal=str(p))
+
     async def _shutdown_devices(self) -> None:
+        hand_over = self.cfg.daemon.on_stop == "keep"
         for dev in self.devices.values():
-            dev.request_shutdown()
+            dev.request_shutdown(hand_over=hand_over)
         tasks = [d.task for d in self.devices.values() if d.task is not None]
         if tasks:
             await asyncio.wait(tasks)

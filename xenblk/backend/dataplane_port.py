@@ -36,8 +36,9 @@ class RunningDevice(Protocol):
     def stop(self) -> None:
         """Blocking: drain, answer, unmap, unbind. Called from an executor thread. Stats stay readable."""
 
-    def close(self) -> None:
-        """Free the device (after stop); stats are gone."""
+    def close(self, keep_journals: bool = False) -> None:
+        """Free the device (after stop); stats are gone. keep_journals: the rings' journals stay for
+        the next daemon to resume (a handover at stop), instead of being removed with the device."""
 
     def stats(self, q: int) -> Any: ...
 
@@ -188,7 +189,7 @@ class _Running:
     def stop(self) -> None:
         self._dev.stop()
 
-    def close(self) -> None:
+    def close(self, keep_journals: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
@@ -196,8 +197,9 @@ class _Running:
             self._dev.close()
         finally:
             self._platform.detach_domain(self._domid)
-            # Drained and answered: nothing left to resume (a stale journal must never match a later ring).
-            for p in self._journals:
+            # Drained and answered: nothing left to resume (a stale journal must never match a later ring),
+            # unless the next daemon is to carry these rings on.
+            for p in [] if keep_journals else self._journals:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 

@@ -120,6 +120,7 @@ class DeviceTask:
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._shutdown = False
+        self._hand_over = False
         self.crashed = False  # the task died of a bug: not served again until re-attached or restarted
         self._resume_on: set[int] = set()
         self._fs_at_close: int | None = None  # the frontend's state when this backend closed
@@ -151,8 +152,11 @@ class DeviceTask:
     def wake(self) -> None:
         self._changed.set()
 
-    def request_shutdown(self) -> None:
+    def request_shutdown(self, hand_over: bool = False) -> None:
+        """Stop serving. hand_over: the next daemon carries on where this one stops, so nothing is
+        written that the guest could see (a connected device's rings stay with their journals)."""
         self._shutdown = True
+        self._hand_over = hand_over
         self._changed.set()
 
     async def run(self) -> None:
@@ -238,6 +242,12 @@ class DeviceTask:
             self.log.info("device.removed")
             return True
         if self._shutdown:
+            if self._hand_over and (self.phase is not Phase.CONNECTED or journals_on(self.ctx.dataplane)):
+                # Drained and answered, the state nodes as they are: the next daemon resumes a connected
+                # device from its journals and takes up any other where the handshake stands.
+                await self._stop_dataplane(keep_journals=True)
+                self.log.info("device.handed_over", phase=self.phase.name.lower())
+                return True
             await self._stop_dataplane()
             if self.phase is not Phase.NEW and s.bstate != S.CLOSED:
                 await self._write_state(S.CLOSED)
@@ -765,7 +775,7 @@ class DeviceTask:
             os.read(fd, 8)  # rearm; _check_queues says which queue and why
         self._changed.set()
 
-    async def _stop_dataplane(self) -> None:
+    async def _stop_dataplane(self, keep_journals: bool = False) -> None:
         if self._fail_fd is not None:
             asyncio.get_running_loop().remove_reader(self._fail_fd)  # before close() closes it
             self._fail_fd = None
@@ -784,7 +794,7 @@ class DeviceTask:
             except Exception:
                 self.log.exception("device.stop_failed")
             try:
-                running.close()
+                running.close(keep_journals=keep_journals)
             except Exception:
                 self.log.exception("device.free_failed")
             return retired
