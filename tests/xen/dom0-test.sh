@@ -145,8 +145,10 @@ read_is_zero "$IMG/raw.img" 32 8 && ok "raw.img: the discarded range reads zeros
 read_is_zero "$lv" 32 8 && ok "$lv: the discarded range reads zeros" || bad "$lv: discard did not reach the thin LV"
 if [ "$BACKEND" = xenblk ]; then
     # The daemon may still hold the image (its OFD lock, README "Image ownership") for a guest that is
-    # gone; nothing writes it now. QEMU's own byte locks conflict with that lock even under -U: off.
-    unlocked='json:{"driver": "qcow2", "file": {"driver": "file", "filename": "'"$IMG/disk.qcow2"'", "locking": "off"}}'
+    # gone; nothing writes it now. QEMU's own byte locks conflict with that lock even under -U: off,
+    # for the image and for its backing file (the daemon's read lock there fails QEMU's "consistent read").
+    unlocked='json:{"driver": "qcow2", "file": {"driver": "file", "filename": "'"$IMG/disk.qcow2"'", "locking": "off"},
+      "backing": {"driver": "raw", "file": {"driver": "file", "filename": "'"$IMG/base.raw"'", "locking": "off"}}}'
     qemu-img map -U --output=json "$unlocked" > "$OUT/qcow2-map.json"
     "$ROOT/.venv/bin/python" - "$OUT/qcow2-map.json" << 'PY' && ok "disk.qcow2: no data left in the discarded clusters" || bad "disk.qcow2: discarded range still holds data"
 import json, sys
