@@ -31,14 +31,24 @@ class LockBusy(StorageError):
         self.owner = owner
 
 
-def _lib() -> tuple[Any, Any]:
+def unavailable() -> str | None:
+    """Why `rbd:` disks cannot be opened on this host (xenblk._rbd or librbd missing), or None."""
     try:
-        from xenblk import _rbd  # type: ignore[attr-defined]
+        from xenblk import _rbd  # type: ignore[attr-defined]  # noqa: F401
     except ImportError as e:
-        raise StorageError(
-            f"RBD support is not available on this host: {e} (install librbd1, and librbd-dev to build xenblk._rbd)",
-            _errno.ENOSYS,
-        ) from None
+        return (
+            f"RBD support is not available on this host: {e} (Debian: install the xenblk-rbd package;"
+            " from source: install librbd-dev, then rebuild)"
+        )
+    return None
+
+
+def _lib() -> tuple[Any, Any]:
+    why = unavailable()
+    if why is not None:
+        raise StorageError(why, _errno.ENOSYS)
+    from xenblk import _rbd  # type: ignore[attr-defined]
+
     return _rbd.ffi, _rbd.lib
 
 

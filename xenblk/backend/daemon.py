@@ -104,6 +104,7 @@ class Daemon:
             self.control = ControlServer(socket_path(self.cfg.daemon.run_dir), self._control)
             await self.control.start()  # first: it refuses to start next to a running daemon
             self._start_metrics()
+            self._check_rbd()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -173,6 +174,17 @@ class Daemon:
             setattr(self.cfg, section, getattr(new, section))
         self._restart_metrics_if_changed()
         log.info("daemon.reloaded", config=str(self.config_path or xconfig.DEFAULT_PATH))
+
+    def _check_rbd(self) -> None:
+        """RBD pools configured on a host that cannot open them (the xenblk-rbd package or librbd missing):
+        said once at start, not only when a disk fails to open."""
+        if not self.cfg.rbd.allowed_pools:
+            return
+        from xenblk import rbd
+
+        why = rbd.unavailable()
+        if why is not None:
+            log.warning("daemon.rbd_unavailable", pools=self.cfg.rbd.allowed_pools, error=why)
 
     # -- metrics
 
