@@ -70,7 +70,7 @@ grep -q '^ExecStart=/usr/bin/xenblk serve$' "$STAGE/usr/lib/systemd/system/xenbl
 {
   echo "# /etc/xenblk/xenblk.toml: xenblk's configuration (see /usr/share/doc/xenblk/config.md)."
   echo "# Every key is shown commented out with its default; uncomment and edit to change one."
-  echo "# After editing: systemctl reload xenblk (log.*, storage.*, dataplane.*, nbd.*, metrics.*) or restart."
+  echo "# After editing: systemctl reload xenblk (log.*, storage.*, dataplane.*, nbd.*, rbd.*, metrics.*) or restart."
   # what `xenblk config --defaults` prints, from the staged package (cd: not this checkout's), without
   # the CLI's runtime imports (structlog...), which a build root need not have
   (cd "$STAGE$PKGDIR" && "$PY" -c 'from xenblk.config import defaults_toml; print(defaults_toml(), end="")') |
