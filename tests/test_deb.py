@@ -5,6 +5,7 @@ hotplug script serve a simulated guest's verified I/O."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -259,7 +260,9 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
     env = packaged_env(root)
     script = root / "etc/xen/scripts/block-xenblk"
     xenblk = [SYSPY, "-c", MDWE_EXEC, str(root / "usr/bin/xenblk")]
-    with running_host(tmp_path, sim_dir, xenblk, env, script, uevents=True) as host:
+    # RBD pools configured, the xenblk-rbd package not installed (this root has xenblk alone): said at start
+    rbd = '[rbd]\nallowed_pools = ["vms"]\n'
+    with running_host(tmp_path, sim_dir, xenblk, env, script, uevents=True, extra_config=rbd) as host:
         maps = Path(f"/proc/{host.stack.serve.pid}/maps").read_text()
         assert f"{root}/{PKGDIR}/xenblk/_dataplane" in maps  # the packaged modules, not the checkout's
         assert os.path.realpath(f"/proc/{host.stack.serve.pid}/exe") == os.path.realpath(SYSPY)
@@ -281,4 +284,7 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
             assert host.libxl_remove(xp, 8).returncode == 0
         host.wait_gone(8)
         # Debian's python3-pyroute2 listens to kernel uevents for block-device growth
-        assert '"event": "uevents.listening"' in host.stack.serve_log.read_text(), host.stack.log_tail()
+        log = host.stack.serve_log.read_text()
+        assert '"event": "uevents.listening"' in log, host.stack.log_tail()
+        warned = [json.loads(line) for line in log.splitlines() if '"daemon.rbd_unavailable"' in line]
+        assert len(warned) == 1 and "install the xenblk-rbd package" in warned[0]["error"], log
