@@ -39,18 +39,32 @@ def outcome(f, *a):
 """
 
 
+def nbdsh_env() -> dict[str, str]:
+    """nbdsh runs `python3 -m nbd` from PATH: the system python3 (libnbd's module), never the .venv's that
+    `make test` puts first."""
+    where = os.path.dirname(shutil.which("nbdsh") or "/usr/bin/nbdsh")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = f"{where}:/usr/sbin:/usr/bin:/sbin:/bin"
+    return env
+
+
 @pytest.fixture(scope="module", autouse=True)
 def have_nbdsh() -> None:
-    if shutil.which("nbdsh") is None:
+    if shutil.which("nbdsh") is None or subprocess.run(["nbdsh", "--version"], capture_output=True,
+                                                       env=nbdsh_env()).returncode != 0:  # fmt: skip
         why = "NBDSH TESTS SKIPPED: nbdsh not installed (Debian: python3-libnbd; `make setup` installs it)"
         warnings.warn(why, stacklevel=1)
         pytest.skip(why)
 
 
+def run_nbdsh(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdsh", "-c", code], capture_output=True, text=True, timeout=120, env=nbdsh_env())
+
+
 def nbdsh(sock: Path | str, script: str) -> Any:
     """`script` run by nbdsh with `h` connected to the export at `sock`; returns what it printed (JSON)."""
     code = PRELUDE + f"h.connect_uri({f'nbd+unix:///?socket={sock}'!r})\n" + script
-    r = subprocess.run(["nbdsh", "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_nbdsh(code)
     assert r.returncode == 0, f"nbdsh failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return json.loads(r.stdout)
 
@@ -93,7 +107,7 @@ def test_handshake_as_libnbd_sees_it(raw_export: tuple[NbdExport, Path, bytes], 
         "    read=outcome(h.pread, 4096, 0))))\n"
         "h.shutdown()\n"
     )
-    r = subprocess.run(["nbdsh", "-c", PRELUDE + code], capture_output=True, text=True, timeout=120)
+    r = run_nbdsh(PRELUDE + code)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["names"] == [""] and got["info_size"] == got["size"] == SIZE
@@ -104,8 +118,7 @@ def test_handshake_as_libnbd_sees_it(raw_export: tuple[NbdExport, Path, bytes], 
     # libnbd itself refuses block status the server never agreed to; plain reads go on
     assert got["block_status"][0] == "err" and got["read"] == ["ok", 4096], got
     # another name than the one export is refused, and libnbd says so
-    r = subprocess.run(["nbdsh", "-c", f"h.set_export_name('other')\nh.connect_unix({str(exp.path)!r})"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = run_nbdsh(f"h.set_export_name('other')\nh.connect_unix({str(exp.path)!r})")
     # (libnbd 1.22 passes on the server's message, 1.14 says it in its own words)
     assert r.returncode != 0 and re.search(r"unknown export|no export named 'other'", r.stderr), r.stderr
 
