@@ -5,6 +5,9 @@ Not native/build.py: that one installs into this checkout's xenblk/ for the .ven
 which the tests use; a package build must not replace modules other processes have mapped.
 The modules are named with this interpreter's EXT_SUFFIX (e.g. .cpython-311-x86_64-linux-gnu.so):
 a package built on Debian 12 (Python 3.11) is for Debian 12 only; build it again on Debian 13.
+
+`python3 packaging/build_native.py OUTDIR [MODULE...]`: the xenblk package's modules by default; `_rbd`
+(librbd, for the xenblk-rbd package) only when named.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import tempfile
 from pathlib import Path
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
-SCRIPTS = {"_storage": "build_storage.py", "_dataplane": "build_dataplane.py", "_simguest": "build_simguest.py"}
+SCRIPTS = {"_storage": "build_storage.py", "_dataplane": "build_dataplane.py", "_simguest": "build_simguest.py",
+           "_rbd": "build_rbd.py"}  # fmt: skip
+DEFAULT = ["_storage", "_dataplane", "_simguest"]
 
 
-def main(outdir: Path) -> None:
+def main(outdir: Path, names: list[str]) -> None:
     os.environ["XENBLK_ABS_PATHS"] = "1"  # sources named by absolute path: cffi compiles in a temporary dir
     os.environ.pop("XENBLK_SANITIZE", None)  # a package never carries sanitizer builds
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     dest = outdir / "xenblk"
     dest.mkdir(parents=True, exist_ok=True)
-    for name, script in SCRIPTS.items():
+    for name in names:
+        script = SCRIPTS[name]
         spec = importlib.util.spec_from_file_location(f"xb_pkg_{name}", NATIVE / script)
         assert spec and spec.loader
         mod = importlib.util.module_from_spec(spec)
@@ -39,6 +45,6 @@ def main(outdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python3 packaging/build_native.py OUTDIR")
-    main(Path(sys.argv[1]))
+    if len(sys.argv) < 2 or not set(sys.argv[2:]) <= set(SCRIPTS):
+        sys.exit(f"usage: python3 packaging/build_native.py OUTDIR [{'|'.join(SCRIPTS)}...]")
+    main(Path(sys.argv[1]), sys.argv[2:] or DEFAULT)

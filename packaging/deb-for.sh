@@ -18,7 +18,7 @@ PRISTINE=$CACHE/$SUITE-minbase.tar
 RUN=$CACHE/$SUITE-run
 OUT=$REPO/build/$SUITE
 BUILD_DEPS="build-essential python3-dev python3-cffi python3-setuptools liburing-dev zlib1g-dev libzstd-dev libxen-dev"
-BUILD_DEPS+=" binutils"
+BUILD_DEPS+=" binutils librbd-dev" # librbd-dev: the xenblk-rbd package
 
 die() { echo "deb-for: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
@@ -82,7 +82,7 @@ unshare --mount --propagation private --pid --fork --kill-child -- bash -euo pip
   "BUILD_DEPS=$BUILD_DEPS" "DEB_MAINTAINER=$maintainer" "SOURCE_DATE_EPOCH=$epoch" "DEB_COMMIT=$commit"
 
 mkdir -p "$OUT"
-for deb in "$RUN"/root/xenblk/build/xenblk_*.deb; do
+for deb in "$RUN"/root/xenblk/build/xenblk-rbd_*.deb "$RUN"/root/xenblk/build/xenblk_*.deb; do
   cp "$deb" "$OUT/"
   echo "build/$SUITE/$(basename "$deb")"
 done

@@ -99,11 +99,10 @@ say "fresh root from the cache + a copy of the working tree ($((SECONDS - t0)) s
 # Only variables a fresh machine's root shell would have, plus the site's proxy/pip settings if any.
 envs=(HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 TERM=dumb
   DEBIAN_FRONTEND=noninteractive)
-# The Ceph cluster of the RBD tests is not started in this chroot yet: on 2026-12-03 its 9 tests errored here
-# because Debian 13's Ceph stays at HEALTH_WARN (MGR_MODULE_DEPENDENCY: mgr modules whose Python dependencies
-# are not installed). tests/fixtures/ceph.py now accepts that warning alone; until a run here proves it, the
-# skip stays (the RBD tests run in the host's own make test-py). setup.sh still installs the packages.
-envs+=("XENBLK_NO_CEPH_CLUSTER=not started in the Debian 13 chroot of make test-debian13")
+# The RBD tests' Ceph cluster runs here too. Their 9 errors here on 2026-12-03 had two causes, both in
+# Debian 13's Ceph 18.2.7 and handled by tests/fixtures/ceph.py: HEALTH_WARN MGR_MODULE_DEPENDENCY for ever
+# (mgr modules without their Python dependencies; accepted alone) and a relative default osd_class_dir
+# (the daemons now run in /, else the OSD cannot load cls_rbd and every `rbd create` fails EOPNOTSUPP).
 for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_CERT PIP_DEFAULT_TIMEOUT PIP_INDEX_URL \
   PIP_DISABLE_PIP_VERSION_CHECK CI; do
   if [ -n "${!v:-}" ]; then envs+=("$v=${!v}"); fi

@@ -41,7 +41,7 @@ DEBS=(
   liburing-dev zlib1g-dev libzstd-dev         # data plane and qcow2
   qemu-utils fio                              # qemu-img/qemu-io oracles, fio reference
   libvhdi-utils python3-libvhdi               # vhdiinfo and libvhdi's Python binding: VHD oracles
-  libnbd-bin nbdkit                           # nbdinfo/nbdcopy: NBD export oracles; nbdkit: its bench reference
+  libnbd-bin nbdkit python3-libnbd            # nbdinfo/nbdcopy/nbdsh: NBD export oracles; nbdkit: bench reference
   prometheus systemd                          # promtool, systemd-analyze
   python3-dev python3-cffi python3-setuptools # make deb: the native modules for the system python3
   python3-uvloop python3-structlog python3-prometheus-client python3-pyroute2  # the package's deps (test_deb)

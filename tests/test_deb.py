@@ -5,6 +5,7 @@ hotplug script serve a simulated guest's verified I/O."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -40,6 +41,16 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = out / f"xenblk_{VERSION}_{arch}.deb"
     assert r.stdout.strip().endswith(path.name) and path.is_file(), r.stdout
     yield path
+
+
+@pytest.fixture(scope="module")
+def rbd_deb(deb: Path) -> Path:
+    """xenblk-rbd, built beside xenblk wherever librbd-dev is installed (scripts/setup.sh installs it)."""
+    if not Path("/usr/include/rbd/librbd.h").exists():
+        pytest.skip("librbd-dev is not installed: build-deb.sh builds no xenblk-rbd")
+    path = deb.with_name(deb.name.replace("xenblk_", "xenblk-rbd_", 1))
+    assert path.is_file(), sorted(p.name for p in deb.parent.iterdir())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +131,82 @@ def test_native_modules_need_only_packaged_libraries(deb: Path, root: Path) -> N
             assert pkg in names, f"{so.name} needs {m.group(1)} from {pkg}, not in Depends"
 
 
+def needed_packages(so: Path) -> set[str]:
+    """The packages of the libraries `so` names (DT_NEEDED), as the loader finds them."""
+    dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\).*\[(.*)\]", dyn))
+    out = set()
+    for line in subprocess.run(["ldd", str(so)], capture_output=True, text=True, check=True).stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] in needed and parts[1] == "=>":
+            owner = subprocess.run(["dpkg-query", "-S", os.path.realpath(parts[2])], capture_output=True, text=True)
+            if owner.returncode != 0:
+                owner = subprocess.run(["dpkg-query", "-S", parts[2]], capture_output=True, text=True, check=True)
+            out.add(owner.stdout.split(":")[0])
+            needed.discard(parts[0])
+    assert not needed, f"{so.name}: {needed} not found by the loader"
+    return out
+
+
+def test_rbd_package_holds_the_rbd_driver_and_depends_on_librbd(deb: Path, rbd_deb: Path) -> None:
+    """The RBD driver is a package of its own (librbd1 and librados2 are ~25 MB most Xen hosts never use):
+    xenblk-rbd = xenblk._rbd for exactly this xenblk, depending on this release's librbd1; xenblk Suggests it."""
+    info = subprocess.run(["dpkg-deb", "-I", str(rbd_deb)], capture_output=True, text=True, check=True).stdout
+    assert field(info, "Package") == "xenblk-rbd" and field(info, "Version") == VERSION
+    depends = [d.strip() for d in field(info, "Depends").split(",")]
+    assert f"xenblk (= {VERSION})" in depends
+    names = {d.split()[0] for d in depends}
+    assert {"librbd1", "librados2"} <= names
+    for pkg in names - {"xenblk"}:
+        r = subprocess.run(["apt-cache", "show", pkg], capture_output=True, text=True)
+        assert r.returncode == 0 and f"Package: {pkg}" in r.stdout, f"{pkg} is not a package of this release"
+    main = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert "xenblk-rbd" in field(main, "Suggests") and "librbd1" not in field(main, "Depends")
+    listing = subprocess.run(["dpkg-deb", "-c", str(rbd_deb)], capture_output=True, text=True, check=True).stdout
+    files = sorted(line.split()[-1] for line in listing.splitlines() if not line.startswith("d"))
+    suffix = subprocess.run([SYSPY, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert files == [f"./{PKGDIR}/xenblk/_rbd{suffix}", "./usr/share/doc/xenblk-rbd/changelog.gz",
+                     "./usr/share/doc/xenblk-rbd/copyright"], files  # fmt: skip
+    assert all(" root/root " in line for line in listing.splitlines())
+    main_files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert "_rbd" not in main_files
+
+
+def test_rbd_driver_loads_with_its_package_and_says_so_without(root: Path, deb: Path, rbd_deb: Path,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    both = tmp_path / "both"
+    for d in (deb, rbd_deb):
+        subprocess.run(["dpkg-deb", "-x", str(d), str(both)], check=True)
+    so = next((both / PKGDIR / "xenblk").glob("_rbd*.so"))
+    info = subprocess.run(["dpkg-deb", "-I", str(rbd_deb)], capture_output=True, text=True, check=True).stdout
+    assert needed_packages(so) <= {d.split()[0] for d in field(info, "Depends").split(",")}
+    probe = (
+        "from xenblk import rbd\n"
+        "from xenblk.config import RbdConfig\n"
+        "from xenblk.storage import StorageError\n"
+        "from xenblk.xen.params import parse_rbd\n"
+        "why = rbd.unavailable()\n"
+        "print('unavailable:', why)\n"
+        "if why is None:\n"
+        "    try:\n"
+        "        rbd.open_image(parse_rbd('p/i'), RbdConfig(allowed_pools=['p'], conf_file='/nonexistent/ceph.conf'))\n"
+        "    except StorageError as e:\n"
+        "        print('open:', e)\n"
+    )
+    # xenblk alone: an rbd: disk is refused with the package to install
+    alone = subprocess.run([SYSPY, "-c", probe], capture_output=True, text=True, env=packaged_env(root), cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert "not available" in alone.stdout and "install the xenblk-rbd package" in alone.stdout, alone.stdout
+    # with xenblk-rbd: librbd is loaded and reached (no cluster here: the conf file is missing)
+    with_rbd = subprocess.run([SYSPY, "-c", probe], capture_output=True, text=True, env=packaged_env(both),
+                              cwd=tmp_path)  # fmt: skip
+    assert with_rbd.returncode == 0, with_rbd.stderr
+    assert "unavailable: None" in with_rbd.stdout, with_rbd.stdout
+    want = "open: rbd:p/i: reading /nonexistent/ceph.conf: No such file or directory"
+    assert want in with_rbd.stdout, with_rbd.stdout
+
+
 def packaged_env(root: Path) -> dict[str, str]:
     """The system python3 sees the package as if installed: its dist-packages dir first, no venv."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
@@ -173,7 +260,9 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
     env = packaged_env(root)
     script = root / "etc/xen/scripts/block-xenblk"
     xenblk = [SYSPY, "-c", MDWE_EXEC, str(root / "usr/bin/xenblk")]
-    with running_host(tmp_path, sim_dir, xenblk, env, script, uevents=True) as host:
+    # RBD pools configured, the xenblk-rbd package not installed (this root has xenblk alone): said at start
+    rbd = '[rbd]\nallowed_pools = ["vms"]\n'
+    with running_host(tmp_path, sim_dir, xenblk, env, script, uevents=True, extra_config=rbd) as host:
         maps = Path(f"/proc/{host.stack.serve.pid}/maps").read_text()
         assert f"{root}/{PKGDIR}/xenblk/_dataplane" in maps  # the packaged modules, not the checkout's
         assert os.path.realpath(f"/proc/{host.stack.serve.pid}/exe") == os.path.realpath(SYSPY)
@@ -195,4 +284,7 @@ def test_packaged_daemon_and_hotplug_script_serve_a_guest(root: Path, tmp_path: 
             assert host.libxl_remove(xp, 8).returncode == 0
         host.wait_gone(8)
         # Debian's python3-pyroute2 listens to kernel uevents for block-device growth
-        assert '"event": "uevents.listening"' in host.stack.serve_log.read_text(), host.stack.log_tail()
+        log = host.stack.serve_log.read_text()
+        assert '"event": "uevents.listening"' in log, host.stack.log_tail()
+        warned = [json.loads(line) for line in log.splitlines() if '"daemon.rbd_unavailable"' in line]
+        assert len(warned) == 1 and "install the xenblk-rbd package" in warned[0]["error"], log

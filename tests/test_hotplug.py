@@ -171,8 +171,10 @@ def running_host(
     env: dict[str, str] | None = None,
     script: Path = SCRIPT,
     uevents: bool = False,
+    extra_config: str = "",
 ) -> Iterator[Host]:
-    """A sim host (this checkout) with `xenblk serve` run as XENBLK (this checkout's or an installed one)."""
+    """A sim host (this checkout) with `xenblk serve` run as XENBLK (this checkout's or an installed one);
+    extra_config: TOML appended to its config."""
     images = tmp_path / "images"
     (images / "qcow2").mkdir(parents=True)
     (images / "base").mkdir()
@@ -181,7 +183,7 @@ def running_host(
     cfg.write_text(
         f'[daemon]\nbackend_types = ["vbd3", "vbd"]\nrun_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
         f'[storage]\nallowed_dirs = ["{images}"]\nqcow2_dirs = ["{images}/qcow2"]\nbacking_dirs = ["{images}/base"]\n'
-        f'[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\nlevel = "debug"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\nlevel = "debug"\n' + extra_config
     )
     wrapper = tmp_path / "xenblk-on-sim"
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items() if k == "PYTHONPATH")

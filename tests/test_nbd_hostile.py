@@ -150,12 +150,15 @@ def test_request_abuse(served: tuple[NbdExport, Path, bytes]) -> None:
         (CMD_TRIM, SIZE, 4096, 0, EINVAL),
         (CMD_WRITE_ZEROES, SIZE - 4096, 8192, 0, ENOSPC),
         (99, 0, 512, 0, EINVAL),  # an unknown command (carries no payload)
-        (CMD_FLUSH, 0, 0, FLAG_FUA, EINVAL),
+        (CMD_FLUSH, 0, 0, 0x40, EINVAL),  # an unknown flag on a flush
+        (CMD_FLUSH, 0, 0, FLAG_FUA, 0),  # FUA is valid on every command once advertised (the spec: MUST accept)
+        (CMD_READ, 0, 512, FLAG_FUA, 0),
     ]
     for i, (cmd, off, n, flags, want) in enumerate(cases):
         c.request(cmd, off, n, flags=flags, cookie=1000 + i)
-        err, cookie, _ = c.reply()
+        err, cookie, data = c.reply(n if cmd == CMD_READ else 0)
         assert (err, cookie) == (want, 1000 + i), (cmd, off, n)
+        assert data == (seed[off : off + n] if cmd == CMD_READ and not want else b"")
     # a write past the end: ENOSPC, and its payload is read and dropped, so the stream stays in step
     c.request(CMD_WRITE, SIZE - 512, 4096, cookie=7, payload=b"\xee" * 4096)
     assert c.reply()[:2] == (ENOSPC, 7)

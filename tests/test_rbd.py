@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.ceph import CephCluster
-from tests.fixtures.e2e import Stack, run_stack
+from tests.fixtures.e2e import Stack, free_port, run_stack
 from tests.fixtures.wait import GENEROUS, proc_alive, wait_until
 from tests.test_e2e_sim import disks_of
 
@@ -312,3 +312,45 @@ def test_image_api_writes_only_under_the_lock(ceph_cluster: CephCluster) -> None
         with pytest.raises(StorageError):
             snap.write(0, b"z" * 512)
         assert snap.read(512, 4) == b"aaaa"
+
+
+def test_pool_tables_choose_cluster_user_and_keyring(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    """[rbd.pools.NAME] (docs/config.md): a disk's params name picks the table, and the table's conf file,
+    cephx user and keyring are the ones used. [rbd] here points at a cluster that is not there, `dr` at the
+    real one as a user of its own (rbd profile on the pool), `stolen` at the real one as that user with the
+    admin's keyring; rbd:dr/... serves a verified guest, the other two fail each with its own reason."""
+    from xenblk.xen.vdev import vdev_to_devid
+
+    pool = ceph_cluster.pool
+    ceph_cluster.create_image("tabled", "4M")
+    dr_keyring = tmp_path / "client.xbdr.keyring"
+    ceph_cluster.run("ceph", "auth", "get-or-create", "client.xbdr", "mon", "profile rbd", "osd",
+                     f"profile rbd pool={pool}", "-o", str(dr_keyring))  # fmt: skip
+    nowhere = tmp_path / "nowhere.conf"  # a monitor address nothing listens on
+    nowhere.write_text(f"[global]\nmon host = v2:127.0.0.1:{free_port()}\nms bind msgr1 = false\n")
+    config = (
+        f'[rbd]\nallowed_pools = ["{pool}"]\nconf_file = "{nowhere}"\nkeyring = "{ceph_cluster.keyring}"\n'
+        "connect_timeout = 2\n"
+        f'[rbd.pools.dr]\npool = "{pool}"\nconf_file = "{ceph_cluster.conf}"\nclient_id = "xbdr"\n'
+        f'keyring = "{dr_keyring}"\nconnect_timeout = 60\n'
+        f'[rbd.pools.stolen]\npool = "{pool}"\nconf_file = "{ceph_cluster.conf}"\nclient_id = "xbdr"\n'
+        f'keyring = "{ceph_cluster.keyring}"\nconnect_timeout = 60\n'
+    )
+    sim = Path(tempfile.mkdtemp(prefix="sim-"))
+    try:
+        with run_stack(tmp_path / "s", sim, config) as s:
+            s.attach(9, "rbd:dr/tabled", "xvdb")
+            ok(*s.guest(9, "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--verify", "--seed", "31"), s)
+            s.attach(9, f"rbd:{pool}/tabled", "xvdc")  # [rbd]'s own settings: the cluster that is not there
+            s.attach(9, "rbd:stolen/tabled", "xvdd")
+            errors = {}
+            for vdev in ("xvdc", "xvdd"):
+                s.wait_backend(9, vdev, 6)
+                errors[vdev] = s.xenstore("read", f"/local/domain/0/backend/vbd3/9/{vdev_to_devid(vdev)}/error")
+            assert f"conf {nowhere}" in errors["xvdc"], errors
+            assert "rbd:stolen/tabled ([rbd.pools.stolen])" in errors["xvdd"], errors
+            assert "client.xbdr" in errors["xvdd"] and "Permission denied" in errors["xvdd"], errors
+            assert s.serve.poll() is None, s.log_tail()
+            s.xenblk("detach", "9", "xvdb", "--sim", str(s.sim))
+    finally:
+        shutil.rmtree(sim, ignore_errors=True)

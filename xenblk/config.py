@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xenblk.errors import ConfigError
+from xenblk.xen.params import RBD_NAME
 
 DEFAULT_PATH = Path("/etc/xenblk/xenblk.toml")
 
@@ -77,6 +79,23 @@ class StorageConfig:
     """Regular files under these are opened as qcow2 even when named raw (aio:/raw:/bare path), e.g. by xl."""
 
 
+# The cluster settings one [rbd.pools.NAME] table may set for its own disks; the others are [rbd]'s.
+RBD_POOL_KEYS = ("pool", "conf_file", "client_id", "keyring", "connect_timeout", "op_timeout")
+
+
+@dataclass(frozen=True)
+class RbdTarget:
+    """Where and how one `rbd:NAME/...` disk is opened: [rbd]'s settings, or NAME's [rbd.pools.NAME] table's."""
+
+    pool: str
+    """The pool's name in its cluster."""
+    conf_file: str
+    client_id: str
+    keyring: str
+    connect_timeout: int
+    op_timeout: int
+
+
 @dataclass
 class RbdConfig:
     allowed_pools: list[str] = field(default_factory=list)
@@ -91,6 +110,30 @@ class RbdConfig:
     """Seconds to reach the monitors when an RBD disk is opened."""
     op_timeout: int = 0
     """Seconds an I/O waits for an unreachable cluster before the guest gets EIO; 0: until it is back."""
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """More pools, each with its own cluster, user or timeouts: one [rbd.pools.NAME] table each (docs/config.md)."""
+
+    def names(self) -> list[str]:
+        """Every NAME a disk's params may say (rbd:NAME/IMAGE)."""
+        return [*self.allowed_pools, *self.pools]
+
+    def target(self, name: str) -> RbdTarget | None:
+        """The settings for `rbd:NAME/...`, or None when NAME is not configured (such a disk is refused).
+        NAME comes from XenStore: it only ever selects a table the admin wrote, never supplies a value."""
+        if name in self.pools:
+            t = self.pools[name]
+        elif name in self.allowed_pools:
+            t = {}
+        else:
+            return None
+        return RbdTarget(
+            pool=t.get("pool", name),
+            conf_file=t.get("conf_file", self.conf_file),
+            client_id=t.get("client_id", self.client_id),
+            keyring=t.get("keyring", self.keyring),
+            connect_timeout=t.get("connect_timeout", self.connect_timeout),
+            op_timeout=t.get("op_timeout", self.op_timeout),
+        )
 
 
 @dataclass
@@ -141,7 +184,9 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _check_value(key: str, value: Any, default: Any) -> Any:
+def _check_value(key: str, value: Any, default: Any, rule: str | None = None) -> Any:
+    """`value` of `key`, checked as the key `rule` (default: `key` itself; [rbd.pools.NAME]'s keys have [rbd]'s
+    rules)."""
     want = type(default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -150,10 +195,11 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"config key {key!r}: expected a list of strings, got {value!r}")
     elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError(f"config key {key!r}: expected {want.__name__}, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(_CHOICES[key])}")
-    if key in _RANGES:
-        lo, hi = _RANGES[key]
+    rule = rule or key
+    if rule in _CHOICES and value not in _CHOICES[rule]:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(_CHOICES[rule])}")
+    if rule in _RANGES:
+        lo, hi = _RANGES[rule]
         if not lo <= value <= hi:
             raise ConfigError(f"config key {key!r}: {value!r} is out of range {lo:g}..{hi:g}")
     if key == "dataplane.max_indirect_segments" and 0 < value <= 11:
@@ -162,7 +208,54 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         _parse_listen(key, value)
     if key in ("storage.allowed_dirs", "storage.backing_dirs", "storage.allowed_devices"):
         _check_storage_paths(key, value)
+    if rule.startswith("rbd."):
+        _check_rbd_value(key, rule.removeprefix("rbd."), value)
     return value
+
+
+# Pool names as params may name them (RBD_NAME); a cephx id (client.<id>); file names that fit the driver's
+# fields (native/rbd/rbd_api.h).
+_CEPHX_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,126}")
+
+
+def _check_rbd_value(key: str, name: str, value: Any) -> None:
+    if name in ("allowed_pools", "pool"):
+        for v in value if isinstance(value, list) else [value]:
+            if not RBD_NAME.fullmatch(v):
+                raise ConfigError(f"config key {key!r}: {v!r} is not a pool name (letters, digits, _.+-; at most 127)")
+    elif name == "client_id" and not _CEPHX_ID.fullmatch(value):
+        raise ConfigError(f"config key {key!r}: {value!r} is not a cephx user id (letters, digits, _.-)")
+    elif name in ("conf_file", "keyring") and value:
+        if not value.startswith("/"):
+            raise ConfigError(f"config key {key!r}: {value!r} is not an absolute path")
+        if len(os.fsencode(value)) >= 1024:
+            raise ConfigError(f"config key {key!r}: the path is longer than 1023 bytes")
+
+
+def _rbd_pools(value: Any) -> dict[str, dict[str, Any]]:
+    """[rbd.pools.NAME] tables: NAME as params names it; each key checked as [rbd]'s own."""
+    if not isinstance(value, dict):
+        raise ConfigError("config key 'rbd.pools': expected [rbd.pools.NAME] tables")
+    out: dict[str, dict[str, Any]] = {}
+    defaults = RbdConfig()
+    for name, table in value.items():
+        where = f"rbd.pools.{name}"
+        if not RBD_NAME.fullmatch(name):
+            raise ConfigError(
+                f"config table [{where[:200]}]: the name is what params says (rbd:NAME/IMAGE): letters, digits, _.+-"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"config key {where!r}: expected a table [{where}]")
+        entry: dict[str, Any] = {}
+        for key, v in table.items():
+            if key not in RBD_POOL_KEYS:
+                raise ConfigError(
+                    f"unknown config key '{where}.{key}' (known in [{where}]: {', '.join(sorted(RBD_POOL_KEYS))})"
+                )
+            default = name if key == "pool" else getattr(defaults, key)
+            entry[key] = _check_value(f"{where}.{key}", v, default, rule=f"rbd.{key}")
+        out[name] = entry
+    return out
 
 
 _TOO_WIDE = ("/", "/dev", "/dev/shm", "/tmp", "/var/tmp")
@@ -208,7 +301,15 @@ def from_dict(data: dict[str, Any]) -> Config:
             full = f"{section}.{key}"
             if key not in names:
                 raise ConfigError(f"unknown config key {full!r} (known in [{section}]: {', '.join(sorted(names))})")
+            if full == "rbd.pools":
+                cfg.rbd.pools = _rbd_pools(value)
+                continue
             setattr(sub, key, _check_value(full, value, getattr(sub, key)))
+    both = sorted(set(cfg.rbd.allowed_pools) & set(cfg.rbd.pools))
+    if both:
+        raise ConfigError(
+            f"rbd pool {both[0]!r} is both in rbd.allowed_pools and an [rbd.pools.{both[0]}] table: name it once"
+        )
     return cfg
 
 
@@ -243,6 +344,8 @@ def defaults_toml() -> str:
             doc = _field_doc(src, f.name)
             if doc:
                 lines.append(f"# {doc}")
+            if isinstance(getattr(sub, f.name), dict):
+                continue  # tables of their own ([rbd.pools.NAME]), none by default: only the comment
             lines.append(f"{f.name} = {_toml_value(getattr(sub, f.name))}")
     return "\n".join(lines) + "\n"
 

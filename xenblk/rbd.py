@@ -31,14 +31,24 @@ class LockBusy(StorageError):
         self.owner = owner
 
 
-def _lib() -> tuple[Any, Any]:
+def unavailable() -> str | None:
+    """Why `rbd:` disks cannot be opened on this host (xenblk._rbd or librbd missing), or None."""
     try:
-        from xenblk import _rbd  # type: ignore[attr-defined]
+        from xenblk import _rbd  # type: ignore[attr-defined]  # noqa: F401
     except ImportError as e:
-        raise StorageError(
-            f"RBD support is not available on this host: {e} (install librbd1, and librbd-dev to build xenblk._rbd)",
-            _errno.ENOSYS,
-        ) from None
+        return (
+            f"RBD support is not available on this host: {e} (Debian: install the xenblk-rbd package;"
+            " from source: install librbd-dev, then rebuild)"
+        )
+    return None
+
+
+def _lib() -> tuple[Any, Any]:
+    why = unavailable()
+    if why is not None:
+        raise StorageError(why, _errno.ENOSYS)
+    from xenblk import _rbd  # type: ignore[attr-defined]
+
     return _rbd.ffi, _rbd.lib
 
 
@@ -50,23 +60,30 @@ def _put(field: Any, value: str, what: str) -> None:
 
 
 def open_image(name: RbdName, cfg: RbdConfig, *, readonly: bool = False) -> Image:
-    """Connects and opens the image (read-only when asked or for a snapshot). A read-write image
-    cannot be written until acquire_lock succeeded."""
+    """Connects and opens the image (read-only when asked or for a snapshot) with the settings of its pool
+    name (RbdConfig.target: [rbd], or [rbd.pools.NAME]). A read-write image cannot be written until
+    acquire_lock succeeded."""
     ffi, lib = _lib()
+    t = cfg.target(name.pool)
+    if t is None:
+        raise StorageError(f"rbd:{name}: pool {name.pool} is not configured", _errno.EACCES)
     o = ffi.new("struct xb_rbd_opts *")
-    _put(o.pool, name.pool, "pool")
+    _put(o.pool, t.pool, "pool")
     _put(o.image, name.image, "image")
     _put(o.snap, name.snap or "", "snapshot")
-    _put(o.conf_file, cfg.conf_file, "conf_file")
-    _put(o.client_id, cfg.client_id, "client_id")
-    _put(o.keyring, cfg.keyring, "keyring")
-    o.connect_timeout = cfg.connect_timeout
-    o.op_timeout = cfg.op_timeout
+    _put(o.conf_file, t.conf_file, "conf_file")
+    _put(o.client_id, t.client_id, "client_id")
+    _put(o.keyring, t.keyring, "keyring")
+    o.connect_timeout = t.connect_timeout
+    o.op_timeout = t.op_timeout
     o.flags = lib.XB_OPEN_RDONLY if readonly or name.snap else 0
     err = ffi.new("char[]", 512)
     ptr = lib.xb_rbd_open(o, err)
     if ptr == ffi.NULL:
-        raise StorageError(ffi.string(err).decode(errors="replace") or f"rbd:{name}: cannot open", _errno.EIO)
+        msg = ffi.string(err).decode(errors="replace") or "cannot open"
+        if t.pool != name.pool:  # the driver names the cluster's pool; say which [rbd.pools.NAME] led there
+            msg = f"rbd:{name} ([rbd.pools.{name.pool}]): {msg}"
+        raise StorageError(msg, _errno.EIO)
     # The driver lives in _rbd; only its address crosses to _storage, whose calls dispatch through its ops.
     return Image(storage_ffi.cast("struct xb_image *", int(ffi.cast("uintptr_t", ptr))), f"rbd:{name}")
 

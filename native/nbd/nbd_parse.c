@@ -19,6 +19,9 @@ enum xb_nbd_verdict xb_nbd_check_request(const uint8_t h[XB_NBD_REQ_LEN], const 
     case NBD_CMD_DISC:
         return XB_NBD_SERVE;
     case NBD_CMD_READ:
+        /* The spec: with NBD_FLAG_SEND_FUA the server MUST accept FUA on every command (clients are known
+         * to set it on reads); a read writes nothing, so it is ignored. */
+        allowed = NBD_CMD_FLAG_FUA;
         break;
     case NBD_CMD_WRITE:
         if (r->len > lim->max_payload) {
@@ -30,8 +33,10 @@ enum xb_nbd_verdict xb_nbd_check_request(const uint8_t h[XB_NBD_REQ_LEN], const 
         writes = 1;
         break;
     case NBD_CMD_FLUSH:
-        /* offset and length must be 0; Linux's nbd client has sent other values: ignore them */
-        if (r->flags || !(lim->tflags & NBD_FLAG_SEND_FLUSH)) {
+        /* offset and length must be 0; Linux's nbd client has sent other values: ignore them. FUA as
+         * on a read: accepted where advertised, and a flush is already one. */
+        if ((r->flags & ~NBD_CMD_FLAG_FUA) || !(lim->tflags & NBD_FLAG_SEND_FLUSH) ||
+            ((r->flags & NBD_CMD_FLAG_FUA) && !(lim->tflags & NBD_FLAG_SEND_FUA))) {
             *err = NBD_EINVAL;
             return XB_NBD_REFUSE;
         }

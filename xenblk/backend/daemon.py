@@ -7,8 +7,8 @@ waits (a restart without guest impact); with "close" it is closed (B/state = 6; 
 so the next start serves them again, and Linux blkfront drops the disk). Exit status 0.
 SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
 allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
-a device's next InitWait); nbd.* (when a device next opens its image); metrics.enabled/listen (the endpoint is
-restarted if they change).
+a device's next InitWait); nbd.* and rbd.* (when a device next opens its image); metrics.enabled/listen (the
+endpoint is restarted if they change).
 What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
 """
 
@@ -106,6 +106,7 @@ class Daemon:
             self.control = ControlServer(socket_path(self.cfg.daemon.run_dir), self._control)
             await self.control.start()  # first: it refuses to start next to a running daemon
             self._start_metrics()
+            self._check_rbd()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -186,10 +187,21 @@ class Daemon:
             return
         fmt, level = self.log_overrides
         xlog.configure(fmt or new.log.format, level or new.log.level)
-        for section in ("log", "storage", "dataplane", "metrics", "nbd"):
+        for section in ("log", "storage", "dataplane", "metrics", "nbd", "rbd"):
             setattr(self.cfg, section, getattr(new, section))
         self._restart_metrics_if_changed()
         log.info("daemon.reloaded", config=str(self.config_path or xconfig.DEFAULT_PATH))
+
+    def _check_rbd(self) -> None:
+        """RBD pools configured on a host that cannot open them (the xenblk-rbd package or librbd missing):
+        said once at start, not only when a disk fails to open."""
+        if not self.cfg.rbd.names():
+            return
+        from xenblk import rbd
+
+        why = rbd.unavailable()
+        if why is not None:
+            log.warning("daemon.rbd_unavailable", pools=self.cfg.rbd.names(), error=why)
 
     # -- metrics
 

@@ -164,7 +164,7 @@ def open_image(
     meta_writethrough: see xenblk.storage.Image.open (set when the rings are journaled).
     Every image, device and backing file is locked as it is opened (lock_image: read-write images
     exclusively, read-only ones and backing files shared); ImageBusy while another open holds it.
-    An RBD image (rbd.allowed_pools) is opened without its exclusive lock: see xenblk.rbd."""
+    An RBD image (rbd.allowed_pools, [rbd.pools.NAME]) is opened without its exclusive lock: see xenblk.rbd."""
     from xenblk.storage import Image, ImageLocked, StorageError, file_kind, open_checked, open_in_dir, under_dirs
 
     path = spec.path
@@ -224,10 +224,10 @@ def _open_rbd(spec: ImageSpec, cfg: RbdConfig) -> Any:
     from xenblk.storage import StorageError
 
     name = parse_rbd(spec.path)
-    if name.pool not in cfg.allowed_pools:
+    if cfg.target(name.pool) is None:
         raise ImageSpecError(
-            f"rbd image {name}: pool {name.pool} is not in rbd.allowed_pools"
-            f" ({', '.join(cfg.allowed_pools) or 'none configured'})"
+            f"rbd image {name}: pool {name.pool} is not in rbd.allowed_pools and has no [rbd.pools.{name.pool}]"
+            f" table ({'configured: ' + ', '.join(cfg.names()) if cfg.names() else 'none configured'})"
         )
     try:
         return rbd.open_image(name, cfg, readonly=spec.readonly)

@@ -44,7 +44,7 @@ def join_params(fmt: str | None, path: str) -> str:
 
 # Ceph accepts more, but these names travel through XenStore from a toolstack and into log lines:
 # letters, digits and `_.+-`, not starting with a dot (no `..`, no `/`, no `@`).
-_RBD_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,126}")
+RBD_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,126}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def parse_rbd(text: str) -> RbdName:
         raise ParamsError(f"rbd image {text[:200]!r} is not POOL/IMAGE[@SNAP]")
     image, at, snap = rest.partition("@")
     for what, v in (("pool", pool), ("image", image)) + ((("snapshot", snap),) if at else ()):
-        if not _RBD_NAME.fullmatch(v):
+        if not RBD_NAME.fullmatch(v):
             raise ParamsError(
                 f"rbd {what} name {v[:200]!r} in {text[:200]!r}: use letters, digits and _.+- (at most 127)"
             )
