@@ -311,9 +311,15 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload, expect_resiz
             for q in d.queues:
                 q.stop()
 
-    # From the start: a signal during the handshake still ends with every disk closed.
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the run is over, its report being written
+            loop.call_soon_threadsafe(on_signal)
+
+    # From the start: a signal during the handshake still ends with every disk closed. signal.signal, not
+    # loop.add_signal_handler: removing that restores SIG_DFL, and a stop asked for just as the run ended on
+    # its own (a test stopping a guest whose disk failed) would then kill the process before its report.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        signal.signal(sig, handler)
     watched: list[Disk] = []
     watchers: list[asyncio.Task[None]] = []
     try:
@@ -349,7 +355,7 @@ async def _run(disks: list[Disk], domain: GuestDomain, w: Workload, expect_resiz
             with contextlib.suppress(asyncio.CancelledError, XenblkError):
                 await t
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+            signal.signal(sig, lambda signum, frame: None)  # over: a late stop is a no-op, never a kill
     for d in live:
         if d.closed:
             continue  # its statistics were taken before it closed
