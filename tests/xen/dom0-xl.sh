@@ -11,7 +11,8 @@
 # Steps: xl create (xvdb, the guest runs crc32c write+verify passes on it throughout) | xl
 # block-attach + verified I/O + xl block-detach of xvdc | two refused disks (missing image, outside
 # storage.allowed_dirs): xl block-attach fails within a bound with the daemon's reason, nothing left
-# in XenStore or the daemon | kill -9 of the daemon mid-I/O (d13: systemctl kill -s KILL) | xl save
+# in XenStore or the daemon | kill -9 of the daemon mid-I/O (d13: systemctl kill -s KILL) | SIGTERM
+# restart mid-I/O (d13: systemctl restart; the devices handed over, the guest unaware) | xl save
 # -c | xl save + xl restore | xl reboot | xl shutdown | daemon restart with no guest (d13: systemctl
 # restart) | a second guest, xl destroy. After each end of a domain: the backend dirs are gone and
 # the daemon holds no image (xenblk list, /proc/PID/fd). Every wait is for a marker (a console
@@ -290,6 +291,33 @@ if wait_since "$m" '^GUEST restart-pass [0-9]+ started' "$BOUND"; then
     wait_since "$m" "^GUEST restart-pass $p verified" "$BOUND" && ok "pass $p, in flight across the kill, verified" ||
         bad "pass $p did not verify"
     passes_go "$(mark)" "after the kill"
+else
+    bad "no guest pass started (bound ${BOUND}s)"
+fi
+
+step "restart the daemon mid-I/O (SIGTERM hands the devices over: daemon.on_stop = keep)"
+m=$(mark)
+if wait_since "$m" '^GUEST restart-pass [0-9]+ started' "$BOUND"; then
+    base=$(disk_requests "$D" xvdb)
+    wait_for "$BOUND" eval '[ "$(disk_requests "$D" xvdb)" -gt "$base" ]' && ok "xvdb requests growing past $base" ||
+        bad "no xvdb request served (bound ${BOUND}s)"
+    p=$(last_started "$m") old=$(daemon_pid) t0=$SECONDS
+    if [ $MODE = systemd ]; then
+        systemctl restart xenblk && ok "systemctl restart xenblk during pass $p ($((SECONDS - t0))s)" || bad "systemctl restart xenblk"
+    else
+        kill -TERM "$old"
+        wait "$SUP_PID"
+        tail -1 "$OUT/restarts.log" | grep -q 'status 0$' && ok "xenblk serve exited 0 on SIGTERM during pass $p" ||
+            bad "serve: $(tail -1 "$OUT/restarts.log")"
+        supervise &
+        SUP_PID=$!
+    fi
+    wait_for "$BOUND" serving "$old" && ok "the daemon is back (pid $(daemon_pid)) after $((SECONDS - t0))s" ||
+        bad "the daemon is not back (bound ${BOUND}s)"
+    [ "$(backend_state $BTYPE "$D" xvdb)" = 4 ] && ok "xvdb backend still Connected" || bad "xvdb backend state $(backend_state $BTYPE "$D" xvdb)"
+    wait_since "$m" "^GUEST restart-pass $p verified" "$BOUND" && ok "pass $p, in flight across the restart, verified" ||
+        bad "pass $p did not verify"
+    passes_go "$(mark)" "after the restart"
 else
     bad "no guest pass started (bound ${BOUND}s)"
 fi
