@@ -335,7 +335,11 @@ int xb_device_set_qos(struct xb_device *d, struct xb_qos *disk, struct xb_qos *g
 
 void xb_device_qos_changed(struct xb_device *d)
 {
-    pthread_mutex_lock(&d->lock); /* the queues' eventfds stay open while it is held */
+    /* The queues' eventfds stay open while the lock is held. Held by someone else means a start or a stop
+     * in progress: a stop drains without limits, and the control plane tells a device of changes only
+     * once its queues are started, so nothing waits on a missed wake-up; never block the caller on a drain. */
+    if (pthread_mutex_trylock(&d->lock) != 0)
+        return;
     uint64_t one = 1;
     for (unsigned i = 0; i < d->cfg.nr_queues; i++)
         if (d->q[i].started && write(d->q[i].slow_fd, &one, sizeof(one)) < 0) {

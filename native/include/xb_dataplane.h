@@ -146,7 +146,8 @@ void xb_qos_get(struct xb_qos *q, struct xb_qos_limits *out);
 void xb_qos_get_stats(struct xb_qos *q, struct xb_qos_stats *out);
 /* The disk's limiter and its group's (either NULL), before the first queue starts. */
 int xb_device_set_qos(struct xb_device *d, struct xb_qos *disk, struct xb_qos *group, char *err);
-/* Limits changed: throttled queues look again now instead of at the end of their current wait. */
+/* Limits changed: throttled queues look again now instead of at the end of their current wait. Never
+ * blocks (during a start or stop of the device it does nothing: a stop drains regardless of limits). */
 void xb_device_qos_changed(struct xb_device *d);
 
 /* The statistics' vocabulary (stats.c), the one copy the exporter (xenblk/metrics.py) reads: the label
