@@ -20,30 +20,29 @@ void xb_bucket_set(struct xb_bucket *b, uint64_t rate, uint64_t burst, uint64_t 
         rate = XB_QOS_MAX_RATE;
     if (burst > XB_QOS_MAX_RATE)
         burst = XB_QOS_MAX_RATE;
-    uint64_t old = b->rate;
-    /* The debt still owed, in units of the old rate: kept, so a lower limit does not forgive it and a
-     * higher one repays it faster (a 1 IOPS limit raised to 1000 does not leave a request waiting 1 s). */
-    unsigned __int128 debt = 0;
-    if (old && b->tat > now)
-        debt = ((unsigned __int128)(b->tat - now) * old + b->rem) / NS;
+    if (rate && !burst)
+        burst = rate / 10; /* 100 ms worth */
+    /* Used of the old burst, in units x 10^9 (0: full, or newly limited). Carried as tokens left: a lower
+     * limit does not forgive a debt, a higher one repays it faster, a smaller burst leaves at most the new
+     * burst (a bucket emptied under a 4 s burst would otherwise stall 4 s under a 30 ms one). */
+    unsigned __int128 used = 0;
+    if (b->rate && b->tat > now)
+        used = (unsigned __int128)(b->tat - now) * b->rate + b->rem;
+    unsigned __int128 old_burst = (unsigned __int128)(b->rate ? b->burst : 0) * NS;
+    unsigned __int128 new_burst = (unsigned __int128)burst * NS;
+    if (b->rate) /* newly limited: the full burst is available */
+        used = used + new_burst > old_burst ? used + new_burst - old_burst : 0;
     b->rate = rate;
+    b->burst = rate ? burst : 0;
     if (!rate) {
         b->tau_ns = 0;
         b->tat = 0;
         b->rem = 0;
         return;
     }
-    if (!burst)
-        burst = rate / 10; /* 100 ms worth */
-    b->tau_ns = sat((unsigned __int128)burst * NS / rate);
-    if (!old) {
-        b->tat = now; /* newly limited: the full burst is available */
-        b->rem = 0;
-        return;
-    }
-    unsigned __int128 t = debt * NS;
-    b->tat = sat((unsigned __int128)now + t / rate);
-    b->rem = (uint64_t)(t % rate);
+    b->tau_ns = sat(new_burst / rate);
+    b->tat = sat((unsigned __int128)now + used / rate);
+    b->rem = (uint64_t)(used % rate);
 }
 
 uint64_t xb_bucket_wait(const struct xb_bucket *b, uint64_t now)

@@ -12,18 +12,20 @@
 #include <stdint.h>
 #include "xb_dataplane.h"
 
-/* One bucket: `rate` units per second (0: unlimited), `tau_ns` the tolerance (burst / rate). tat is when
- * the bucket would be empty if nothing more came (ns, CLOCK_MONOTONIC), rem the fraction of a ns in units
- * of 1/rate, so the long-run rate is exact whatever the rate. */
+/* One bucket: `rate` units per second (0: unlimited), `burst` units, `tau_ns` the tolerance (burst / rate).
+ * tat - now is what is used of the burst, in ns at the rate (0 or less: the bucket is full); rem the
+ * fraction of a ns in units of 1/rate, so the long-run rate is exact whatever the rate. */
 struct xb_bucket {
     uint64_t rate;
+    uint64_t burst;
     uint64_t tau_ns;
     uint64_t tat;
     uint64_t rem;
 };
 
-/* Set rate and burst (units allowed at once after idleness on top of the rate; 0: rate / 10), keeping
- * the debt already owed (rescaled to the new rate) so a change applies at once, in both directions. */
+/* Set rate and burst (units allowed at once after idleness on top of the rate; 0: rate / 10). What is
+ * used of the burst carries over (the tokens left, at most the new burst; a debt stays a debt), at the
+ * new rate: a change applies at once, in both directions. */
 void xb_bucket_set(struct xb_bucket *b, uint64_t rate, uint64_t burst, uint64_t now);
 /* ns until a request may start (0: now). A request may start while the bucket is not in debt beyond its
  * tolerance; its cost is then charged in full, so one request larger than the burst still goes. */

@@ -129,6 +129,20 @@ static void change(void)
     CHECK(xb_bucket_wait(&b, T0) == 2000000ull);
     xb_bucket_set(&b, 1, 1, T0); /* and back: it is not forgiven */
     CHECK(xb_bucket_wait(&b, T0) == 2 * SEC);
+    ctx = "smaller burst";
+    struct xb_bucket c = {0};
+    xb_bucket_set(&c, 100, 1000, T0);
+    xb_bucket_charge(&c, 1000, T0); /* the whole burst used: 10 s of the rate */
+    CHECK(xb_bucket_wait(&c, T0) == 0);
+    xb_bucket_set(&c, 100, 10, T0); /* empty under the new burst, not 10 s in debt */
+    CHECK(xb_bucket_wait(&c, T0) == 0);
+    xb_bucket_charge(&c, 1, T0);
+    CHECK(xb_bucket_wait(&c, T0) == 10000000ull);
+    ctx = "larger burst";
+    struct xb_bucket d = {0};
+    xb_bucket_set(&d, 100, 10, T0); /* full: 10 tokens, still 10 after the burst grows */
+    xb_bucket_set(&d, 100, 1000, T0);
+    CHECK(run(&d, 1, T0, 1) == 11);
 }
 
 static void limiters(void)
