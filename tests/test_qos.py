@@ -24,7 +24,6 @@ from xenblk import qos
 from xenblk.errors import XenblkError
 
 IODEPTH = 8
-BURST = 8
 
 
 def run_io(stack: Stack, domid: int, vdev: str, seconds: float, bs: str = "4k") -> dict[str, Any]:
@@ -64,7 +63,7 @@ def restart_serve(stack: Stack) -> None:
 
 
 def test_limits_held_live_grouped_and_kept_across_reconnect_and_restart(tmp_path: Path, sim_dir: Path) -> None:
-    with run_stack(tmp_path, sim_dir, "[qos_group]\niops_burst = 8\n") as stack:
+    with run_stack(tmp_path, sim_dir) as stack:
         for name in ("a.raw", "b.raw", "c.raw"):
             subprocess.run(["truncate", "-s", "64M", str(stack.images / name)], check=True)
         stack.attach(1, str(stack.images / "a.raw"), "xvdb")
@@ -72,18 +71,17 @@ def test_limits_held_live_grouped_and_kept_across_reconnect_and_restart(tmp_path
         free = run_io(stack, 1, "xvdb", 1.5)
         # a tenth of it, and at most 2000 IOPS: a loaded machine later in the test still does twice that
         limit = max(20, min(2000, int(free["iops"] / 10)))
-        stack.xenblk(
-            "qos", "1", "xvdb", "--iops-limit", str(limit), "--iops-burst", str(BURST), "--sim", str(stack.sim)
-        )
+        # the default burst (a tenth of the rate): a smaller one loses throughput to a loaded host's scheduling
+        stack.xenblk("qos", "1", "xvdb", "--iops-limit", str(limit), "--sim", str(stack.sim))
         held = run_io(stack, 1, "xvdb", 2)  # a new connection: the limit set while disconnected applies
-        assert_held(held, limit, BURST)
+        assert_held(held, limit, limit // 10)
         assert f'xenblk_qos_limit{{domid="1",limit="iops",vdev="xvdb"}} {float(limit)}' in stack.scrape()
 
         # bytes, set at attach; 64 KiB reads (more bytes per second than the 4 KiB ones measured unlimited)
         bps = max(1 << 20, min(16 << 20, int(free["mbps"] * 1e6 / 10)))
-        stack.attach(1, str(stack.images / "b.raw"), "xvdc", "--bps-limit", str(bps), "--bps-burst", "65536")
+        stack.attach(1, str(stack.images / "b.raw"), "xvdc", "--bps-limit", str(bps), "--bps-burst", str(bps // 10))
         held_b = run_io(stack, 1, "xvdc", 2, bs="64k")
-        assert_held(held_b, bps, 65536 + IODEPTH * 65536, unit="bytes")
+        assert_held(held_b, bps, bps // 10 + IODEPTH * 65536, unit="bytes")
 
         # live: raised while the guest runs, seen as a rate the old limit cannot give
         guest = stack.guest_proc(1, "--vdev", "xvdb", "--rw", "randread", "--iodepth", str(IODEPTH), "--until-stopped")
@@ -108,12 +106,12 @@ def test_limits_held_live_grouped_and_kept_across_reconnect_and_restart(tmp_path
         disks = out["disks"] if isinstance(out["disks"], list) else list(out["disks"].values())
         total = sum(d["ios"] for d in disks)
         span = max(d["seconds"] for d in disks)
-        assert total <= limit * span * 1.05 + 8 + 2 * IODEPTH + 1, (total, span, limit)
+        assert total <= limit * span * 1.05 + limit // 10 + 2 * IODEPTH + 1, (total, span, limit)
+        assert total / span >= 0.5 * limit, (total, span, limit)
         # the daemon restarted: the limits come back from XenStore
-        stack.xenblk("qos", "1", "xvdb", "--clear", "--iops-limit", str(limit), "--iops-burst", str(BURST),
-                     "--sim", str(stack.sim))  # fmt: skip
+        stack.xenblk("qos", "1", "xvdb", "--clear", "--iops-limit", str(limit), "--sim", str(stack.sim))
         restart_serve(stack)
-        assert_held(run_io(stack, 1, "xvdb", 2), limit, BURST)
+        assert_held(run_io(stack, 1, "xvdb", 2), limit, limit // 10)
 
 
 def test_hostile_qos_keys_are_logged_and_skipped(tmp_path: Path, sim_dir: Path) -> None:
