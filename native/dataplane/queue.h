@@ -63,11 +63,17 @@ struct xb_req {
 };
 
 /* The device's slow-path workers: the drivers' synchronous calls (qcow2 allocation, flush,
- * discard, anything not mappable) run here so a queue thread never blocks on storage. */
+ * discard, anything not mappable) run here so a queue thread never blocks on storage. Jobs wait per
+ * queue and the workers take them round-robin over the queues, so a queue that floods the workers
+ * (a ring full of allocating writes) delays another queue's job by at most one job per queue. */
 struct xb_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct xb_req *head, *tail;
+    struct {
+        struct xb_req *head, *tail;
+    } jobs[XB_MAX_QUEUES];
+    unsigned next;    /* the queue whose jobs come first at the next pick */
+    unsigned pending; /* jobs in all the lists */
     int quit;
     unsigned nthreads;
     pthread_t th[XB_SLOW_WORKERS];
