@@ -38,6 +38,8 @@ async def test_limits_from_config_node_groups_and_reload(harness: Harness, tmp_p
     assert h.daemon.ctx is not None and h.daemon.ctx.qos_groups is not None
     [view] = h.daemon.ctx.qos_groups.views()
     assert (view.name, view.disks, view.limits) == ("dom3", 1, {"bps": 1 << 20})
+    [row] = [d for d in h.daemon.devices.values() if d.domid == 3]
+    assert row.describe()["qos"] == {"limits": {"iops": 1000, "read-bps": 5000}, "group": "dom3"}  # xenblk list
 
     # live: the node, then the group's node; the running device is told each time
     await h.xs.write(f"{b}/qos/iops", "300")

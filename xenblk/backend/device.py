@@ -1022,6 +1022,10 @@ class DeviceTask:
             "reconnect_backoffs": self.backoffs,
             "nbd": {"socket": self.nbd.path, **dataclasses.asdict(self.nbd.stats())} if self.nbd is not None else None,
             "lock_wait": self.lock_wait,
+            "qos": {
+                "limits": self.qos.limiter.limits.as_dict() if self.qos.limiter is not None else {},
+                "group": self.qos.group,
+            },
         }
 
 
