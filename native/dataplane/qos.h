@@ -49,6 +49,11 @@ struct xb_qos {
 uint64_t xb_qos_admit(struct xb_qos *a, struct xb_qos *b, unsigned kind, uint64_t bytes, uint64_t now,
                       unsigned *blocked);
 void xb_qos_ref(struct xb_qos *q);
+/* Whether q (may be NULL) has some limit set: one relaxed-enough load, no lock. */
+static inline int xb_qos_active(struct xb_qos *q)
+{
+    return q && __atomic_load_n(&q->active, __ATOMIC_ACQUIRE);
+}
 /* Account one request that starts waiting (delta +1: counted as throttled once) or stops (-1, after
  * waiting `waited_ns`). */
 void xb_qos_queued(struct xb_qos *q, int delta, uint64_t waited_ns);

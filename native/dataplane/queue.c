@@ -671,7 +671,7 @@ static unsigned qos_kind(const struct xb_req *r)
 static int qos_hold(struct xb_queue *q, struct xb_req *r)
 {
     struct xb_device *d = q->dev;
-    if (!d->qos[0] && !d->qos[1])
+    if (!q->qos_wait && !xb_qos_active(d->qos[0]) && !xb_qos_active(d->qos[1]))
         return 0;
     uint64_t now = now_ns();
     if (!q->qos_wait) {
