@@ -149,8 +149,7 @@ async def read_node(xs: Any, base: str, *, with_group: bool) -> NodeLimits:
                 out.problems.append(str(e))
         elif name == GROUP_KEY and with_group:
             try:
-                check_group(value) if value not in ("", DOMAIN_GROUP) else None
-                out.group = value
+                out.group = value if value in ("", DOMAIN_GROUP) else check_group(value)
             except QosError as e:
                 out.problems.append(str(e))
         else:
