@@ -53,6 +53,7 @@ fuzz: setup
 bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.hostile --runtime 2
+	$(PY) -m bench.qos --runtime 5
 	$(PY) -m bench.nbd
 	$(PY) -m bench.rbd
 

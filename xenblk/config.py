@@ -153,6 +153,68 @@ class NbdConfig:
 
 
 @dataclass
+class QosConfig:
+    """Every disk's limits unless its backend node's qos/ says otherwise (README, "QoS")."""
+
+    iops: int = 0
+    """Requests per second, reads and writes together; 0: unlimited."""
+    read_iops: int = 0
+    """Read requests per second; 0: unlimited."""
+    write_iops: int = 0
+    """Write requests per second (flushes and discards count); 0: unlimited."""
+    bps: int = 0
+    """Bytes per second, read and written together; 0: unlimited."""
+    read_bps: int = 0
+    """Bytes read per second; 0: unlimited."""
+    write_bps: int = 0
+    """Bytes written per second; 0: unlimited."""
+    iops_burst: int = 0
+    """What iops lets through at once after idleness, on top of the rate; 0: a tenth of iops."""
+    read_iops_burst: int = 0
+    """What read_iops lets through at once after idleness, on top of the rate; 0: a tenth of read_iops."""
+    write_iops_burst: int = 0
+    """What write_iops lets through at once after idleness, on top of the rate; 0: a tenth of write_iops."""
+    bps_burst: int = 0
+    """What bps lets through at once after idleness, on top of the rate; 0: a tenth of bps."""
+    read_bps_burst: int = 0
+    """What read_bps lets through at once after idleness, on top of the rate; 0: a tenth of read_bps."""
+    write_bps_burst: int = 0
+    """What write_bps lets through at once after idleness, on top of the rate; 0: a tenth of write_bps."""
+    group: str = ""
+    """Group of every disk without qos/group: "" none, "domain" one group per domain, or a group name."""
+
+
+@dataclass
+class QosGroupConfig:
+    """Every group's limits unless /local/domain/<self>/xenblk/qos-groups/<name>/ says otherwise."""
+
+    iops: int = 0
+    """Requests per second, reads and writes together over the group's disks; 0: unlimited."""
+    read_iops: int = 0
+    """Read requests per second over the group's disks; 0: unlimited."""
+    write_iops: int = 0
+    """Write requests per second (flushes and discards count) over the group's disks; 0: unlimited."""
+    bps: int = 0
+    """Bytes per second, read and written together over the group's disks; 0: unlimited."""
+    read_bps: int = 0
+    """Bytes read per second over the group's disks; 0: unlimited."""
+    write_bps: int = 0
+    """Bytes written per second over the group's disks; 0: unlimited."""
+    iops_burst: int = 0
+    """What iops lets through at once after idleness, on top of the rate; 0: a tenth of iops."""
+    read_iops_burst: int = 0
+    """What read_iops lets through at once after idleness, on top of the rate; 0: a tenth of read_iops."""
+    write_iops_burst: int = 0
+    """What write_iops lets through at once after idleness, on top of the rate; 0: a tenth of write_iops."""
+    bps_burst: int = 0
+    """What bps lets through at once after idleness, on top of the rate; 0: a tenth of bps."""
+    read_bps_burst: int = 0
+    """What read_bps lets through at once after idleness, on top of the rate; 0: a tenth of read_bps."""
+    write_bps_burst: int = 0
+    """What write_bps lets through at once after idleness, on top of the rate; 0: a tenth of write_bps."""
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -162,6 +224,8 @@ class Config:
     rbd: RbdConfig = field(default_factory=RbdConfig)
     xenstore: XenstoreConfig = field(default_factory=XenstoreConfig)
     nbd: NbdConfig = field(default_factory=NbdConfig)
+    qos: QosConfig = field(default_factory=QosConfig)
+    qos_group: QosGroupConfig = field(default_factory=QosGroupConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -204,6 +268,15 @@ def _check_value(key: str, value: Any, default: Any, rule: str | None = None) ->
             raise ConfigError(f"config key {key!r}: {value!r} is out of range {lo:g}..{hi:g}")
     if key == "dataplane.max_indirect_segments" and 0 < value <= 11:
         raise ConfigError(f"config key {key!r}: {value} must be 0 (off) or 12..256")
+    if key.startswith(("qos.", "qos_group.")) and key != "qos.group" and not 0 <= value <= 1 << 50:
+        raise ConfigError(f"config key {key!r}: {value!r} is out of range 0..{1 << 50}")
+    if key == "qos.group" and value not in ("", "domain"):
+        from xenblk.qos import QosError, check_group
+
+        try:
+            check_group(value)
+        except QosError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
     if key == "metrics.listen":
         _parse_listen(key, value)
     if key in ("storage.allowed_dirs", "storage.backing_dirs", "storage.allowed_devices"):

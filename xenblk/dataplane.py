@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenblk import _dataplane, storage  # type: ignore[attr-defined]
+from xenblk import _dataplane, qos, storage  # type: ignore[attr-defined]
 from xenblk.errors import XenblkError
 from xenblk.xenplatform import EventChannel, Platform
 
@@ -91,6 +91,9 @@ class QueueStats:
     persistent_hits: int = 0  # segments moved through a mapping made earlier
     persistent_purged: int = 0  # unmapped by the purge of unused grants (cache at its bound)
     persistent_invalidated: int = 0  # mappings dropped: the guest revoked or re-pointed the grant
+    qos_throttled: int = 0  # requests that waited for a QoS limit (the disk's or its group's)
+    qos_throttled_ns: int = 0  # the time they waited, summed
+    qos_queued: int = 0  # gauge: requests a limit holds back now
 
     def op_named(self, name: str) -> OpStats:
         return self.op[OPS.index(name)]
@@ -132,7 +135,49 @@ class QueueStats:
             persistent_hits=int(s.persistent_hits),
             persistent_purged=int(s.persistent_purged),
             persistent_invalidated=int(s.persistent_invalidated),
+            qos_throttled=int(s.qos_throttled),
+            qos_throttled_ns=int(s.qos_throttled_ns),
+            qos_queued=int(s.qos_queued),
         )
+
+
+@dataclass
+class LimiterStats:
+    throttled: int  # requests that had to wait for this limiter
+    throttled_ns: int  # the time they waited, summed
+    queued: int  # gauge: requests waiting for it now
+    admitted: int  # requests it let through while some limit was set
+    admitted_bytes: int
+
+
+class Limiter:
+    """A QoS limiter (struct xb_qos): the token buckets of one disk or one group, shared by the devices
+    it is given to (Device.set_qos). Its limits change at any time, from any thread; the devices using it
+    are told with Device.qos_changed(), so requests held under the old limits are looked at again."""
+
+    def __init__(self) -> None:
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        ptr = lib.xb_qos_new(err)
+        if ptr == ffi.NULL:
+            raise DataplaneError(_errmsg(err, "qos: cannot create a limiter"))
+        self._ptr: Any = ffi.gc(ptr, lib.xb_qos_unref)  # a device holds its own reference in C
+        self.limits = qos.Limits()
+
+    def set(self, limits: qos.Limits) -> None:
+        c = ffi.new("struct xb_qos_limits *")
+        n = len(qos.KINDS)
+        for i, v in enumerate(limits.values):
+            getattr(c, ("iops", "bps", "iops_burst", "bps_burst")[i // n])[i % n] = v
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        if lib.xb_qos_set(self._ptr, c, err) < 0:
+            raise DataplaneError(_errmsg(err, "qos: limits refused"))
+        self.limits = limits
+
+    def stats(self) -> LimiterStats:
+        out = ffi.new("struct xb_qos_stats *")
+        lib.xb_qos_get_stats(self._ptr, out)
+        return LimiterStats(int(out.throttled), int(out.throttled_ns), int(out.queued), int(out.admitted),
+                            int(out.admitted_bytes))  # fmt: skip
 
 
 def _image_ptr(image: storage.Image) -> Any:
@@ -204,6 +249,21 @@ class Device:
             rc = lib.xb_device_set_journal(self._p(), q, path.encode(), ident.encode()[:63], int(resume), err)
         if rc < 0:
             raise DataplaneError(_errmsg(err, f"device {self.cfg.handle} queue {q}: cannot set the journal"))
+
+    def set_qos(self, disk: Limiter | None, group: Limiter | None) -> None:
+        """The disk's limiter and its group's (either None: none), before the first start_queue."""
+        err = ffi.new("char[]", lib.XB_ERRLEN)
+        with self._lock:
+            rc = lib.xb_device_set_qos(self._p(), disk._ptr if disk else ffi.NULL, group._ptr if group else ffi.NULL,
+                                       err)  # fmt: skip
+        if rc < 0:
+            raise DataplaneError(_errmsg(err, f"device {self.cfg.handle}: cannot set QoS"))
+
+    def qos_changed(self) -> None:
+        """A limiter of this device changed: queues holding requests look again now. Never blocks."""
+        with self._free_lock:
+            if self._ptr is not None:
+                lib.xb_device_qos_changed(self._ptr)
 
     def stop(self) -> None:
         """Stop taking requests, wait for in-flight I/O and answer it, unmap the rings, close the

@@ -45,6 +45,9 @@ class QueueStatsLike(Protocol):
     in_flight: int
     mem_bytes: int
     mem_waits: int
+    qos_throttled: int
+    qos_throttled_ns: int
+    qos_queued: int
 
 
 @dataclass
@@ -59,6 +62,19 @@ class DiskView:
     resizes: int = 0
     sectors: int = 0
     lock_wait: bool = False  # waiting for another open of its image to release it
+    qos_limits: dict[str, int] = field(default_factory=dict)  # the QoS limits set (xenblk.qos.KEYS), 0s left out
+    qos_group: str | None = None  # the group it is in while connected
+
+
+class GroupViewLike(Protocol):
+    """What the exporter reads of a QoS group (xenblk.backend.qos.GroupView)."""
+
+    name: str
+    limits: dict[str, int]
+    disks: int
+    throttled: int
+    throttled_ns: int
+    queued: int
 
 
 @dataclass
@@ -132,6 +148,18 @@ class _DiskFamilies:
             "1 while the disk waits for another open of its image (another daemon or device) to release it",
             labels=labels,
         )
+        self.qlim = GaugeMetricFamily(
+            "xenblk_qos_limit", "QoS limits set on the disk (per second; bursts in requests or bytes)",
+            labels=[*labels, "limit"],
+        )  # fmt: skip
+        self.qthr = CounterMetricFamily(
+            "xenblk_qos_throttled_requests", "Requests a QoS limit (the disk's or its group's) held back", labels=labels
+        )
+        self.qsec = CounterMetricFamily(
+            "xenblk_qos_throttled_seconds", "Time requests waited for a QoS limit, summed", labels=labels
+        )
+        self.qque = GaugeMetricFamily("xenblk_qos_queued_requests", "Requests a QoS limit holds now", labels=labels)
+        self.qgrp = InfoMetricFamily("xenblk_qos_group", "The QoS group the disk is in", labels=labels)
 
     def add(self, d: DiskView) -> None:
         lv = [str(d.domid), d.vdev]
@@ -141,6 +169,10 @@ class _DiskFamilies:
         self.rec.add_metric(lv, d.reconnects)
         self.lkw.add_metric(lv, 1 if d.lock_wait else 0)
         self.rsz.add_metric(lv, d.resizes)
+        for k, v in d.qos_limits.items():
+            self.qlim.add_metric([*lv, k], v)
+        if d.qos_group is not None:
+            self.qgrp.add_metric(lv, {"group": d.qos_group})
         if not d.queues:
             return
         self._add_ops(lv, d.queues)
@@ -159,6 +191,9 @@ class _DiskFamilies:
         self.gmf.add_metric(lv, sum(q.grant_map_failures for q in d.queues))
         self.memb.add_metric(lv, sum(q.mem_bytes for q in d.queues))
         self.memw.add_metric(lv, sum(q.mem_waits for q in d.queues))
+        self.qthr.add_metric(lv, sum(q.qos_throttled for q in d.queues))
+        self.qsec.add_metric(lv, sum(q.qos_throttled_ns for q in d.queues) / 1e9)
+        self.qque.add_metric(lv, sum(q.qos_queued for q in d.queues))
 
     def _add_ops(self, lv: list[str], queues: Sequence[QueueStatsLike]) -> None:
         for i, opname in enumerate(OPS):
@@ -182,18 +217,48 @@ class _DiskFamilies:
         yield from (self.req, self.byt, self.err, self.lat, self.sto, self.segs, self.occ, self.infl)
         yield from (self.refs, self.errs, self.gcf, self.gmf, self.memb, self.memw)
         yield from (self.state, self.qn, self.size, self.rec, self.rsz, self.lkw)
+        yield from (self.qlim, self.qthr, self.qsec, self.qque, self.qgrp)
+
+
+def _group_families(groups: Iterable[GroupViewLike]) -> Iterator[Any]:
+    lim = GaugeMetricFamily("xenblk_qos_group_limit", "QoS limits set on the group", labels=["group", "limit"])
+    disks = GaugeMetricFamily("xenblk_qos_group_disks", "Connected disks in the group", labels=["group"])
+    thr = CounterMetricFamily(
+        "xenblk_qos_group_throttled_requests", "Requests the group's limits held back", labels=["group"]
+    )
+    sec = CounterMetricFamily(
+        "xenblk_qos_group_throttled_seconds", "Time requests waited for the group's limits, summed", labels=["group"]
+    )
+    que = GaugeMetricFamily(
+        "xenblk_qos_group_queued_requests", "Requests the group's limits hold now", labels=["group"]
+    )
+    for g in groups:
+        for k, v in g.limits.items():
+            lim.add_metric([g.name, k], v)
+        disks.add_metric([g.name], g.disks)
+        thr.add_metric([g.name], g.throttled)
+        sec.add_metric([g.name], g.throttled_ns / 1e9)
+        que.add_metric([g.name], g.queued)
+    yield from (lim, disks, thr, sec, que)
 
 
 class XenblkCollector(Collector):
-    def __init__(self, disks: Callable[[], Iterable[DiskView]], daemon: DaemonCounters) -> None:
+    def __init__(
+        self,
+        disks: Callable[[], Iterable[DiskView]],
+        daemon: DaemonCounters,
+        groups: Callable[[], Iterable[GroupViewLike]] | None = None,
+    ) -> None:
         self._disks = disks
         self._daemon = daemon
+        self._groups = groups
 
     def collect(self) -> Iterator[Any]:
         fams = _DiskFamilies()
         for d in self._disks():
             fams.add(d)
         yield from fams.families()
+        yield from _group_families(self._groups() if self._groups is not None else ())
         yield from self._daemon_families()
 
     def _daemon_families(self) -> Iterator[Any]:
@@ -236,9 +301,14 @@ class MetricsServer:
     """The HTTP endpoint. Scrapes run on prometheus-client's own thread and only
     read C counters, so they never block the event loop or a queue."""
 
-    def __init__(self, disks: Callable[[], Iterable[DiskView]], daemon: DaemonCounters) -> None:
+    def __init__(
+        self,
+        disks: Callable[[], Iterable[DiskView]],
+        daemon: DaemonCounters,
+        groups: Callable[[], Iterable[GroupViewLike]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(XenblkCollector(disks, daemon))
+        self.registry.register(XenblkCollector(disks, daemon, groups))
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None

@@ -1,5 +1,6 @@
 """Turn two scrapes of the metrics endpoint into a per-disk table a person can
-read at a Dom0 console: IOPS, MB/s, p50/p99 latency, in-flight, errors."""
+read at a Dom0 console: IOPS, MB/s (each beside the disk's QoS limit), p50/p99 latency, in-flight,
+requests a QoS limit holds, errors."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class Scrape:
     errors: dict[Key, float] = field(default_factory=dict)
     inflight: dict[Key, float] = field(default_factory=dict)
     state: dict[Key, float] = field(default_factory=dict)
+    limits: dict[Key, dict[str, float]] = field(default_factory=dict)  # xenblk_qos_limit by its limit label
+    throttled: dict[Key, float] = field(default_factory=dict)  # xenblk_qos_queued_requests
     # latency buckets summed over ops: upper bound -> cumulative count
     buckets: dict[Key, dict[float, float]] = field(default_factory=dict)
 
@@ -37,6 +40,9 @@ class DiskRow:
     p99_us: float | None
     inflight: int
     errors: int
+    iops_limit: str = ""  # the QoS limits on IOPS, "" none: "1000", or "r500 w200" for per-op limits
+    mbps_limit: str = ""
+    throttled: int = 0  # requests a QoS limit holds now
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -71,6 +77,10 @@ def parse(text: str, at: float) -> Scrape:
                 s.inflight[key] = s.inflight.get(key, 0) + smp.value
             elif smp.name == "xenblk_device_state":
                 s.state[key] = smp.value
+            elif smp.name == "xenblk_qos_limit":
+                s.limits.setdefault(key, {})[lb.get("limit", "")] = smp.value
+            elif smp.name == "xenblk_qos_queued_requests":
+                s.throttled[key] = smp.value
             elif smp.name == "xenblk_request_duration_seconds_bucket":
                 le = float(lb["le"])
                 b = s.buckets.setdefault(key, {})
@@ -88,6 +98,14 @@ def quantile(q: float, cumulative: dict[float, float]) -> float | None:
         if count >= target:
             return le if le != float("inf") else items[-2][0] if len(items) > 1 else None
     return None
+
+
+def limit_text(limits: dict[str, float], unit: str, scale: float = 1.0) -> str:
+    """The rate limits of one unit (iops, bps) as a short cell: the total, else per read/write."""
+    if limits.get(unit):
+        return f"{limits[unit] / scale:g}"
+    parts = [f"{k[0]}{limits[f'{k}-{unit}'] / scale:g}" for k in ("read", "write") if limits.get(f"{k}-{unit}")]
+    return " ".join(parts)
 
 
 def rows(before: Scrape, after: Scrape) -> list[DiskRow]:
@@ -109,6 +127,9 @@ def rows(before: Scrape, after: Scrape) -> list[DiskRow]:
                 p99_us=None if p99 is None else p99 * 1e6,
                 inflight=int(after.inflight.get(key, 0)),
                 errors=int(after.errors.get(key, 0)),
+                iops_limit=limit_text(after.limits.get(key, {}), "iops"),
+                mbps_limit=limit_text(after.limits.get(key, {}), "bps", 1e6),
+                throttled=int(after.throttled.get(key, 0)),
             )
         )
     return out
@@ -119,16 +140,17 @@ STATE_NAMES = {1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected
 
 def format_table(table: list[DiskRow]) -> str:
     head = (
-        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<11} {'IOPS':>9} {'MB/s':>8} "
-        f"{'p50(us)':>9} {'p99(us)':>9} {'INFL':>5} {'ERR':>5}"
+        f"{'DOMID':>5} {'VDEV':<6} {'STATE':<11} {'IOPS':>9} {'LIMIT':<9} {'MB/s':>8} {'LIMIT':<9} "
+        f"{'p50(us)':>9} {'p99(us)':>9} {'INFL':>5} {'QOSQ':>5} {'ERR':>5}"
     )
     lines = [head]
     for r in table:
         p50 = "-" if r.p50_us is None else f"<={r.p50_us:.0f}"
         p99 = "-" if r.p99_us is None else f"<={r.p99_us:.0f}"
         lines.append(
-            f"{r.domid:>5} {r.vdev:<6} {STATE_NAMES.get(r.state, str(r.state)):<11} {r.iops:>9.0f} {r.mbps:>8.1f} "
-            f"{p50:>9} {p99:>9} {r.inflight:>5} {r.errors:>5}"
+            f"{r.domid:>5} {r.vdev:<6} {STATE_NAMES.get(r.state, str(r.state)):<11} {r.iops:>9.0f} "
+            f"{r.iops_limit or '-':<9} {r.mbps:>8.1f} {r.mbps_limit or '-':<9} "
+            f"{p50:>9} {p99:>9} {r.inflight:>5} {r.throttled:>5} {r.errors:>5}"
         )
     if not table:
         lines.append("(no disks)")

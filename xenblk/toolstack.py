@@ -59,6 +59,7 @@ async def attach(
     params: str,
     mode: str,
     cdrom: bool,
+    qos: dict[str, str] | None = None,
 ) -> Paths:
     p = paths(self_domid, btype, domid, vdev)
     if await xs.try_read(f"{p.backend}/state") is not None:
@@ -100,12 +101,43 @@ async def attach(
             "device-type": dtype,
             "type": btype,
             "params": params,
+            **{f"qos/{k}": v for k, v in (qos or {}).items()},  # read by the daemon before it connects
         },
     )
     # 3. the frontend's state first, then the backend's: the backend may start at once
     await write_all(p.frontend, {"state": str(int(S.INITIALISING))})
     await write_all(p.backend, {"state": str(int(S.INITIALISING))})
     return p
+
+
+async def set_qos(xs: XenStore, path: str, values: dict[str, str], *, clear: bool, must_exist: str | None) -> None:
+    """Write qos keys under `path` (a backend node's qos/ or a group's directory), in one transaction;
+    clear: remove the keys there first. must_exist: a node that must be there (the backend's state), so a
+    device detached meanwhile is not created again."""
+
+    async def body(t: Transaction) -> None:
+        if must_exist is not None and await t.try_read(must_exist) is None:
+            raise XenblkError(f"no such device ({must_exist} does not exist)")
+        if clear:
+            await t.rm(path)
+        for k, v in values.items():
+            await t.write(f"{path}/{k}", v)
+
+    await xs.transact(body)
+
+
+async def read_qos(xs: XenStore, path: str) -> dict[str, str]:
+    """The keys under a qos node as written (absent: {})."""
+    try:
+        names = await xs.directory(path)
+    except XenStoreError:
+        return {}
+    out = {}
+    for n in sorted(names)[:64]:
+        v = await xs.try_read(f"{path}/{n}")
+        if v is not None:
+            out[n] = v
+    return out
 
 
 async def wait_backend(xs: XenStore, backend: str, want: int, timeout: float) -> tuple[bool, str]:

@@ -4,8 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 #include "journal.h"
+#include "qos.h"
 #include "queue.h"
 #include "slowpath.h"
 
@@ -75,6 +77,7 @@ struct xb_device *xb_device_new(struct xb_platform *p, struct xb_image *img, con
         d->q[i].cq_fd = -1;
         d->q[i].stop_fd = -1;
         d->q[i].slow_fd = -1;
+        d->q[i].qos_timer = -1;
         pthread_mutex_init(&d->q[i].done_mu, NULL);
     }
     return d;
@@ -94,7 +97,9 @@ static void queue_teardown(struct xb_queue *q)
         close(q->stop_fd);
     if (q->slow_fd >= 0)
         close(q->slow_fd);
-    q->cq_fd = q->stop_fd = q->slow_fd = -1;
+    if (q->qos_timer >= 0)
+        close(q->qos_timer);
+    q->cq_fd = q->stop_fd = q->slow_fd = q->qos_timer = -1;
     if (q->reqs) {
         for (uint32_t i = 0; i < q->ring_size; i++)
             free(q->reqs[i].buf);
@@ -125,6 +130,8 @@ static void queue_reset(struct xb_device *d, struct xb_queue *q, unsigned nrefs)
     q->mem_used = q->mem_cached = 0;
     q->mem_wait = q->mem_wait_tail = NULL;
     q->mem_released = 0;
+    q->qos_wait = q->qos_wait_tail = NULL;
+    q->qos_waiting = q->qos_mask = 0;
     /* The device's budget split between its queues, never below one largest request per
      * queue (else such a request could never run). */
     uint64_t budget = d->cfg.memory_budget ? d->cfg.memory_budget : XB_DEFAULT_MEMORY_BUDGET;
@@ -144,8 +151,9 @@ static int queue_alloc(struct xb_device *d, struct xb_queue *q, unsigned qi, cha
     q->cq_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->slow_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    q->qos_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     q->slow_done = NULL;
-    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0) {
+    if (!q->reqs || !q->indirect_buf || q->cq_fd < 0 || q->stop_fd < 0 || q->slow_fd < 0 || q->qos_timer < 0) {
         xb_seterr(err, "device %u queue %u: out of memory or file descriptors", d->cfg.handle, qi);
         return -1;
     }
@@ -299,7 +307,45 @@ void xb_device_free(struct xb_device *d)
         xb_journal_detach(&d->q[i]); /* journal hook: set but never started */
     }
     close(d->fail_fd);
+    xb_qos_unref(d->qos[0]);
+    xb_qos_unref(d->qos[1]);
     free(d);
+}
+
+int xb_device_set_qos(struct xb_device *d, struct xb_qos *disk, struct xb_qos *group, char *err)
+{
+    pthread_mutex_lock(&d->lock);
+    for (unsigned i = 0; i < d->cfg.nr_queues; i++)
+        if (d->q[i].started || d->stopped) {
+            /* queue threads read d->qos without a lock: it is fixed while they run */
+            pthread_mutex_unlock(&d->lock);
+            xb_seterr(err, "device %u: QoS limiters are set before the queues start", d->cfg.handle);
+            return -EBUSY;
+        }
+    struct xb_qos *set[2] = {disk, group};
+    for (unsigned i = 0; i < 2; i++) {
+        if (set[i])
+            xb_qos_ref(set[i]);
+        xb_qos_unref(d->qos[i]);
+        d->qos[i] = set[i];
+    }
+    pthread_mutex_unlock(&d->lock);
+    return 0;
+}
+
+void xb_device_qos_changed(struct xb_device *d)
+{
+    /* The queues' eventfds stay open while the lock is held. Held by someone else means a start or a stop
+     * in progress: a stop drains without limits, and the control plane tells a device of changes only
+     * once its queues are started, so nothing waits on a missed wake-up; never block the caller on a drain. */
+    if (pthread_mutex_trylock(&d->lock) != 0)
+        return;
+    uint64_t one = 1;
+    for (unsigned i = 0; i < d->cfg.nr_queues; i++)
+        if (d->q[i].started && write(d->q[i].slow_fd, &one, sizeof(one)) < 0) {
+            /* only on counter overflow: the thread is due to wake anyway */
+        }
+    pthread_mutex_unlock(&d->lock);
 }
 
 int xb_device_get_stats(struct xb_device *d, unsigned qi, struct xb_queue_stats *out)

@@ -11,9 +11,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 #include "journal.h"
+#include "qos.h"
 #include "queue.h"
 #include "slowpath.h"
 
@@ -624,6 +626,97 @@ static void refuse(struct xb_queue *q, struct xb_req *r)
     release_req(q, r);
 }
 
+/* ---- QoS (qos.h) ---- */
+
+static void start_taken(struct xb_queue *q, struct xb_req *r);
+
+/* Wake the thread in `ns` (at least 1: 0 would disarm the timer). */
+static void qos_arm(struct xb_queue *q, uint64_t ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof(its));
+    if (!ns)
+        ns = 1;
+    its.it_value.tv_sec = (time_t)(ns / 1000000000ull);
+    its.it_value.tv_nsec = (long)(ns % 1000000000ull);
+    if (timerfd_settime(q->qos_timer, 0, &its, NULL) < 0)
+        queue_fail(q, "qos timer: %s", strerror(errno));
+}
+
+static void qos_enqueue(struct xb_queue *q, struct xb_req *r, uint64_t now)
+{
+    r->t_qos = now;
+    r->qos_mask = (uint8_t)q->qos_mask;
+    r->next_free = NULL;
+    if (q->qos_wait_tail)
+        q->qos_wait_tail->next_free = r;
+    else
+        q->qos_wait = r;
+    q->qos_wait_tail = r;
+    q->qos_waiting++;
+    ST_SET(q, qos_queued, q->qos_waiting);
+    ST_ADD(q, qos_throttled, 1);
+    for (unsigned i = 0; i < 2; i++)
+        if (r->qos_mask & (1u << i))
+            xb_qos_queued(q->dev->qos[i], 1, 0);
+}
+
+static unsigned qos_kind(const struct xb_req *r)
+{
+    return r->p.op == XB_OP_READ ? XB_QOS_READ : XB_QOS_WRITE;
+}
+
+/* 1 if a limit holds r back (it waits on qos_wait, behind any request already waiting), 0 if it may
+ * start now (and was charged). No limiter, or none active: no clock read, no lock. */
+static int qos_hold(struct xb_queue *q, struct xb_req *r)
+{
+    struct xb_device *d = q->dev;
+    if (!q->qos_wait && !xb_qos_active(d->qos[0]) && !xb_qos_active(d->qos[1]))
+        return 0;
+    uint64_t now = now_ns();
+    if (!q->qos_wait) {
+        unsigned blocked = 0;
+        uint64_t w = xb_qos_admit(d->qos[0], d->qos[1], qos_kind(r), r->len, now, &blocked);
+        if (!w)
+            return 0;
+        q->qos_mask = blocked;
+        qos_arm(q, w);
+    }
+    qos_enqueue(q, r, now);
+    return 1;
+}
+
+/* Start the waiting requests the limits allow now, in order; re-arm the timer for the first that must
+ * wait on. halt: the queue stops, so everything taken runs now (a drain is never held by a limit). */
+static void qos_resume(struct xb_queue *q, int halt)
+{
+    struct xb_device *d = q->dev;
+    while (q->qos_wait) {
+        struct xb_req *r = q->qos_wait;
+        uint64_t now = now_ns();
+        if (!halt) {
+            unsigned blocked = 0;
+            uint64_t w = xb_qos_admit(d->qos[0], d->qos[1], qos_kind(r), r->len, now, &blocked);
+            if (w) {
+                q->qos_mask = blocked;
+                qos_arm(q, w);
+                return;
+            }
+        }
+        q->qos_wait = r->next_free;
+        if (!q->qos_wait)
+            q->qos_wait_tail = NULL;
+        q->qos_waiting--;
+        uint64_t waited = now - r->t_qos;
+        ST_SET(q, qos_queued, q->qos_waiting);
+        ST_ADD(q, qos_throttled_ns, waited);
+        for (unsigned i = 0; i < 2; i++)
+            if (r->qos_mask & (1u << i))
+                xb_qos_queued(d->qos[i], -1, waited);
+        start_taken(q, r);
+    }
+}
+
 /* Take one request (a private copy of its ring entry) through validation and start it. */
 static void handle_request(struct xb_queue *q, const void *raw)
 {
@@ -663,6 +756,14 @@ static void handle_request(struct xb_queue *q, const void *raw)
     ST_SET(q, in_flight, q->in_flight);
     if (r->p.nseg)
         ST_ADD(q, seg_buckets[xb_seg_bucket(r->p.nseg)], 1);
+    if (qos_hold(q, r))
+        return;
+    start_taken(q, r);
+}
+
+/* A request past validation and QoS: its data buffer (or a wait for memory), then its start. */
+static void start_taken(struct xb_queue *q, struct xb_req *r)
+{
     if (r->len) {
         /* behind a request already waiting for memory, unless this slot's kept buffer will do */
         int e = q->mem_wait && !(r->buf && r->cap >= r->len) ? -EAGAIN : ensure_buf(q, r, r->len);
@@ -752,7 +853,7 @@ static int consume(struct xb_queue *q)
         ST_ADD(q, ring_buckets[ring_bucket(rp - q->req_cons, q->ring_size)], 1);
     size_t esz = xb_ring_entry_size(q->dev->cfg.abi);
     unsigned n = 0;
-    while (q->req_cons != rp && n < q->dev->max_work && !q->barrier && !q->mem_wait) {
+    while (q->req_cons != rp && n < q->dev->max_work && !q->barrier && !q->mem_wait && !q->qos_wait) {
         if ((uint32_t)(q->req_cons - q->rsp_prod_pvt) >= q->ring_size)
             break;
         uint8_t raw[sizeof(union xb_blkif_x86_64_request)];
@@ -764,7 +865,7 @@ static int consume(struct xb_queue *q)
         n++;
         handle_request(q, raw);
     }
-    if (q->barrier || q->mem_wait) /* resumed by the loop once the barrier or the memory is back */
+    if (q->barrier || q->mem_wait || q->qos_wait) /* resumed by the loop once the barrier, memory or limit allows */
         return 0;
     if (n == q->dev->max_work)
         return 1;
@@ -797,12 +898,13 @@ void *xb_queue_main(void *arg)
     struct xb_queue *q = arg;
     struct xb_image *img = q->dev->img;
     int aio = img->ops->aio_submit != NULL;
-    struct pollfd pfd[5] = {
+    struct pollfd pfd[6] = {
         {.fd = xb_evtchn_fd(q->ch), .events = POLLIN},
         {.fd = q->cq_fd, .events = POLLIN},
         {.fd = q->stop_fd, .events = POLLIN},
         {.fd = q->slow_fd, .events = POLLIN},
         {.fd = aio ? img->aio_fd : -1, .events = POLLIN}, /* every queue of the device polls it */
+        {.fd = q->qos_timer, .events = POLLIN},           /* armed only while a limit holds a request */
     };
     int busy = 1; /* look at the ring once before sleeping: the guest may have queued already */
     /* journal hook: after a daemon restart, the requests it took and did not answer, again */
@@ -810,7 +912,7 @@ void *xb_queue_main(void *arg)
     while (xb_journal_next_replay(q, replay))
         handle_request(q, replay);
     for (;;) {
-        int rc = poll(pfd, 5, busy ? 0 : -1);
+        int rc = poll(pfd, 6, busy ? 0 : -1);
         if (rc < 0 && errno != EINTR) {
             queue_fail(q, "poll failed: %s", strerror(errno));
             break;
@@ -832,6 +934,8 @@ void *xb_queue_main(void *arg)
                 drain_fd(q->slow_fd);
             if (pfd[4].revents & POLLIN)
                 drain_fd(img->aio_fd); /* before polling the driver: a completion after this wakes us again */
+            if (pfd[5].revents & POLLIN)
+                drain_fd(q->qos_timer);
         }
         if (q->uring_ok)
             reap_completions(q);
@@ -840,6 +944,8 @@ void *xb_queue_main(void *arg)
         reap_slow(q);
         if (q->mem_wait)
             resume_waiting(q);
+        if (q->qos_wait)
+            qos_resume(q, __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->failed, __ATOMIC_RELAXED));
         if (q->barrier && q->in_flight == 1 && !q->barrier->started)
             start_flush(q, q->barrier);
         batch_run(q);

@@ -57,15 +57,23 @@ struct xb_req {
     enum xb_slow_kind slow_kind;
     struct xb_aio aio;      /* an asynchronous driver's operation (ops->aio_submit) */
     struct iovec aio_iov;
-    struct xb_req *next_free; /* also links the slow-path job and done lists */
+    uint64_t t_qos;         /* when it began waiting for a QoS limit */
+    uint8_t qos_mask;       /* the limiters it waits for (bit i: dev->qos[i]), for their queued gauges */
+    struct xb_req *next_free; /* also links the slow-path job and done lists, the memory and QoS waits */
 };
 
 /* The device's slow-path workers: the drivers' synchronous calls (qcow2 allocation, flush,
- * discard, anything not mappable) run here so a queue thread never blocks on storage. */
+ * discard, anything not mappable) run here so a queue thread never blocks on storage. Jobs wait per
+ * queue and the workers take them round-robin over the queues, so a queue that floods the workers
+ * (a ring full of allocating writes) delays another queue's job by at most one job per queue. */
 struct xb_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct xb_req *head, *tail;
+    struct {
+        struct xb_req *head, *tail;
+    } jobs[XB_MAX_QUEUES];
+    unsigned next;    /* the queue whose jobs come first at the next pick */
+    unsigned pending; /* jobs in all the lists */
     int quit;
     unsigned nthreads;
     pthread_t th[XB_SLOW_WORKERS];
@@ -113,6 +121,12 @@ struct xb_queue {
     size_t mem_used, mem_cached, mem_limit;
     struct xb_req *mem_wait, *mem_wait_tail;
     int mem_released;
+    /* QoS (qos.h): a request a limit holds back waits on qos_wait with those taken after it (the ring is
+     * not read further, as for memory); qos_timer (a timerfd) wakes the thread when the limit allows the
+     * first. qos_mask: which of the device's limiters held the first back (for their queued gauges). */
+    struct xb_req *qos_wait, *qos_wait_tail;
+    unsigned qos_waiting, qos_mask;
+    int qos_timer;
     struct xb_copy_seg copy[XB_MAX_INDIRECT_PAGES_PER_REQUEST]; /* indirect pages */
     /* Data copies of all requests ready in one pass, done as one grant-copy call (one
      * hypercall on real Xen): writes before they go to storage, reads after. */
@@ -142,6 +156,7 @@ struct xb_device {
     struct xb_pool pool;
     int stopped;
     int fail_fd; /* eventfd: written when a queue fails (xb_device_fail_fd) */
+    struct xb_qos *qos[2]; /* the disk's limiter and its group's (each NULL: none), set before the queues start */
     struct xb_queue q[XB_MAX_QUEUES];
 };
 

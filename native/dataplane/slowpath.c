@@ -68,16 +68,24 @@ static void *worker(void *arg)
     struct xb_pool *pool = arg;
     for (;;) {
         pthread_mutex_lock(&pool->mu);
-        while (!pool->head && !pool->quit)
+        while (!pool->pending && !pool->quit)
             pthread_cond_wait(&pool->cv, &pool->mu);
-        struct xb_req *r = pool->head;
-        if (!r) {
+        if (!pool->pending) {
             pthread_mutex_unlock(&pool->mu);
             return NULL;
         }
-        pool->head = r->next_free;
-        if (!pool->head)
-            pool->tail = NULL;
+        struct xb_req *r = NULL;
+        for (unsigned k = 0; k < XB_MAX_QUEUES && !r; k++) { /* round-robin from where the last pick left */
+            unsigned i = (pool->next + k) % XB_MAX_QUEUES;
+            r = pool->jobs[i].head;
+            if (r) {
+                pool->jobs[i].head = r->next_free;
+                if (!pool->jobs[i].head)
+                    pool->jobs[i].tail = NULL;
+                pool->next = (i + 1) % XB_MAX_QUEUES;
+            }
+        }
+        pool->pending--;
         pthread_mutex_unlock(&pool->mu);
         run(r);
         xb_slow_post(r);
@@ -122,11 +130,12 @@ void xb_slow_submit(struct xb_queue *q, struct xb_req *r, enum xb_slow_kind kind
     r->slow_kind = kind;
     r->next_free = NULL;
     pthread_mutex_lock(&pool->mu);
-    if (pool->tail)
-        pool->tail->next_free = r;
+    if (pool->jobs[q->idx].tail)
+        pool->jobs[q->idx].tail->next_free = r;
     else
-        pool->head = r;
-    pool->tail = r;
+        pool->jobs[q->idx].head = r;
+    pool->jobs[q->idx].tail = r;
+    pool->pending++;
     pthread_cond_signal(&pool->cv);
     pthread_mutex_unlock(&pool->mu);
 }

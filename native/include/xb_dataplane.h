@@ -75,6 +75,10 @@ struct xb_queue_stats {
     uint64_t persistent_hits;        /* segments served by a mapping made earlier */
     uint64_t persistent_purged;      /* unmapped by the purge of unused grants (cache at its bound) */
     uint64_t persistent_invalidated; /* mappings dropped because the guest revoked or re-pointed the grant */
+    /* QoS (qos.h): requests that waited for a limit, the ns they waited in all, and those waiting now */
+    uint64_t qos_throttled;
+    uint64_t qos_throttled_ns;
+    uint64_t qos_queued; /* gauge */
 };
 
 struct xb_device_config {
@@ -114,6 +118,37 @@ int xb_device_queue_failed(struct xb_device *d, unsigned q, char *err);
 int xb_device_fail_fd(struct xb_device *d);
 /* The image grew: new requests are checked against the new size. */
 void xb_device_set_size(struct xb_device *d, uint64_t bytes);
+
+/* QoS: limits of a disk or of a group of disks (docs/DESIGN.md, "QoS"). A limiter is shared by the
+ * devices it is given to (refcounted) and changed live; each limit is per second, 0 = unlimited, and
+ * a burst of 0 means a tenth of the rate. READ limits count reads, WRITE limits writes, flushes and
+ * discards (these without bytes), TOTAL limits all of them. */
+enum xb_qos_kind { XB_QOS_READ = 0, XB_QOS_WRITE, XB_QOS_TOTAL, XB_QOS_KINDS };
+#define XB_QOS_MAX_RATE (1ull << 50) /* per limit and burst; more is refused (bounds the arithmetic) */
+struct xb_qos_limits {
+    uint64_t iops[XB_QOS_KINDS];
+    uint64_t bps[XB_QOS_KINDS];
+    uint64_t iops_burst[XB_QOS_KINDS];
+    uint64_t bps_burst[XB_QOS_KINDS];
+};
+struct xb_qos_stats {
+    uint64_t throttled;    /* requests that had to wait for this limiter */
+    uint64_t throttled_ns; /* the time they waited, summed */
+    uint64_t queued;       /* gauge: requests waiting for it now */
+    uint64_t admitted;     /* requests it let through (all, limited or not once active) */
+    uint64_t admitted_bytes;
+};
+struct xb_qos;
+struct xb_qos *xb_qos_new(char *err); /* unlimited, one reference (the caller's) */
+void xb_qos_unref(struct xb_qos *q);  /* freed with the last reference (a device holds one) */
+int xb_qos_set(struct xb_qos *q, const struct xb_qos_limits *lim, char *err); /* any thread, any time */
+void xb_qos_get(struct xb_qos *q, struct xb_qos_limits *out);
+void xb_qos_get_stats(struct xb_qos *q, struct xb_qos_stats *out);
+/* The disk's limiter and its group's (either NULL), before the first queue starts. */
+int xb_device_set_qos(struct xb_device *d, struct xb_qos *disk, struct xb_qos *group, char *err);
+/* Limits changed: throttled queues look again now instead of at the end of their current wait. Never
+ * blocks (during a start or stop of the device it does nothing: a stop drains regardless of limits). */
+void xb_device_qos_changed(struct xb_device *d);
 
 /* The statistics' vocabulary (stats.c), the one copy the exporter (xenblk/metrics.py) reads: the label
  * of each op and reason, indexed by the enums above, and the histograms' finite upper bounds (the last

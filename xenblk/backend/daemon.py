@@ -8,7 +8,8 @@ so the next start serves them again, and Linux blkfront drops the disk). Exit st
 SIGHUP: reload the config file. What reloads: log.level and log.format; storage.* (allowed_dirs,
 allowed_devices, backing_dirs, cache...: checked when a device next opens its image); dataplane.* (advertised at
 a device's next InitWait); nbd.* and rbd.* (when a device next opens its image); metrics.enabled/listen (the
-endpoint is restarted if they change).
+endpoint is restarted if they change); qos.* and qos_group.* (limits applied at once; qos.group at a disk's next
+connection).
 What needs a restart: daemon.* and xenstore.* (an invalid new config is logged and ignored).
 """
 
@@ -31,10 +32,12 @@ from xenblk.backend import sdnotify
 from xenblk.backend.control import ControlServer, socket_path
 from xenblk.backend.dataplane_port import DataplanePort
 from xenblk.backend.device import DaemonContext, DeviceTask
+from xenblk.backend.qos import QosGroups
 from xenblk.backend.uevents import UeventListener
 from xenblk.config import Config
 from xenblk.errors import XenblkError
 from xenblk.metrics import DaemonCounters, DiskView, MetricsServer
+from xenblk.qos import groups_path
 from xenblk.xen.paths import backend_type_path, domain_path
 from xenblk.xen.states import parse_state
 from xenblk.xenstore import Transaction, XenStore, XenStoreError
@@ -102,7 +105,8 @@ class Daemon:
         handlers = False
         try:
             dataplane = await loop.run_in_executor(None, self.dataplane_factory)
-            self.ctx = DaemonContext(xs, self.cfg, dataplane, self.counters, self.cfg.daemon.domid)
+            groups = QosGroups(xs, self.cfg, self.cfg.daemon.domid, log)
+            self.ctx = DaemonContext(xs, self.cfg, dataplane, self.counters, self.cfg.daemon.domid, groups)
             self.control = ControlServer(socket_path(self.cfg.daemon.run_dir), self._control)
             await self.control.start()  # first: it refuses to start next to a running daemon
             self._start_metrics()
@@ -115,6 +119,8 @@ class Daemon:
                 for btype in self.cfg.daemon.backend_types:
                     w = await stack.enter_async_context(xs.watch(self._base(btype)))
                     self._tasks.append(asyncio.create_task(self._watch_loop(btype, w), name=f"watch {btype}"))
+                gw = await stack.enter_async_context(xs.watch(groups_path(self.cfg.daemon.domid)))
+                self._tasks.append(asyncio.create_task(self._watch_groups(gw), name="watch qos groups"))
                 for btype in self.cfg.daemon.backend_types:
                     await self._rescan(btype)
                 self._remove_orphan_journals(dataplane)
@@ -187,9 +193,12 @@ class Daemon:
             return
         fmt, level = self.log_overrides
         xlog.configure(fmt or new.log.format, level or new.log.level)
-        for section in ("log", "storage", "dataplane", "metrics", "nbd", "rbd"):
+        for section in ("log", "storage", "dataplane", "metrics", "nbd", "rbd", "qos", "qos_group"):
             setattr(self.cfg, section, getattr(new, section))
         self._restart_metrics_if_changed()
+        t = asyncio.ensure_future(self._reapply_qos())
+        self._tasks.append(t)
+        t.add_done_callback(self._forget_task)
         log.info("daemon.reloaded", config=str(self.config_path or xconfig.DEFAULT_PATH))
 
     def _check_rbd(self) -> None:
@@ -214,7 +223,7 @@ class Daemon:
         addr = self._metrics_address()
         if addr is None:
             return
-        self.metrics = MetricsServer(self._disk_views, self.counters)
+        self.metrics = MetricsServer(self._disk_views, self.counters, self._group_views)
         bound = self.metrics.start(*addr)
         log.info("daemon.metrics", url=f"http://{bound[0]}:{bound[1]}/metrics")
         if not _is_loopback(addr[0]):
@@ -232,6 +241,32 @@ class Daemon:
             self._start_metrics()
         except OSError as e:
             log.error("daemon.metrics_failed", error=str(e))
+
+    async def _reapply_qos(self) -> None:
+        """New [qos]/[qos_group] defaults: every disk and group computes its limits again."""
+        assert self.ctx is not None
+        for dev in list(self.devices.values()):
+            try:
+                await dev.qos.apply(self.ctx.xs, self.cfg, dev.qos_kick)
+            except XenblkError as e:
+                dev.log.warning("device.qos_failed", error=str(e))
+        if self.ctx.qos_groups is not None:
+            await self.ctx.qos_groups.refresh()
+
+    async def _watch_groups(self, watch: Any) -> None:
+        """A toolstack (or `xenblk qos --group`) changed some group's limits: read the groups in use again."""
+        assert self.ctx is not None and self.ctx.qos_groups is not None
+        while True:
+            try:
+                async for _event in watch:
+                    await self.ctx.qos_groups.refresh()
+                return
+            except XenblkError as e:  # XenStore trouble, or limits the data plane refused
+                log.warning("daemon.qos_groups_failed", error=str(e))
+                await asyncio.sleep(1)
+
+    def _group_views(self) -> list[Any]:
+        return self.ctx.qos_groups.views() if self.ctx is not None and self.ctx.qos_groups is not None else []
 
     def _disk_views(self) -> list[DiskView]:
         if self.ctx is not None:

@@ -50,6 +50,9 @@ class RunningDevice(Protocol):
 
     def set_size(self, nbytes: int) -> None: ...
 
+    def qos_changed(self) -> None:
+        """A limiter of the device changed: throttled queues look again now. Never blocks."""
+
 
 class DataplanePort(Protocol):
     def connect(
@@ -63,12 +66,14 @@ class DataplanePort(Protocol):
         *,
         journal: str | None = None,
         resume: bool = False,
+        qos: tuple[Any, Any] = (None, None),
     ) -> RunningDevice:
         """Map the rings, bind the event channels, start every queue; raises XenblkError with a one-line reason.
 
         journal: a name for this device's ring journals (docs/DESIGN.md, "Restart without guest
         impact"); resume: carry on the rings a killed daemon left from their journals instead of
-        starting fresh ones (raises if a journal is missing or does not fit)."""
+        starting fresh ones (raises if a journal is missing or does not fit). qos: the disk's and its group's
+        xenblk.dataplane.Limiter (either None)."""
         ...
 
     def close(self) -> None: ...
@@ -126,6 +131,7 @@ class NativeDataplane:
         *,
         journal: str | None = None,
         resume: bool = False,
+        qos: tuple[Any, Any] = (None, None),
     ) -> RunningDevice:
         from xenblk.dataplane import Device, DeviceConfig
 
@@ -159,6 +165,8 @@ class NativeDataplane:
             raise
         running = _Running(self.platform, domid, dev, paths)
         try:
+            if qos[0] is not None or qos[1] is not None:
+                dev.set_qos(*qos)
             for q, qk in enumerate(fe.queues):
                 if paths:
                     dev.set_journal(q, str(paths[q]), journal_ident(domid, devid, q, fe, image), resume)
@@ -215,3 +223,6 @@ class _Running:
 
     def set_size(self, nbytes: int) -> None:
         self._dev.set_size(nbytes)
+
+    def qos_changed(self) -> None:
+        self._dev.qos_changed()

@@ -20,6 +20,7 @@ from xenblk import log as xlog
 from xenblk.backend.dataplane_port import Advertised, DataplanePort, RunningDevice, journals_on
 from xenblk.backend.frontend import FrontendConfig, FrontendError, Limits, read_frontend
 from xenblk.backend.imagespec import ImageBusy, ImageSpec, ImageSpecError, apply_format_rules, open_image, parse_params
+from xenblk.backend.qos import DiskQos, QosGroups
 from xenblk.backend.ratelimit import RateLimitedLog
 from xenblk.config import Config
 from xenblk.errors import XenblkError
@@ -80,6 +81,7 @@ class DaemonContext:
     dataplane: DataplanePort
     counters: DaemonCounters = field(default_factory=DaemonCounters)
     self_domid: int = 0
+    qos_groups: QosGroups | None = None  # None: groups are not served (a unit test's context)
 
 
 @dataclass
@@ -145,6 +147,7 @@ class DeviceTask:
         self._lock_timer: asyncio.TimerHandle | None = None
         self.log = xlog.get("xenblk.device", domid=domid, devid=devid)
         self.guest_log = RateLimitedLog(self.log)
+        self.qos = DiskQos(domid, self.bpath, self.log)
         self.task: asyncio.Task[None] | None = None
 
     # -- API for the daemon
@@ -189,6 +192,7 @@ class DeviceTask:
             self.vdev = dev[:32]
         self.log = self.log.bind(vdev=self.vdev)
         self.guest_log = RateLimitedLog(self.log)
+        self.qos.log = self.log
         expected = f"{domain_path(self.domid)}/"
         if frontend is None or not frontend.startswith(expected) or len(frontend) > 256:
             # B is written by the toolstack, but refuse to watch another domain's tree on its say-so.
@@ -201,6 +205,9 @@ class DeviceTask:
             if self.fpath:
                 watches.append(await stack.enter_async_context(xs.watch(self.fpath)))
             pumps = [asyncio.create_task(self._pump(w), name=f"watch {w.path}") for w in watches]
+            # Limits change live: qos/ has its own watch, applied without a step of the machine.
+            qw = await stack.enter_async_context(xs.watch(self.qos.node))
+            pumps.append(asyncio.create_task(self._qos_pump(qw), name=f"watch {qw.path}"))
             stack.callback(lambda: [p.cancel() for p in pumps])
             self._changed.set()
             while True:
@@ -225,6 +232,32 @@ class DeviceTask:
         except XenStoreError as e:
             self.log.warning("device.watch_failed", error=str(e))
             self._changed.set()
+
+    async def _qos_pump(self, watch: Any) -> None:
+        try:
+            async for _event in watch:
+                try:
+                    await self.qos.apply(self.ctx.xs, self.ctx.cfg, self.qos_kick)
+                except XenblkError as e:  # a XenStore failure, or limits the data plane refused
+                    self.log.warning("device.qos_failed", error=str(e))
+        except XenStoreError as e:
+            self.log.warning("device.watch_failed", error=str(e))
+
+    def qos_kick(self) -> None:
+        running = self._running
+        if running is not None:
+            running.qos_changed()
+
+    async def _qos_join(self) -> tuple[Any, Any]:
+        """The limiters for a new connection: the disk's, with its qos/ read now, and its group's."""
+        await self.qos.apply(self.ctx.xs, self.ctx.cfg, None)
+        if self.ctx.qos_groups is None:
+            return self.qos.limiter, None
+        return await self.qos.join(self.ctx.qos_groups, self, self.qos_kick)
+
+    def _qos_leave(self) -> None:
+        if self.ctx.qos_groups is not None:
+            self.qos.leave(self.ctx.qos_groups, self)
 
     # -- the machine
 
@@ -568,13 +601,23 @@ class DeviceTask:
         readonly = spec.readonly or bool(self.image.readonly)
         try:
             fe = await xs.transact(read)
+            limiters = await self._qos_join()
             running = await asyncio.get_running_loop().run_in_executor(
                 None,
                 lambda: self.ctx.dataplane.connect(
-                    self.domid, self.devid, self.image, fe, adv, readonly, journal=self._journal_name, resume=True
+                    self.domid,
+                    self.devid,
+                    self.image,
+                    fe,
+                    adv,
+                    readonly,
+                    journal=self._journal_name,
+                    resume=True,
+                    qos=limiters,
                 ),
             )
         except XenblkError as e:
+            self._qos_leave()
             self.log.info("device.resume_impossible", error=str(e))
             return False
         with self._stats_lock:
@@ -682,13 +725,15 @@ class DeviceTask:
         readonly = spec.readonly or bool(self.image.readonly)
         loop = asyncio.get_running_loop()
         try:
+            limiters = await self._qos_join()
             running = await loop.run_in_executor(
                 None,
                 lambda: self.ctx.dataplane.connect(
-                    self.domid, self.devid, self.image, fe, adv, readonly, journal=self._journal_name
+                    self.domid, self.devid, self.image, fe, adv, readonly, journal=self._journal_name, qos=limiters
                 ),
             )
         except XenblkError as e:
+            self._qos_leave()
             await self._close_with_error(f"cannot connect the rings: {e}", fs)
             return
         with self._stats_lock:
@@ -781,6 +826,7 @@ class DeviceTask:
             self._fail_fd = None
         with self._stats_lock:
             running, self._running = self._running, None
+        self._qos_leave()
         if running is None:
             return
         nq = len(self.frontend.queues) if self.frontend else 0
@@ -958,6 +1004,8 @@ class DeviceTask:
             resizes=self.resizes,
             sectors=self.sectors,
             lock_wait=self.lock_wait is not None,
+            qos_limits=self.qos.limiter.limits.as_dict() if self.qos.limiter is not None else {},
+            qos_group=self.qos.group,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -984,6 +1032,10 @@ class DeviceTask:
             "reconnect_backoffs": self.backoffs,
             "nbd": {"socket": self.nbd.path, **dataclasses.asdict(self.nbd.stats())} if self.nbd is not None else None,
             "lock_wait": self.lock_wait,
+            "qos": {
+                "limits": self.qos.limiter.limits.as_dict() if self.qos.limiter is not None else {},
+                "group": self.qos.group,
+            },
         }
 
 

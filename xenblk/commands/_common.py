@@ -39,3 +39,46 @@ def open_platform(sim_dir: str | None, self_domid: int) -> Platform:
     from xenblk.xenplatform import RealPlatform
 
     return RealPlatform.open(self_domid)
+
+
+def _qos_option(key: str) -> str:
+    """--iops-limit, --read-bps-limit ... for a rate; --iops-burst ... for a burst (xenblk.qos.KEYS)."""
+    return f"--{key}" if key.endswith("-burst") else f"--{key}-limit"
+
+
+def add_qos_args(p: argparse.ArgumentParser, *, group: bool = True) -> None:
+    """The QoS options (README, "QoS"): written as the backend node's qos/ keys."""
+    from xenblk.qos import KEYS
+
+    g = p.add_argument_group("QoS limits (per second; 0 = unlimited; bytes take K/M/G/T, powers of 1024)")
+    for key in KEYS:
+        what = "requests" if "iops" in key else "bytes"
+        op = key.split("-")[0] if key.split("-")[0] in ("read", "write") else "all"
+        if key.endswith("-burst"):
+            hlp = f"{what} ({op}) let through at once after idleness, on top of the rate (default: a tenth of it)"
+        else:
+            hlp = f"{what} per second ({op})"
+        g.add_argument(_qos_option(key), dest=f"qos_{key.replace('-', '_')}", metavar="N", default=None, help=hlp)
+    if group:
+        g.add_argument(
+            "--qos-group",
+            metavar="NAME",
+            default=None,
+            help='share limits with other disks of group NAME ("domain": the disks of this domain); the group\'s '
+            "limits: `xenblk qos --group NAME`",
+        )
+
+
+def qos_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The qos/ keys the options set, as XenStore values (checked: a bad one is a XenblkError)."""
+    from xenblk.qos import DOMAIN_GROUP, KEYS, check_group, parse_cli_limit
+
+    out: dict[str, str] = {}
+    for key in KEYS:
+        v = getattr(args, f"qos_{key.replace('-', '_')}", None)
+        if v is not None:
+            out[key] = str(parse_cli_limit(_qos_option(key).lstrip("-"), v))
+    grp = getattr(args, "qos_group", None)
+    if grp is not None:
+        out["group"] = grp if grp in ("", DOMAIN_GROUP) else check_group(grp)
+    return out

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from xenblk import config
-from xenblk.commands._common import add_sim_arg, xenstore_path
+from xenblk.commands._common import add_qos_args, add_sim_arg, qos_from_args, xenstore_path
 
 WAIT_CHOICES = ("connected", "initwait")
 
@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
         description="Writes the frontend and backend XenStore nodes for a new VBD with the permissions libxl uses "
         "(frontend dir owned by the guest, readable by the backend domain; backend dir owned by the backend domain, "
         "readable by the guest), then state 1 on both. The running `xenblk serve` picks it up. In --sim mode the "
-        "simulated domain is created first if it does not exist.",
+        "simulated domain is created first if it does not exist. QoS options become the backend node's qos/ keys "
+        "(change them later with `xenblk qos`); unset ones come from [qos] in the config.",
     )
     p.add_argument("domid", type=int, metavar="DOMID", help="the guest domain")
     p.add_argument(
@@ -49,6 +50,7 @@ def register(sub: Any) -> None:
         "error node and exit 1",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (default 30)")
+    add_qos_args(p)
     add_sim_arg(p)
     p.set_defaults(func=run)
 
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
 
     btype = args.btype or cfg.daemon.backend_types[0]
     params = toolstack.image_params(args.image, args.format)
+    qos = qos_from_args(args)
     toolstack.paths(cfg.daemon.domid, btype, args.domid, args.vdev)  # the vdev name is checked before anything
     if args.sim is not None:
         from xenblk.sim.broker import ensure_domain
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
                 params=params,
                 mode=args.mode,
                 cdrom=args.cdrom,
+                qos=qos,
             )
             print(f"attached {params} to domain {args.domid} as {args.vdev} ({p.backend})")
             if args.wait is None:

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace, cfg: config.Config) -> int:
             r["in_flight"] = d.get("in_flight")
             r["format"] = d.get("format") or r["format"]  # the daemon knows what "auto" resolved to
             r["nbd"] = d.get("nbd")  # the NBD export's socket and counters, when the disk has one
+            r["qos"] = d.get("qos")  # the QoS limits in force and the group (README, "QoS")
             if d.get("lock_wait"):
                 r["lock_wait"] = d["lock_wait"]  # the image is held elsewhere: this disk waits for it
     if args.json:

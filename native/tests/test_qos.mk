@@ -1,0 +1,1 @@
+-I../dataplane -I../platform -I../storage ../dataplane/qos.c ../common/err.c
